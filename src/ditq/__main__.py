@@ -1,0 +1,5 @@
+import sys
+
+from ditq.cli import main
+
+sys.exit(main())

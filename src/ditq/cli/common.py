@@ -1,0 +1,82 @@
+"""Options shared by several subcommands and the helpers that read them."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ditq.diffusion.pipeline import SamplingSettings
+from ditq.models.dit import ARCHITECTURES
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and the architecture flags of ``ditq sample``."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint file (.pt/.pth/.safetensors), a ditq quantized directory, or an "
+        "official name (DiT-XL-2-256, DiT-XL-2-512)",
+    )
+    group.add_argument("--arch", help=f"architecture ({', '.join(ARCHITECTURES)})")
+    group.add_argument("--input-size", type=int, help="latent (or pixel) side length")
+    group.add_argument("--in-channels", type=int, help="4 for latent models, 3 for pixels")
+    group.add_argument("--num-classes", type=int, help="number of classes (without the null)")
+    group.add_argument(
+        "--vae",
+        default="ema",
+        help="none (pixel-space model), ema or mse (sd-vae-ft-*), or a diffusers directory",
+    )
+    group.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1, ...")
+    group.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, steps: int = 250) -> None:
+    """Sampler, steps, guidance and seed."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    group.add_argument("--steps", type=int, default=steps, help="respaced sampling steps")
+    group.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (1 = off)")
+    group.add_argument(
+        "--cfg-channels",
+        type=int,
+        default=3,
+        help="eps channels guidance applies to (official 3; 0 = all)",
+    )
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    group.add_argument(
+        "--clip-denoised",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="clip x0 to [-1, 1]: auto = on for pixel models, off for latent models",
+    )
+    group.add_argument("--seed", type=int, default=0)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`ditq.load_model` from the parsed flags."""
+    return dict(
+        arch=args.arch,
+        input_size=args.input_size,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        cfg_channels=args.cfg_channels or None,
+        eta=args.eta,
+        clip_denoised={"auto": None, "on": True, "off": False}[args.clip_denoised],
+        seed=args.seed,
+    )

@@ -1,0 +1,348 @@
+"""The Diffusion Transformer of Peebles & Xie (2023), parameter-compatible with the
+official ``facebookresearch/DiT`` ``models.py``.
+
+Every parameter and buffer has the official name and shape, so official checkpoints load
+with ``load_state_dict(strict=True)``. Two additions, neither of which adds state:
+
+- ``Attention`` exposes ``q_act``, ``k_act``, ``v_act`` and ``attn_act`` hook points
+  (identities by default) on the inputs of the two attention matmuls, so that calibration
+  hooks can observe them and quantization can replace them. While they are identities and
+  ``explicit_matmuls`` is off, attention runs through SDPA.
+- ``DiT.forward_with_cfg`` takes ``cfg_channels`` (default 3, the official behaviour that
+  guides only the first three eps channels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import DitqError
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with per-sample shift/scale broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features followed by a two-layer MLP (official layout)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period)
+            * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device)
+            / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row (index ``num_classes``) for the null class."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.1):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with a strided convolution (timm ``PatchEmbed`` layout)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's ``qkv``/``proj`` parameter layout.
+
+    ``q_act``, ``k_act``, ``v_act`` (inputs of Q·Kᵀ and P·V) and ``attn_act`` (the softmax
+    output) are hook points. The explicit path runs when ``explicit_matmuls`` is set.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.q_act: nn.Module = nn.Identity()
+        self.k_act: nn.Module = nn.Identity()
+        self.v_act: nn.Module = nn.Identity()
+        self.attn_act: nn.Module = nn.Identity()
+        self.explicit_matmuls = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.explicit_matmuls:
+            q, k, v = self.q_act(q), self.k_act(k), self.v_act(v)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = self.attn_act(attn) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """``fc1 -> GELU(tanh) -> fc2`` (timm ``Mlp`` layout)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True)
+        )
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated layer norm and the linear projection back to patches."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True)
+        )
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything needed to build a DiT; ``arch`` names the official depth/width/patch."""
+
+    depth: int = 28
+    hidden_size: int = 1152
+    patch_size: int = 2
+    num_heads: int = 16
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def arch(self) -> str | None:
+        """The official name (e.g. ``DiT-XL/2``) of this depth/width/heads/patch, if any."""
+        for name, shape in ARCHITECTURES.items():
+            if (shape["depth"], shape["hidden_size"], shape["num_heads"]) == (
+                self.depth,
+                self.hidden_size,
+                self.num_heads,
+            ) and shape["patch_size"] == self.patch_size:
+                return name
+        return None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+_SIZES = {
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+}
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{patch}": {**shape, "patch_size": patch}
+    for size, shape in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+"""The 12 official configurations, ``DiT-XL/2`` ... ``DiT-S/8``."""
+
+
+def normalize_arch_name(arch: str) -> str:
+    """``DiT-S/2``, ``DiT-S-2`` and ``DiT_S_2`` all name the same configuration."""
+    name = arch.strip().replace("_", "-")
+    head, _, patch = name.rpartition("-")
+    return f"{head}/{patch}" if "/" not in name and patch.isdigit() else name
+
+
+def config_for(arch: str, **overrides) -> DiTConfig:
+    """The :class:`DiTConfig` of an official architecture name with optional overrides."""
+    key = normalize_arch_name(arch)
+    if key not in ARCHITECTURES:
+        raise DitqError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return DiTConfig(**{**ARCHITECTURES[key], **overrides})
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone (official ``DiT`` class)."""
+
+    def __init__(self, config: DiTConfig | None = None, **kwargs):
+        super().__init__()
+        config = config if config is not None else DiTConfig(**kwargs)
+        self.config = config
+        self.learn_sigma = config.learn_sigma
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+        self.num_classes = config.num_classes
+
+        self.x_embedder = PatchEmbed(
+            config.input_size, config.patch_size, config.in_channels, config.hidden_size
+        )
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(
+            config.num_classes, config.hidden_size, config.class_dropout_prob
+        )
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches, config.hidden_size), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(
+            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio)
+            for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Official initialisation, except that adaLN and output layers are not zeroed.
+
+        The official code zeroes them for training; ditq builds random models for tests and
+        timing, where a zero output would hide every bug, so they keep Xavier weights.
+        """
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.normal_(module.bias, std=0.02)
+
+        self.apply(_basic_init)
+        grid = int(self.x_embedder.num_patches**0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) tokens back to (N, C, H, W) images."""
+        c, p = self.out_channels, self.x_embedder.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Noise (and variance) prediction for images ``x`` at timesteps ``t`` with labels ``y``."""
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        cfg_channels: int | None = 3,
+    ) -> torch.Tensor:
+        """Official classifier-free guided forward.
+
+        The batch holds the conditional half first and the unconditional half second; only
+        the first half of ``x`` is used. Guidance ``eps_u + s (eps_c - eps_u)`` is applied to
+        the first ``cfg_channels`` output channels (official: 3, also for 4-channel latents);
+        ``None`` guides all ``in_channels`` eps channels.
+        """
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        guided = self.in_channels if cfg_channels is None else cfg_channels
+        eps, rest = model_out[:, :guided], model_out[:, guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding, (grid_size**2, embed_dim) (MAE/DiT)."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb_h = _1d_sincos(embed_dim // 2, grid[0])
+    emb_w = _1d_sincos(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random DiTs for speed, the testbed and data from ../shared for realism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditq.models import DiT, DiTConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TESTBED = SHARED / "models" / "dit_s2_cifar10.pt"
+CIFAR_TEST = SHARED / "data" / "cifar_test.npz"
+
+TINY = DiTConfig(
+    depth=2, hidden_size=32, patch_size=2, num_heads=2, input_size=8, in_channels=3, num_classes=4
+)
+
+
+def tiny_dit(seed: int = 0, **overrides) -> DiT:
+    """A random DiT small enough for millisecond forwards."""
+    torch.manual_seed(seed)
+    config = DiTConfig(**{**TINY.to_dict(), **overrides})
+    return DiT(config).eval()
+
+
+@pytest.fixture
+def tiny_model() -> DiT:
+    return tiny_dit()
+
+
+@pytest.fixture(scope="session")
+def testbed_path() -> Path:
+    if not TESTBED.is_file():
+        pytest.skip(f"testbed checkpoint not found at {TESTBED}")
+    return TESTBED
+
+
+@pytest.fixture(scope="session")
+def cifar_test_path() -> Path:
+    if not CIFAR_TEST.is_file():
+        pytest.skip(f"CIFAR-10 test set not found at {CIFAR_TEST}")
+    return CIFAR_TEST
