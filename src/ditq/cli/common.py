@@ -28,6 +28,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--in-channels", type=int, help="4 for latent models, 3 for pixels")
     group.add_argument("--num-classes", type=int, help="number of classes (without the null)")
     group.add_argument(
+        "--num-heads", type=int, help="attention heads (default: official value, else width/64)"
+    )
+    group.add_argument(
         "--vae",
         default="ema",
         help="none (pixel-space model), ema or mse (sd-vae-ft-*), or a diffusers directory",
@@ -55,6 +58,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, steps: int = 250) -> None
         default="auto",
         help="clip x0 to [-1, 1]: auto = on for pixel models, off for latent models",
     )
+    group.add_argument(
+        "--respacing", help="ADM respacing string overriding --steps (e.g. ddim50, 10,15,20)"
+    )
     group.add_argument("--seed", type=int, default=0)
 
 
@@ -65,6 +71,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         input_size=args.input_size,
         in_channels=args.in_channels,
         num_classes=args.num_classes,
+        num_heads=args.num_heads,
         dtype=args.dtype,
         device=args.device,
     )
@@ -74,6 +81,7 @@ def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
     return SamplingSettings(
         sampler=args.sampler,
         steps=args.steps,
+        respacing=args.respacing,
         cfg_scale=args.cfg_scale,
         cfg_channels=args.cfg_channels or None,
         eta=args.eta,

@@ -33,6 +33,7 @@ class SamplingSettings:
 
     sampler: str = "ddpm"
     steps: int = 250
+    respacing: str | None = None
     cfg_scale: float = 1.5
     cfg_channels: int | None = 3
     eta: float = 0.0
@@ -130,7 +131,8 @@ def generate(
     indices = np.arange(num_samples) if indices is None else np.asarray(indices)
     clip = settings.clip_denoised if settings.clip_denoised is not None else vae is None
     diffusion = create_diffusion(
-        respacing_for(settings.sampler, settings.steps), learn_sigma=config.learn_sigma
+        respacing_for(settings.sampler, settings.steps, settings.respacing),
+        learn_sigma=config.learn_sigma,
     )
     images, labels_out = [], []
     batches = range(0, len(indices), batch_size)
