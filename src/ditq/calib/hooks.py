@@ -1,0 +1,320 @@
+"""Forward hooks over a calibration set: input statistics, captured layer inputs and block
+inputs/outputs. This is the only module in ditq that registers hooks for statistics.
+
+Every method in METHODS.md works on the input activation X of a layer (``s(X_j)`` for
+PTQ4DiT's CSB and DiTAS' TAS, static activation ranges for all of them), so statistics are
+taken with forward pre-hooks. Hooks are removed however the run ends. Observers are any
+object with an ``update(tensor)`` method (e.g. those of :mod:`ditq.quant`); nothing else is
+kept, so memory does not grow with the calibration set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from ditq.calib.dataset import CalibrationSet
+from ditq.errors import DitqError
+
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+"""The four linears of a DiT block, which every method quantizes."""
+ATTENTION_POINTS = ("attn.q_act", "attn.k_act", "attn.v_act", "attn.attn_act")
+"""Hook points on the inputs of Q·Kᵀ and P·V; they only run under :func:`explicit_attention`."""
+EMBEDDER_LAYERS = ("x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2")
+
+
+class Observer(Protocol):
+    """Anything that folds activation batches into running statistics."""
+
+    def update(self, x: torch.Tensor) -> None: ...
+
+
+ObserverFactory = Callable[[str], Observer]
+"""``factory(layer_name)``: a fresh observer for that layer."""
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers a method works on (METHODS.md: each method's published default).
+
+    ``blocks``: qkv, proj, fc1, fc2 of every block; ``embedders``: the patch embedding
+    (a Conv2d) and the two timestep-MLP linears; ``adaln``: every adaLN modulation linear
+    (blocks' and final layer's); ``final_layer``: the final projection ``final_layer.linear``.
+    """
+
+    blocks: bool = True
+    embedders: bool = False
+    adaln: bool = False
+    final_layer: bool = False
+
+    def names(self, model: nn.Module) -> list[str]:
+        """Module names of the selected layers, in forward order."""
+        names = list(EMBEDDER_LAYERS) if self.embedders else []
+        for i in range(len(model.blocks)):
+            if self.adaln:
+                names.append(f"blocks.{i}.adaLN_modulation.1")
+            if self.blocks:
+                names += [f"blocks.{i}.{layer}" for layer in BLOCK_LINEARS]
+        if self.adaln:
+            names.append("final_layer.adaLN_modulation.1")
+        if self.final_layer:
+            names.append("final_layer.linear")
+        return names
+
+
+def linear_layers(
+    model: nn.Module, selection: LayerSelection = LayerSelection()
+) -> dict[str, nn.Module]:
+    """The selected layers by name, in forward order."""
+    return {name: get_layer(model, name) for name in selection.names(model)}
+
+
+def attention_point_names(model: nn.Module) -> list[str]:
+    """Names of the attention-matmul hook points (q, k, v, softmax output) of every block."""
+    return [f"blocks.{i}.{point}" for i in range(len(model.blocks)) for point in ATTENTION_POINTS]
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``, or a :class:`DitqError` saying it does not exist."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise DitqError(f"the model has no layer named {name!r}") from err
+
+
+@contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every attention of ``model`` through its explicit matmuls (so that the ``q_act``,
+    ``k_act``, ``v_act`` and ``attn_act`` hook points run); restores the flags on exit."""
+    attentions = [m for m in model.modules() if hasattr(m, "explicit_matmuls")]
+    previous = [m.explicit_matmuls for m in attentions]
+    try:
+        for attention in attentions:
+            attention.explicit_matmuls = True
+        yield model
+    finally:
+        for attention, flag in zip(attentions, previous, strict=True):
+            attention.explicit_matmuls = flag
+
+
+def collect_input_stats(
+    model: nn.Module,
+    calib: CalibrationSet,
+    observer_factory: ObserverFactory,
+    layer_names: Sequence[str],
+    per_timestep: bool = False,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Feed the input of each named layer, over the whole calibration set, to observers.
+
+    Inputs reach the observer as rows (tokens, C_in) (``reshape(-1, C_in)``; the softmax
+    output becomes (rows, keys)), a Conv2d's input as is (N, C, H, W). Returns
+    ``{name: observer}``, or with ``per_timestep`` ``{name: {t: observer}}`` over
+    ``calib.timesteps()`` (PTQ4DiT's SSC and DiTAS' TAS need per-timestep ``s(X^(t))``).
+    Observers get the live activation on ``device`` (the model's by default) and must copy
+    what they keep. Names ending in ``_act`` switch on :func:`explicit_attention`.
+    """
+    layers = {name: get_layer(model, name) for name in layer_names}
+    if not layers:
+        raise DitqError("no layers to collect statistics for")
+    if per_timestep:
+        stats = {name: {t: observer_factory(name) for t in calib.timesteps()} for name in layers}
+        active: dict[str, Observer] = {}
+
+        def select_timestep(index: torch.Tensor) -> None:
+            timestep = int(calib.t[index[0]])
+            active.update({name: per_t[timestep] for name, per_t in stats.items()})
+
+    else:
+        stats = {name: observer_factory(name) for name in layers}
+        active = stats
+        select_timestep = None
+
+    def observe(name: str, layer: nn.Module) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            active[name].update(_as_rows(layer, args[0]))
+
+        return hook
+
+    with _hook_session(model, list(layers)) as handles:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_pre_hook(observe(name, layer)))
+        _run_batches(
+            model,
+            calib,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc="collecting statistics",
+            by_timestep=True,
+            before_forward=select_timestep,
+        )
+    return stats
+
+
+def capture_inputs(
+    model: nn.Module,
+    calib: CalibrationSet,
+    layer: str | nn.Module,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The input of one layer over the calibration set, on the CPU, as rows (tokens, C_in)
+    in the set's entry order (a Conv2d's input as is, (N, C, H, W)).
+
+    ``max_tokens`` keeps at most that many rows, drawn uniformly (seeded) from every batch
+    so that all timesteps stay represented (e.g. DiTAS' α search, METHODS.md). The forward
+    stops right after the layer's input is seen.
+    """
+    name, module = _resolve_layer(model, layer)
+    if max_tokens is not None and max_tokens < 1:
+        raise DitqError(f"max_tokens must be at least 1, got {max_tokens}")
+    generator = torch.Generator().manual_seed(seed)
+    batch_entries: list[int] = []
+    rows: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        x = _as_rows(module, args[0]).detach().cpu()
+        if max_tokens is not None:
+            rows_per_entry = len(x) // batch_entries[-1]
+            fraction = min(1.0, max_tokens / (rows_per_entry * len(calib)))
+            keep = torch.randperm(len(x), generator=generator)[: round(len(x) * fraction)]
+            x = x[keep.sort().values]
+        rows.append(x)
+        raise _StopForward
+
+    with _hook_session(model, [name]) as handles:
+        handles.append(module.register_forward_pre_hook(hook))
+        _run_batches(
+            model,
+            calib,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc=f"capturing {name} inputs",
+            by_timestep=False,
+            before_forward=lambda index: batch_entries.append(len(index)),
+        )
+    return torch.cat(rows)[:max_tokens]
+
+
+@dataclass
+class BlockIO:
+    """Inputs ``x`` (N, tokens, D) and ``c`` (N, D) and output ``out`` (N, tokens, D) of one
+    DiT block for every calibration entry, in the set's entry order, on the CPU."""
+
+    x: torch.Tensor
+    c: torch.Tensor
+    out: torch.Tensor
+
+
+def capture_block_io(
+    model: nn.Module,
+    calib: CalibrationSet,
+    block_index: int,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> BlockIO:
+    """Inputs and outputs of ``model.blocks[block_index]`` over the calibration set.
+
+    Captured once and reused by block-wise reconstruction and DiTAS' per-block α search
+    (METHODS.md). The forward stops after the block. Memory: 2·N·tokens·D + N·D values
+    (DiT-XL/2 at 256 px: about 2.4 MB per entry in float32).
+    """
+    if not 0 <= block_index < len(model.blocks):
+        raise DitqError(
+            f"block index {block_index} is out of range; the model has {len(model.blocks)} blocks"
+        )
+    xs: list[torch.Tensor] = []
+    cs: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x, c = args
+        xs.append(x.detach().cpu())
+        cs.append(c.detach().cpu())
+        outs.append(output.detach().cpu())
+        raise _StopForward
+
+    with _hook_session(model, []) as handles:
+        handles.append(model.blocks[block_index].register_forward_hook(hook))
+        _run_batches(
+            model,
+            calib,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc=f"capturing block {block_index}",
+            by_timestep=False,
+        )
+    return BlockIO(torch.cat(xs), torch.cat(cs), torch.cat(outs))
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of the forward."""
+
+
+def _as_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if isinstance(layer, nn.Conv2d) else x.reshape(-1, x.shape[-1])
+
+
+def _resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    if isinstance(layer, str):
+        return layer, get_layer(model, layer)
+    for name, module in model.named_modules():
+        if module is layer:
+            return name, module
+    raise DitqError(f"the given {type(layer).__name__} is not a submodule of the model")
+
+
+@contextmanager
+def _hook_session(model: nn.Module, names: Sequence[str]) -> Iterator[list[RemovableHandle]]:
+    """Yield a list to append hook handles to; they are removed however the block exits.
+    Attention hook points (names ending in ``_act``) run under :func:`explicit_attention`."""
+    handles: list[RemovableHandle] = []
+    needs_explicit = any(name.endswith("_act") for name in names)
+    try:
+        with explicit_attention(model) if needs_explicit else nullcontext():
+            yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _run_batches(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    batch_size: int,
+    device: str | torch.device | None,
+    progress: bool,
+    desc: str,
+    by_timestep: bool,
+    before_forward: Callable[[torch.Tensor], None] | None = None,
+) -> None:
+    """Run ``model(x, t, y)`` over the set; ``before_forward(entry_indices)`` sees each batch
+    first. A hook raising :class:`_StopForward` ends that batch's forward."""
+    parameter = next(model.parameters())
+    device = parameter.device if device is None else device
+    batches = calib.index_batches(batch_size, by_timestep)
+    total = calib.num_batches(batch_size, by_timestep)
+    for index in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+        if before_forward is not None:
+            before_forward(index)
+        x = calib.x[index].to(device, parameter.dtype)
+        with suppress(_StopForward):
+            model(x, calib.t[index].to(device), calib.y[index].to(device))
