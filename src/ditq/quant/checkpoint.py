@@ -1,0 +1,168 @@
+"""The quantized-model directory: what ``ditq quantize --out DIR`` writes.
+
+``DIR/model.safetensors``
+    Every tensor of the packed model. A quantized linear ``L`` stores
+    ``L.weight_codes`` (int8 / uint8; two 4-bit codes per byte, low nibble first, along the
+    input dimension; ``float8_e4m3fn`` for FP8), ``L.weight_quantizer.scale`` and
+    ``.zero_point`` (float32; shapes per granularity: (C_out, 1) per channel,
+    (C_out, C_in/g, 1) per group), ``L.bias``, static activation ranges
+    ``L.act_quantizer.scale`` / ``.zero_point`` ((1, 1)), and optionally
+    ``L.input_scale`` (C_in,) and the 16-bit low-rank branch ``L.lowrank_up`` (C_out, r) /
+    ``L.lowrank_down`` (r, C_in). Attention matmul quantizers are
+    ``blocks.i.attn.{q,k,v,attn}_act.scale``/``.zero_point``. All other parameters are
+    the (possibly re-parameterized) float32 tensors of the official layout.
+``DIR/ditq.json``
+    ``format``, ``format_version``, ``ditq_version``, the architecture, the method and its
+    full configuration, the per-layer quantization specs, the calibration settings and
+    the sampling settings the model was calibrated for.
+``DIR/calibration_report.json``
+    Wall times, per-layer statistics, method details (e.g. chosen alphas).
+
+Everything is written to a temporary directory beside ``DIR`` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ditq import __version__
+from ditq.errors import DitqError
+from ditq.io import atomic_path
+from ditq.models.dit import DiT, DiTConfig
+from ditq.quant.layers import QuantLinear
+from ditq.quant.model import MATMUL_INPUTS, quantized_layers
+from ditq.quant.quantizer import Quantizer
+from ditq.quant.spec import QuantSpec
+
+FORMAT = "ditq-quantized"
+FORMAT_VERSION = 1
+MANIFEST = "ditq.json"
+WEIGHTS = "model.safetensors"
+REPORT = "calibration_report.json"
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def layer_manifest(model: DiT) -> dict[str, dict[str, Any]]:
+    """Per quantized layer: weight and activation specs, online scale, low-rank rank."""
+    return {
+        name: {
+            "weight": layer.weight_quantizer.spec.to_dict(),
+            "act": layer.act_quantizer.spec.to_dict(),
+            "input_scale": layer.input_scale is not None,
+            "lowrank_rank": layer.lowrank_rank,
+        }
+        for name, layer in quantized_layers(model).items()
+    }
+
+
+def attention_manifest(model: DiT) -> dict[str, Any] | None:
+    attn = model.blocks[0].attn
+    return attn.q_act.spec.to_dict() if isinstance(attn.q_act, Quantizer) else None
+
+
+def save_quantized(
+    model: DiT,
+    out_dir: str | Path,
+    method: str,
+    method_config: dict[str, Any],
+    calibration: dict[str, Any],
+    report: dict[str, Any],
+) -> Path:
+    """Write ``model`` (packed) with its manifest and report to ``out_dir`` atomically."""
+    unpacked = [n for n, layer in quantized_layers(model).items() if not layer.packed]
+    for name in unpacked:
+        if model.get_submodule(name).weight_quantizer.spec.needs_calibration:
+            raise DitqError(f"{name} is not packed: call pack_model(model) before saving")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ditq_version": __version__,
+        "architecture": model.config.to_dict(),
+        "method": method,
+        "method_config": method_config,
+        "layers": layer_manifest(model),
+        "attention": attention_manifest(model),
+        "calibration": calibration,
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir, directory=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DitqError(f"{path} is not a ditq quantized directory ({MANIFEST}: {err})") from err
+    if manifest.get("format") != FORMAT:
+        raise DitqError(f"{path / MANIFEST} is not a ditq quantized-model manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DitqError(
+            f"{path} was written by ditq {manifest.get('ditq_version', '?')} in format "
+            f"version {version}; this ditq ({__version__}) reads version {FORMAT_VERSION}. "
+            f"Quantize the model again with this version, or install the one that wrote it"
+        )
+    return manifest
+
+
+def load_quantized(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DiT:
+    """Rebuild a quantized DiT from ``path`` without materializing float weights."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    with torch.device("meta"):
+        model = DiT(DiTConfig(**manifest["architecture"]))
+        for name, entry in manifest["layers"].items():
+            old = model.get_submodule(name)
+            layer = QuantLinear(
+                old.in_features,
+                old.out_features,
+                old.bias is not None,
+                QuantSpec.from_dict(entry["weight"]),
+                QuantSpec.from_dict(entry["act"]),
+            )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+        if manifest.get("attention"):
+            spec = QuantSpec.from_dict(manifest["attention"])
+            for block in model.blocks:
+                for point in MATMUL_INPUTS:
+                    setattr(block.attn, point, Quantizer(spec))
+                block.attn.explicit_matmuls = True
+    tensors = load_file(str(path / WEIGHTS), device=str(device))
+    for name, layer in quantized_layers(model).items():
+        _prepare_layer_for_state(layer, name, tensors)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.eval()
+    if dtype != torch.float32:
+        for module in model.modules():
+            if not isinstance(module, (QuantLinear, Quantizer)):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
+    return model
+
+
+def _prepare_layer_for_state(layer: QuantLinear, name: str, tensors: dict) -> None:
+    """Shape the layer's optional state like the stored tensors (packed codes, online
+    scale, low-rank branch) so that a strict, assigning ``load_state_dict`` fits."""
+    if f"{name}.weight_codes" in tensors:
+        layer.weight = None
+        layer.weight_codes = torch.empty_like(tensors[f"{name}.weight_codes"], device="meta")
+    if f"{name}.input_scale" in tensors:
+        layer.input_scale = torch.empty_like(tensors[f"{name}.input_scale"], device="meta")
+    if f"{name}.lowrank_up" in tensors:
+        layer.set_lowrank(tensors[f"{name}.lowrank_up"], tensors[f"{name}.lowrank_down"])

@@ -1,0 +1,154 @@
+"""What to quantize and how: the settings every method shares.
+
+A method's configuration dataclass subclasses :class:`QuantConfig` and adds its own
+hyper-parameters; :func:`ditq.quant.model.quantize_model` reads only the fields here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ditq.calib.hooks import LayerSelection
+from ditq.errors import DitqError
+from ditq.quant.spec import UNQUANTIZED_BITS, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+W_GRANULARITIES = ("tensor", "channel", "group")
+A_GRANULARITIES = ("tensor", "token")
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer exception: other bits, or ``keep=True`` to leave the layer in float."""
+
+    wbits: int | None = None
+    abits: int | None = None
+    keep: bool = False
+
+
+@dataclass
+class QuantConfig:
+    """Bits, granularities and layer selection (METHODS.md, "Uniform quantizers").
+
+    ``wbits``/``abits`` of 16 leave weights/activations unquantized (W16A8, W4A16, W16A16
+    are valid). ``attn_bits`` quantizes the inputs of the two attention matmuls (q, k, v,
+    softmax output) when below 16. ``overrides`` maps a layer name or glob pattern
+    (``blocks.0.*``, ``*.fc2``) to a :class:`LayerOverride`.
+    """
+
+    wbits: int = 8
+    abits: int = 8
+    w_granularity: str = "channel"
+    w_group_size: int = 128
+    w_symmetric: bool = False
+    w_range: str = "minmax"
+    w_fmt: str = "int"
+    a_granularity: str = "tensor"
+    a_dynamic: bool = False
+    a_symmetric: bool = False
+    a_range: str = "minmax"
+    a_fmt: str = "int"
+    attn_bits: int = UNQUANTIZED_BITS
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.w_granularity not in W_GRANULARITIES:
+            raise DitqError(
+                f"weight granularity {self.w_granularity!r} is not supported; choose one of "
+                f"{', '.join(W_GRANULARITIES)}"
+            )
+        if self.a_granularity not in A_GRANULARITIES:
+            raise DitqError(
+                f"activation granularity {self.a_granularity!r} is not supported; choose one "
+                f"of {', '.join(A_GRANULARITIES)}"
+            )
+        if self.a_granularity == "token" and not self.a_dynamic:
+            raise DitqError(
+                "per-token activation ranges are computed from each live tensor: add "
+                "--a-dynamic, or use --a-granularity tensor for static ranges"
+            )
+        self.overrides = {
+            k: v if isinstance(v, LayerOverride) else LayerOverride(**v)
+            for k, v in self.overrides.items()
+        }
+        # Build every spec once so that bad combinations fail here, not mid-calibration.
+        self.weight_spec()
+        self.act_spec()
+        self.attention_spec()
+
+    def _override(self, layer: str | None) -> LayerOverride | None:
+        if layer is None:
+            return None
+        matches = [v for k, v in self.overrides.items() if fnmatch.fnmatchcase(layer, k)]
+        if not matches:
+            return None
+        # Later patterns win for bits; "keep in float" from any pattern wins over bits.
+        wbits = [m.wbits for m in matches if m.wbits is not None]
+        abits = [m.abits for m in matches if m.abits is not None]
+        return LayerOverride(
+            wbits=wbits[-1] if wbits else None,
+            abits=abits[-1] if abits else None,
+            keep=any(m.keep for m in matches),
+        )
+
+    def keeps_float(self, layer: str) -> bool:
+        override = self._override(layer)
+        return override is not None and override.keep
+
+    def weight_spec(self, layer: str | None = None) -> QuantSpec:
+        override = self._override(layer)
+        bits = override.wbits if override and override.wbits is not None else self.wbits
+        granularity = {
+            "tensor": PerTensor(),
+            "channel": PerChannel(),
+            "group": PerGroup(self.w_group_size),
+        }[self.w_granularity]
+        return QuantSpec(
+            bits=bits,
+            symmetric=self.w_symmetric or self.w_fmt == "fp8_e4m3",
+            granularity=granularity,
+            fmt=self.w_fmt,
+            range_method=self.w_range,
+        )
+
+    def act_spec(self, layer: str | None = None) -> QuantSpec:
+        override = self._override(layer)
+        bits = override.abits if override and override.abits is not None else self.abits
+        return QuantSpec(
+            bits=bits,
+            symmetric=self.a_symmetric or self.a_fmt == "fp8_e4m3",
+            granularity=PerToken() if self.a_granularity == "token" else PerTensor(),
+            dynamic=self.a_dynamic,
+            fmt=self.a_fmt,
+            range_method="minmax" if self.a_dynamic else self.a_range,
+        )
+
+    def attention_spec(self) -> QuantSpec:
+        """Spec of the attention matmul inputs (static per tensor unless ``a_dynamic``)."""
+        return QuantSpec(
+            bits=self.attn_bits,
+            symmetric=self.a_symmetric,
+            granularity=PerTensor(),
+            dynamic=self.a_dynamic,
+            range_method="minmax" if self.a_dynamic else self.a_range,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = asdict(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DitqError(
+                f"unknown {cls.__name__} settings {unknown}: written by another ditq version?"
+            )
+        data = dict(data)
+        if "layers" in data:
+            data["layers"] = LayerSelection(**data["layers"])
+        return cls(**data)

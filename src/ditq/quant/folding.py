@@ -1,0 +1,93 @@
+"""Channel scaling that costs nothing at inference: pure functions that fold a
+per-input-channel factor into whatever produces a layer's input (SmoothQuant style).
+
+For a block linear with input X and weight W, ``smooth_layer(block, name, s)`` computes
+``X ← X / s`` and ``W ← W · diag(s)`` so that ``X Wᵀ`` is unchanged (METHODS.md: PTQ4DiT's
+offline re-parameterization with ``B^X = diag(1/s)``, ``B^W = diag(s)``; DiTAS' folding):
+
+- qkv and fc1 read ``modulate(norm(x), shift, scale)``: the factor goes into the rows of
+  the adaLN linear that produce that shift/scale chunk (exact for every timestep and class);
+- proj reads ``softmax(QKᵀ) V``: the factor goes into the V rows of qkv (and of qkv's
+  low-rank branch, if any);
+- fc2 reads ``GELU(fc1(x))``: nothing linear precedes it, so the divisor is applied online
+  (``QuantLinear.input_scale``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditq.errors import DitqError
+from ditq.models.dit import DiTBlock
+
+# adaLN chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+_ADALN_CHUNKS = {"attn.qkv": (0, 1), "mlp.fc1": (3, 4)}
+LAYERS_IN_BLOCK = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@torch.no_grad()
+def fold_into_adaln(adaln: nn.Linear, shift_chunk: int, scale_chunk: int, factor: torch.Tensor):
+    """Multiply ``modulate(x, shift, scale)`` by ``factor`` per channel via the adaLN linear.
+
+    ``(1 + scale) · f = 1 + scale'`` with ``scale' = (1 + scale) f - 1``: rows of the scale
+    chunk become ``W f``, bias ``(b + 1) f - 1``; the shift chunk becomes ``W f``, ``b f``.
+    """
+    hidden = factor.numel()
+    f = factor.to(adaln.weight.dtype)
+    shift = slice(shift_chunk * hidden, (shift_chunk + 1) * hidden)
+    scale = slice(scale_chunk * hidden, (scale_chunk + 1) * hidden)
+    adaln.weight[shift] *= f[:, None]
+    adaln.bias[shift] *= f
+    adaln.weight[scale] *= f[:, None]
+    adaln.bias[scale] = (adaln.bias[scale] + 1) * f - 1
+
+
+@torch.no_grad()
+def fold_into_value_rows(qkv: nn.Module, factor: torch.Tensor) -> None:
+    """Multiply the attention output channels by ``factor`` via the V rows of qkv.
+
+    ``P·(V f) = (P·V) f`` for every head since V's output channel ``j`` (rows ``2C + j`` of
+    qkv, head-major) is channel ``j`` of the attention output that proj reads.
+    """
+    hidden = factor.numel()
+    rows = slice(2 * hidden, 3 * hidden)
+    if getattr(qkv, "packed", False):
+        raise DitqError("fold smoothing factors before quantized layers are packed")
+    qkv.weight[rows] *= factor.to(qkv.weight.dtype)[:, None]
+    if qkv.bias is not None:
+        qkv.bias[rows] *= factor.to(qkv.bias.dtype)
+    if getattr(qkv, "lowrank_up", None) is not None:
+        qkv.lowrank_up[rows] *= factor.to(qkv.lowrank_up.dtype)[:, None]
+
+
+@torch.no_grad()
+def scale_weight_columns(linear: nn.Module, factor: torch.Tensor) -> None:
+    """``W ← W · diag(factor)`` (input channel j of W scaled by ``factor[j]``)."""
+    linear.weight *= factor.to(linear.weight.dtype)[None, :]
+    if getattr(linear, "lowrank_down", None) is not None:
+        linear.lowrank_down *= factor.to(linear.lowrank_down.dtype)[None, :]
+
+
+@torch.no_grad()
+def smooth_layer(block: DiTBlock, layer: str, s: torch.Tensor) -> None:
+    """Divide the input of ``block.<layer>`` by ``s`` and multiply its weight columns by ``s``.
+
+    The block computes the same function afterwards (to float rounding) for every input,
+    timestep and label. ``layer`` is one of ``attn.qkv``, ``attn.proj``, ``mlp.fc1``,
+    ``mlp.fc2``; fc2 needs a ``QuantLinear`` (the divisor is applied online).
+    """
+    if layer not in LAYERS_IN_BLOCK:
+        raise DitqError(f"cannot smooth {layer!r}; smoothable layers: {', '.join(LAYERS_IN_BLOCK)}")
+    target = block.get_submodule(layer)
+    s = s.detach().float().to(target.weight.device)
+    if layer in _ADALN_CHUNKS:
+        fold_into_adaln(block.adaLN_modulation[1], *_ADALN_CHUNKS[layer], 1.0 / s)
+    elif layer == "attn.proj":
+        fold_into_value_rows(block.attn.qkv, 1.0 / s)
+    else:
+        if not hasattr(target, "input_scale"):
+            raise DitqError("smoothing fc2 needs a QuantLinear: quantize the model first")
+        previous = target.input_scale if target.input_scale is not None else torch.ones_like(s)
+        target.input_scale = previous * s
+    scale_weight_columns(target, s)
