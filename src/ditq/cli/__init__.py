@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ditq import __version__
-from ditq.cli import sample
+from ditq.cli import quantize, sample
 from ditq.errors import DitqError
 
-SUBCOMMANDS = (sample,)
+SUBCOMMANDS = (sample, quantize)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,12 +176,19 @@ def load_model(
     opener: Opener | None = None,
     progress: bool = True,
 ) -> DiT:
-    """Load a DiT from a checkpoint file or an official name (``DiT-XL-2-256``/``-512``).
+    """Load a DiT from a checkpoint file, an official name (``DiT-XL-2-256``/``-512``) or
+    a quantized directory written by ``ditq quantize`` (architecture flags are ignored).
 
     Architecture flags override what the file's shapes imply. Returns the model in eval
     mode, on ``device``, in ``dtype`` (fp32 unless asked).
     """
     name = str(path_or_name)
+    if Path(name).is_dir():
+        from ditq.quant.checkpoint import is_quantized_dir, load_quantized
+
+        if not is_quantized_dir(name):
+            raise DitqError(f"{name} is a directory but not one written by ditq quantize")
+        return load_quantized(name, device=device, dtype=resolve_dtype(dtype))
     if name in OFFICIAL_CHECKPOINTS:
         entry = OFFICIAL_CHECKPOINTS[name]
         path = fetch_official(name, opener=opener, progress=progress)

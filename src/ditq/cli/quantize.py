@@ -1,0 +1,259 @@
+"""``ditq quantize``: calibrate and quantize a DiT with one method, write a quantized directory."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import resource
+import sys
+import time
+from dataclasses import MISSING, fields
+from typing import Any
+
+import torch
+
+from ditq.calib.dataset import CalibrationSet, build_calibration_set
+from ditq.calib.hooks import LayerSelection
+from ditq.cli.common import add_model_args, model_kwargs
+from ditq.diffusion.pipeline import parse_classes
+from ditq.errors import DitqError
+from ditq.methods import METHODS, CalibSettings, Method
+from ditq.models import load_model
+from ditq.quant.checkpoint import save_quantized
+from ditq.quant.config import LayerOverride, QuantConfig
+from ditq.quant.model import pack_model, quantized_layers
+
+LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
+
+
+def _method_fields() -> list[tuple[str, Any, str, str]]:
+    """Method-specific configuration fields: (name, default, method, help)."""
+    shared = {f.name for f in fields(QuantConfig)}
+    found, seen = [], set()
+    for method in METHODS.values():
+        for f in fields(method.config_class):
+            if f.name in shared or f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            found.append((f.name, default, method.name, f.metadata.get("help", "")))
+    return found
+
+
+def _parse_field(default: Any):
+    if isinstance(default, bool):
+        return lambda text: text.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):
+        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
+    if isinstance(default, (int, float)):
+        return type(default)
+    return str
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a DiT (rtn, smoothquant, single-step, ...)",
+        description="Calibrate on the FP model's own samples, quantize, and write DIR "
+        "(integer weight codes + scales in safetensors, ditq.json, calibration_report.json).",
+    )
+    add_model_args(parser)
+    parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--out", required=True, help="output directory")
+    q = parser.add_argument_group("quantization (defaults: the method's published settings)")
+    q.add_argument("--wbits", type=int, default=8, help="weight bits (2-8, 16 = float)")
+    q.add_argument("--abits", type=int, default=8, help="activation bits (2-8, 16 = float)")
+    q.add_argument("--w-granularity", choices=("tensor", "channel", "group"))
+    q.add_argument("--w-group-size", type=int)
+    q.add_argument("--w-symmetric", action="store_true", default=None)
+    q.add_argument("--w-range", choices=("minmax", "percentile", "mse"))
+    q.add_argument("--w-fmt", choices=("int", "fp8_e4m3"))
+    q.add_argument("--a-granularity", choices=("tensor", "token"))
+    q.add_argument("--a-dynamic", action="store_true", default=None)
+    q.add_argument("--a-symmetric", action="store_true", default=None)
+    q.add_argument("--a-range", choices=("minmax", "percentile", "mse"))
+    q.add_argument("--a-fmt", choices=("int", "fp8_e4m3"))
+    q.add_argument("--attn-bits", type=int, help="attention matmul inputs (16 = float)")
+    q.add_argument(
+        "--layers",
+        help=f"comma-separated layer groups to quantize, from {', '.join(LAYER_GROUPS)} "
+        "(default: blocks = the four linears of every block)",
+    )
+    q.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave matching layers in float, e.g. 'blocks.0.*' (repeatable)",
+    )
+    q.add_argument(
+        "--layer-bits",
+        action="append",
+        default=[],
+        metavar="PATTERN=WxA",
+        help="other bits for matching layers, e.g. '*.fc2=8x8' (repeatable)",
+    )
+    m = parser.add_argument_group("method settings")
+    for name, default, method, help_text in _method_fields():
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=_parse_field(default),
+            help=f"[{method}] {help_text} (default {default!r})".strip(),
+        )
+    c = parser.add_argument_group("calibration set (defaults: the method's)")
+    c.add_argument("--calib-set", help="reuse a saved calibration set (.safetensors)")
+    c.add_argument("--save-calib-set", help="also save the generated calibration set here")
+    c.add_argument("--calib-samples", type=int, help="samples (trajectories)")
+    c.add_argument("--calib-steps", help="first, all, K (evenly spaced) or a list 0,10,20")
+    c.add_argument("--calib-sampler", choices=("ddpm", "ddim"))
+    c.add_argument("--calib-num-steps", type=int, help="sampling steps of the trajectories")
+    c.add_argument("--calib-cfg-scale", type=float)
+    c.add_argument("--calib-seed", type=int)
+    c.add_argument("--calib-classes", help="labels cycled over the calibration samples")
+    parser.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def _parse_calib_steps(text: str) -> str | int | list[int]:
+    if text in ("first", "all"):
+        return text
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError as err:
+        raise DitqError(f"--calib-steps must be first, all, K or a list, got {text!r}") from err
+    return values[0] if "," not in text else values
+
+
+def calib_settings(method: Method, args: argparse.Namespace, num_classes: int) -> CalibSettings:
+    settings = method.default_calib.to_dict()
+    given = {
+        "num_samples": args.calib_samples,
+        "steps": _parse_calib_steps(args.calib_steps) if args.calib_steps else None,
+        "sampler": args.calib_sampler,
+        "num_steps": args.calib_num_steps,
+        "cfg_scale": args.calib_cfg_scale,
+        "seed": args.calib_seed,
+        "classes": parse_classes(args.calib_classes, num_classes),
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return CalibSettings(**settings)
+
+
+def _layer_selection(text: str | None) -> LayerSelection | None:
+    if text is None:
+        return None
+    groups = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(LAYER_GROUPS))
+    if unknown:
+        raise DitqError(f"--layers {unknown}: choose from {', '.join(LAYER_GROUPS)}")
+    return LayerSelection(**{g: g in groups for g in LAYER_GROUPS})
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, LayerOverride]:
+    overrides = {pattern: LayerOverride(keep=True) for pattern in args.keep_float}
+    for item in args.layer_bits:
+        pattern, _, bits = item.partition("=")
+        try:
+            wbits, abits = (int(b) for b in bits.lower().split("x"))
+        except ValueError as err:
+            raise DitqError(f"--layer-bits {item!r}: write PATTERN=WxA, e.g. '*.fc2=8x8'") from err
+        overrides[pattern] = LayerOverride(wbits=wbits, abits=abits)
+    return overrides
+
+
+def method_config(method: Method, args: argparse.Namespace) -> QuantConfig:
+    """The method's configuration: its defaults, overridden by the flags that were given."""
+    values = {"wbits": args.wbits, "abits": args.abits, "overrides": _overrides(args)}
+    for f in fields(method.config_class):
+        if f.name in ("wbits", "abits", "overrides"):
+            continue
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    layers = _layer_selection(args.layers)
+    if layers is not None:
+        values["layers"] = layers
+    return method.config_class(**values)
+
+
+def _weight_sqnr_db(model) -> dict[str, float]:
+    """Per quantized layer, 10 log10(‖W‖² / ‖W − Q(W)‖²) of the float weight it holds."""
+    result = {}
+    with torch.no_grad():
+        for name, layer in quantized_layers(model).items():
+            if layer.packed or not layer.weight_quantizer.spec.enabled:
+                continue
+            w = layer.weight.double()
+            error = (w - layer.quantized_weight().double()).pow(2).sum()
+            result[name] = float(10 * torch.log10(w.pow(2).sum() / error.clamp(min=1e-30)))
+    return result
+
+
+def _peak_memory_mb(device: str) -> dict[str, float]:
+    peak = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        peak["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _check_overrides_match(config: QuantConfig, layer_names: list[str]) -> None:
+    for pattern in config.overrides:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layer_names):
+            raise DitqError(f"layer pattern {pattern!r} matches no selected layer")
+
+
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    method = METHODS[args.method]
+    config = method_config(method, args)
+    progress = not args.quiet
+    model = load_model(args.model, progress=progress, **model_kwargs(args))
+    _check_overrides_match(config, config.layers.names(model))
+    settings = calib_settings(method, args, model.num_classes)
+    if args.calib_set:
+        calib = CalibrationSet.load(args.calib_set)
+        calib.check_matches(model)
+        calib_meta = calib.meta
+    else:
+        calib = build_calibration_set(
+            model,
+            settings.num_samples,
+            settings.sampling(),
+            steps=settings.steps,
+            classes=settings.classes,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=progress,
+        )
+        calib_meta = {**calib.meta, "settings": settings.to_dict()}
+        if args.save_calib_set:
+            calib.save(args.save_calib_set)
+    calib_seconds = time.perf_counter() - start
+    method_report = method.run(
+        model, config, calib, device=args.device, batch_size=args.batch_size, progress=progress
+    )
+    weight_sqnr = _weight_sqnr_db(model)
+    pack_model(model)
+    total = time.perf_counter() - start
+    report = {
+        "wall_time_s": {
+            "total": total,
+            "calibration_set": calib_seconds,
+            "method": total - calib_seconds,
+        },
+        "peak_memory": _peak_memory_mb(args.device),
+        "device": str(args.device),
+        "command": " ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
+        "calibration_entries": len(calib),
+        "weight_sqnr_db": weight_sqnr,
+        "method": method_report,
+    }
+    save_quantized(model, args.out, method.name, config.to_dict(), calib_meta, report)
+    mean_sqnr = sum(weight_sqnr.values()) / max(len(weight_sqnr), 1)
+    print(
+        f"{method.name} W{config.wbits}A{config.abits}: {len(quantized_layers(model))} layers, "
+        f"calibration {len(calib)} entries at {len(calib.timesteps())} timesteps, "
+        f"mean weight SQNR {mean_sqnr:.1f} dB, {total:.1f} s -> {args.out}"
+    )

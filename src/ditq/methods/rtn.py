@@ -1,0 +1,29 @@
+"""Round-to-nearest (RTN): min/max ranges, no transformation. The baseline of every table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ditq.calib.dataset import CalibrationSet
+from ditq.models.dit import DiT
+from ditq.quant.config import QuantConfig
+from ditq.quant.model import quantize_model
+
+
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round to nearest with min/max weight and activation ranges."""
+
+
+def apply_rtn(
+    model: DiT,
+    config: RTNConfig,
+    calib: CalibrationSet | None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    ranges = quantize_model(model, config, calib, batch_size, device, progress)
+    return {"activation_ranges": ranges}

@@ -1,0 +1,195 @@
+"""``ditq quantize`` then ``ditq sample --model DIR`` on a tiny checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ditq.cli import main
+
+from conftest import tiny_dit
+
+FAST_CALIB = [
+    "--calib-samples",
+    "2",
+    "--calib-sampler",
+    "ddim",
+    "--calib-num-steps",
+    "4",
+    "--calib-steps",
+    "2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(tiny_dit().state_dict(), path)
+    return path
+
+
+def _quantize(checkpoint, out, *extra):
+    return main(
+        [
+            "quantize",
+            "--model",
+            str(checkpoint),
+            "--num-heads",
+            "2",
+            "--vae",
+            "none",
+            "--out",
+            str(out),
+            *FAST_CALIB,
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "method, bits",
+    [("rtn", "8"), ("smoothquant", "8"), ("single-step", "4")],
+)
+def test_quantize_then_sample(checkpoint, tmp_path, method, bits, capsys):
+    out = tmp_path / "q"
+    extra = ["--w-group-size", "16"] if method == "single-step" else []
+    assert (
+        _quantize(checkpoint, out, "--method", method, "--wbits", bits, "--abits", "8", *extra) == 0
+    )
+    assert f"{method} W{bits}A8" in capsys.readouterr().out
+    manifest = json.loads((out / "ditq.json").read_text())
+    assert manifest["method"] == method and manifest["method_config"]["wbits"] == int(bits)
+    assert manifest["calibration"]["settings"]["num_steps"] == 4
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["wall_time_s"]["total"] > 0 and len(report["weight_sqnr_db"]) == 8
+    samples = tmp_path / "s.npz"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(out),
+                "--vae",
+                "none",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "3",
+                "--num-samples",
+                "2",
+                "--out",
+                str(samples),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert np.load(samples)["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_w16a16_directory_samples_exactly_like_the_fp_model(checkpoint, tmp_path):
+    assert (
+        _quantize(checkpoint, tmp_path / "q", "--method", "rtn", "--wbits", "16", "--abits", "16")
+        == 0
+    )
+    args = [
+        "--vae",
+        "none",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--num-samples",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--seed",
+        "5",
+    ]
+    assert (
+        main(["sample", "--model", str(tmp_path / "q"), *args, "--out", str(tmp_path / "q.npz")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(checkpoint),
+                "--num-heads",
+                "2",
+                *args,
+                "--out",
+                str(tmp_path / "fp.npz"),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "q.npz")["arr_0"], np.load(tmp_path / "fp.npz")["arr_0"]
+    )
+
+
+def test_saved_calibration_set_is_reused_and_checked(checkpoint, tmp_path, capsys):
+    calib = tmp_path / "calib.safetensors"
+    assert (
+        _quantize(checkpoint, tmp_path / "a", "--method", "rtn", "--save-calib-set", str(calib))
+        == 0
+    )
+    assert _quantize(checkpoint, tmp_path / "b", "--method", "rtn", "--calib-set", str(calib)) == 0
+    other = tmp_path / "other.pt"
+    torch.save(tiny_dit(num_classes=7).state_dict(), other)
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(other),
+                "--num-heads",
+                "2",
+                "--vae",
+                "none",
+                "--method",
+                "rtn",
+                "--out",
+                str(tmp_path / "c"),
+                "--calib-set",
+                str(calib),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "num_classes" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "rtn", "--wbits", "1"], "bits"),
+        (
+            ["--method", "rtn", "--wbits", "4", "--w-granularity", "group", "--w-group-size", "24"],
+            "does not divide",
+        ),
+        (["--method", "rtn", "--a-granularity", "token"], "--a-dynamic"),
+        (["--method", "rtn", "--keep-float", "blocks.9.*"], "matches no selected layer"),
+        (["--method", "rtn", "--calib-steps", "9"], "9"),
+    ],
+)
+def test_bad_settings_are_one_clear_error_and_write_nothing(
+    checkpoint, tmp_path, capsys, extra, message
+):
+    assert _quantize(checkpoint, tmp_path / "q", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
