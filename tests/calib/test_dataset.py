@@ -163,3 +163,15 @@ def test_check_matches_names_both_configs(guided_set):
     assert "made for a model with in_channels=3, num_classes=4" in message
     assert "this model has in_channels=4, num_classes=10" in message
     assert "regenerate the calibration set for this model" in message
+
+
+def test_sampling_stops_after_the_last_selected_step():
+    model = tiny_dit()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[1][0].item()))
+    settings = SamplingSettings(sampler="ddpm", steps=50, cfg_scale=1.5, seed=0)
+    first = build_calibration_set(model, 3, settings, steps="first", progress=False)
+    assert calls == [999] and first.timesteps() == [999]  # one guided call, then stop
+    calls.clear()
+    build_calibration_set(model, 3, settings, steps=[0, 4], progress=False)
+    assert len(calls) == 5

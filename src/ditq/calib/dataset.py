@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ditq import __version__
-from ditq.diffusion.pipeline import SamplingSettings, generate
+from ditq.diffusion.pipeline import SamplingSettings, trajectories
 from ditq.diffusion.respace import create_diffusion, respacing_for
 from ditq.errors import DitqError
 from ditq.io import atomic_path
@@ -190,8 +190,9 @@ def build_calibration_set(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> CalibrationSet:
-    """Sample the FP ``model`` with :func:`~ditq.diffusion.pipeline.generate` and record
-    ``x_t``, ``t`` and labels at the steps chosen by :func:`select_steps`.
+    """Sample the FP ``model`` along seeded trajectories and record ``x_t``, ``t`` and
+    labels at the steps chosen by :func:`select_steps`; sampling stops after the last
+    selected step (the first step alone costs one model call per batch).
 
     With guidance (``cfg_scale > 1``) each recorded step yields two entries per sample, the
     conditional one (label y) and the unconditional one (null label), as the guided forward
@@ -226,7 +227,7 @@ def build_calibration_set(
                 )
             )
 
-    generate(
+    for _ in trajectories(
         model,
         num_samples,
         settings,
@@ -235,7 +236,9 @@ def build_calibration_set(
         device=next(model.parameters()).device if device is None else device,
         progress=progress,
         step_callback=record,
-    )
+        stop_after_step=max(selected),
+    ):
+        pass
     x, t, y, step, order_key = (torch.cat(parts) for parts in zip(*records, strict=True))
     order = torch.argsort(order_key)
     meta = {

@@ -9,7 +9,7 @@ by sample index and still reproduce a single-GPU run exactly).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,27 +95,25 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(
+def trajectories(
     model: nn.Module,
     num_samples: int,
     settings: SamplingSettings = SamplingSettings(),
     *,
     classes: Sequence[int] | None = None,
     init_noise: np.ndarray | None = None,
-    vae: nn.Module | None = None,
+    clip_denoised: bool = True,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     indices: Sequence[int] | None = None,
     progress: bool = True,
     step_callback: StepCallback | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``num_samples`` images; returns ``(uint8 NHWC images, int64 labels)``.
+    stop_after_step: int | None = None,
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Run the sampler batch by batch; yields ``(sample_indices, labels, x)`` per batch
+    with ``x`` the final x0, or x_t after ``stop_after_step`` (calibration needs no more).
 
-    ``classes`` are cycled over the samples (random labels from each sample's stream when
-    ``None``); ``init_noise`` (float32 N×C×H×W) replaces the drawn x_T; ``indices`` selects
-    which sample indices of the run to generate (default all). Pixel-space models
-    (``vae is None``) clip x0 to [-1, 1] unless ``settings.clip_denoised`` says otherwise;
-    latent models do not clip, as the official sampler.
+    See :func:`generate` for the meaning of the arguments.
     """
     config = model.config
     shape = (config.in_channels, config.input_size, config.input_size)
@@ -129,12 +127,10 @@ def generate(
             f"--init-noise holds {len(init_noise)} samples, fewer than --num-samples {num_samples}"
         )
     indices = np.arange(num_samples) if indices is None else np.asarray(indices)
-    clip = settings.clip_denoised if settings.clip_denoised is not None else vae is None
     diffusion = create_diffusion(
         respacing_for(settings.sampler, settings.steps, settings.respacing),
         learn_sigma=config.learn_sigma,
     )
-    images, labels_out = [], []
     batches = range(0, len(indices), batch_size)
     for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
         batch = indices[start : start + batch_size]
@@ -161,17 +157,59 @@ def generate(
         def on_step(step, t_index, t_model, x_t, out, batch=batch, labels=labels) -> None:
             step_callback(batch, step, t_model, x_t, labels)
 
-        x0 = sample_loop(
+        x = sample_loop(
             denoise,
             x_T.to(device),
             diffusion,
             sampler=settings.sampler,
             noise_fn=noise_fn,
-            clip_denoised=clip,
+            clip_denoised=clip_denoised,
             eta=settings.eta,
             progress=progress,
             callback=on_step if step_callback is not None else None,
+            stop_after_step=stop_after_step,
         )
+        yield batch, labels, x
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    num_samples: int,
+    settings: SamplingSettings = SamplingSettings(),
+    *,
+    classes: Sequence[int] | None = None,
+    init_noise: np.ndarray | None = None,
+    vae: nn.Module | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    indices: Sequence[int] | None = None,
+    progress: bool = True,
+    step_callback: StepCallback | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``num_samples`` images; returns ``(uint8 NHWC images, int64 labels)``.
+
+    ``classes`` are cycled over the samples (random labels from each sample's stream when
+    ``None``); ``init_noise`` (float32 N×C×H×W) replaces the drawn x_T; ``indices`` selects
+    which sample indices of the run to generate (default all). Pixel-space models
+    (``vae is None``) clip x0 to [-1, 1] unless ``settings.clip_denoised`` says otherwise;
+    latent models do not clip, as the official sampler.
+    """
+    clip = settings.clip_denoised if settings.clip_denoised is not None else vae is None
+    images, labels_out = [], []
+    for _, labels, x0 in trajectories(
+        model,
+        num_samples,
+        settings,
+        classes=classes,
+        init_noise=init_noise,
+        clip_denoised=clip,
+        batch_size=batch_size,
+        device=device,
+        indices=indices,
+        progress=progress,
+        step_callback=step_callback,
+    ):
         if vae is not None:
             x0 = decode_latents(vae, x0)
         images.append(to_uint8(x0))

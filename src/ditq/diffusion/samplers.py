@@ -36,6 +36,7 @@ def sample_loop(
     eta: float = 0.0,
     progress: bool = True,
     callback: StepCallback | None = None,
+    stop_after_step: int | None = None,
 ) -> Tensor:
     """Run the reverse process from ``x_T`` down to x_0 and return it (without gradients).
 
@@ -45,7 +46,8 @@ def sample_loop(
     ``torch.randn_like``); it is called once per step, DDIM and the last step included, as
     ADM draws noise, so that per-sample seeded generators give reproducible results that do not
     depend on batch composition. ``callback`` runs after each model evaluation, with
-    step_index 0 at the noisiest step. ``eta`` only applies to DDIM.
+    step_index 0 at the noisiest step. ``eta`` only applies to DDIM. ``stop_after_step``
+    ends the loop right after that step's model call and callback, returning that x_t.
     """
     check_sampler(sampler)
     draw_noise = noise_fn if noise_fn is not None else torch.randn_like
@@ -58,6 +60,8 @@ def sample_loop(
         model_output = denoise_fn(x, t_model)
         if callback is not None:
             callback(step_index, t_index, t_model, x, model_output)
+        if step_index == stop_after_step:
+            return x
         noise = draw_noise(x)
         if sampler == "ddpm":
             x = diffusion.ddpm_step(model_output, x, t, noise, clip_denoised)

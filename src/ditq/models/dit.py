@@ -323,7 +323,7 @@ class DiT(nn.Module):
         ``None`` guides all ``in_channels`` eps channels.
         """
         half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        model_out = self(torch.cat([half, half], dim=0), t, y)
         guided = self.in_channels if cfg_channels is None else cfg_channels
         eps, rest = model_out[:, :guided], model_out[:, guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
