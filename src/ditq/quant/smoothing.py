@@ -23,7 +23,7 @@ def smoothing_factor(
     (``s(X_j) = 0``) or have an all-zero weight column get ``s_j = 1``.
     """
     a = act_salience.double()
-    w = weight_salience.double()
+    w = weight_salience.double().to(a.device)
     s = a.pow(alpha) / w.pow(1 - alpha)
     s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
     return s.clamp(min=floor).float()
