@@ -111,3 +111,58 @@ def test_missing_model_file(tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_torchrun_slices_gather_to_the_single_process_result(checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        "--model",
+        str(checkpoint),
+        "--num-heads",
+        "2",
+        "--vae",
+        "none",
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "4",
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert main(["sample", *args, "--out", str(tmp_path / "single.npz")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "ditq",
+        "sample",
+    ]
+    done = subprocess.run(
+        [*torchrun, *args, "--out", str(tmp_path / "multi.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on 2 processes" in done.stdout
+    single, multi = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    np.testing.assert_array_equal(multi["arr_0"], single["arr_0"])
+    np.testing.assert_array_equal(multi["arr_1"], single["arr_1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.npz", "single.npz", "tiny.pt"]

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ditq.cli.common import add_model_args, add_sampling_args, model_kwargs, sampling_settings
 from ditq.diffusion.pipeline import generate, parse_classes
+from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
 from ditq.eval.grid import save_grid
 from ditq.io import save_samples_npz
@@ -21,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sample",
         help="sample images from a DiT",
-        description="Sample a DiT (official sampler semantics) into an npz and/or a PNG grid.",
+        description="Sample a DiT (official sampler semantics) into an npz and/or a PNG grid. "
+        "Under torchrun (torchrun --nproc-per-node K -m ditq sample ...) every process samples "
+        "its slice of the sample indices and rank 0 writes the gathered result.",
     )
     add_model_args(parser)
     add_sampling_args(parser)
@@ -32,6 +36,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--init-noise", help="float32 N×C×H×W .npy used as x_T")
     group.add_argument("--out", help="samples npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels)")
     group.add_argument("--grid", help="PNG grid of the samples")
+    group.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TF32 matmuls on CUDA (on, as the official sample.py; --no-tf32 for exact fp32)",
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -56,6 +66,11 @@ def run(args: argparse.Namespace) -> None:
     if args.num_samples < 1 or args.batch_size < 1:
         raise DitqError("--num-samples and --batch-size must be at least 1")
     init_noise = load_init_noise(args.init_noise)
+    ranks = init_from_env(args.device)
+    args.device = ranks.device
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official sample.py: TF32 on
+        torch.backends.cudnn.allow_tf32 = args.tf32
     model = load_model(args.model, progress=not args.quiet, **model_kwargs(args))
     classes = parse_classes(args.classes, model.num_classes)
     if args.vae != "none" and model.config.in_channels == 3:
@@ -71,12 +86,17 @@ def run(args: argparse.Namespace) -> None:
         vae=vae,
         batch_size=args.batch_size,
         device=args.device,
-        progress=not args.quiet,
+        indices=shard(args.num_samples, ranks),
+        progress=not args.quiet and ranks.is_main,
     )
     elapsed = time.perf_counter() - start
+    images, labels = gather((images, labels), ranks, scratch_dir(args.out or args.grid))
+    if not ranks.is_main:
+        return
     if args.out:
         save_samples_npz(args.out, images, labels)
     if args.grid:
         save_grid(args.grid, images)
     written = " and ".join(p for p in (args.out, args.grid) if p)
-    print(f"{len(images)} samples in {elapsed:.1f} s -> {written}")
+    processes = f" on {ranks.world_size} processes" if ranks.world_size > 1 else ""
+    print(f"{len(images)} samples in {elapsed:.1f} s{processes} -> {written}")
