@@ -20,7 +20,7 @@ from ditq.errors import DitqError
 from ditq.methods import METHODS, CalibSettings, Method
 from ditq.models import load_model
 from ditq.quant.checkpoint import save_quantized
-from ditq.quant.config import LayerOverride, QuantConfig
+from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
 from ditq.quant.model import pack_model, quantized_layers
 
 LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
@@ -61,9 +61,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS))
     parser.add_argument("--out", required=True, help="output directory")
     q = parser.add_argument_group("quantization (defaults: the method's published settings)")
-    q.add_argument("--wbits", type=int, default=8, help="weight bits (2-8, 16 = float)")
-    q.add_argument("--abits", type=int, default=8, help="activation bits (2-8, 16 = float)")
-    q.add_argument("--w-granularity", choices=("tensor", "channel", "group"))
+    q.add_argument("--wbits", type=int, help="weight bits (2-8, 16 = float; default: the method's)")
+    q.add_argument(
+        "--abits", type=int, help="activation bits (2-8, 16 = float; default: the method's)"
+    )
+    q.add_argument(
+        "--w-granularity",
+        choices=W_GRANULARITIES,
+        help="weight ranges per tensor, output channel, group of --w-group-size input "
+        "channels, or group of --w-group-size output channels per input column "
+        "(column_group; column_group_strided: DiTAS' official row layout)",
+    )
     q.add_argument("--w-group-size", type=int)
     q.add_argument("--w-symmetric", action="store_true", default=None)
     q.add_argument("--w-range", choices=("minmax", "percentile", "mse"))
@@ -165,9 +173,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, LayerOverride]:
 
 def method_config(method: Method, args: argparse.Namespace) -> QuantConfig:
     """The method's configuration: its defaults, overridden by the flags that were given."""
-    values = {"wbits": args.wbits, "abits": args.abits, "overrides": _overrides(args)}
+    values = {"overrides": _overrides(args)}
     for f in fields(method.config_class):
-        if f.name in ("wbits", "abits", "overrides"):
+        if f.name == "overrides":
             continue
         value = getattr(args, f.name, None)
         if value is not None:

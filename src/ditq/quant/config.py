@@ -7,14 +7,34 @@ hyper-parameters; :func:`ditq.quant.model.quantize_model` reads only the fields 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ditq.calib.hooks import LayerSelection
 from ditq.errors import DitqError
-from ditq.quant.spec import UNQUANTIZED_BITS, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from ditq.quant.spec import (
+    UNQUANTIZED_BITS,
+    Granularity,
+    PerChannel,
+    PerColumnGroup,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QuantSpec,
+)
 
-W_GRANULARITIES = ("tensor", "channel", "group")
+WEIGHT_GRANULARITIES: dict[str, Callable[[int], Granularity]] = {
+    "tensor": lambda _: PerTensor(),
+    "channel": lambda _: PerChannel(),
+    "group": PerGroup,
+    "column_group": PerColumnGroup,
+    "column_group_strided": lambda size: PerColumnGroup(size, strided=True),
+}
+"""``w_granularity`` names and their granularity for a group size ``w_group_size``: groups
+of g input channels (``group``), of g output channels per input column (``column_group``;
+``column_group_strided``: rows strided by C_out / g, DiTAS' official layout)."""
+W_GRANULARITIES = tuple(WEIGHT_GRANULARITIES)
 A_GRANULARITIES = ("tensor", "token")
 
 
@@ -32,9 +52,12 @@ class QuantConfig:
     """Bits, granularities and layer selection (METHODS.md, "Uniform quantizers").
 
     ``wbits``/``abits`` of 16 leave weights/activations unquantized (W16A8, W4A16, W16A16
-    are valid). ``attn_bits`` quantizes the inputs of the two attention matmuls (q, k, v,
-    softmax output) when below 16. ``overrides`` maps a layer name or glob pattern
-    (``blocks.0.*``, ``*.fc2``) to a :class:`LayerOverride`.
+    are valid). ``w_group_size`` is the g of the grouped ``w_granularity`` values (see
+    ``WEIGHT_GRANULARITIES``); it must divide the grouped channels of every quantized layer,
+    and 2..4-bit codes, stored two per byte, need an even number of input channels (both
+    checked when the layers are wrapped). ``attn_bits`` quantizes the inputs of the two
+    attention matmuls (q, k, v, softmax output) when below 16. ``overrides`` maps a layer
+    name or glob pattern (``blocks.0.*``, ``*.fc2``) to a :class:`LayerOverride`.
     """
 
     wbits: int = 8
@@ -100,11 +123,7 @@ class QuantConfig:
     def weight_spec(self, layer: str | None = None) -> QuantSpec:
         override = self._override(layer)
         bits = override.wbits if override and override.wbits is not None else self.wbits
-        granularity = {
-            "tensor": PerTensor(),
-            "channel": PerChannel(),
-            "group": PerGroup(self.w_group_size),
-        }[self.w_granularity]
+        granularity = WEIGHT_GRANULARITIES[self.w_granularity](self.w_group_size)
         return QuantSpec(
             bits=bits,
             symmetric=self.w_symmetric or self.w_fmt == "fp8_e4m3",

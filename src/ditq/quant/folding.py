@@ -10,7 +10,7 @@ offline re-parameterization with ``B^X = diag(1/s)``, ``B^W = diag(s)``; DiTAS' 
 - proj reads ``softmax(QKᵀ) V``: the factor goes into the V rows of qkv (and of qkv's
   low-rank branch, if any);
 - fc2 reads ``GELU(fc1(x))``: nothing linear precedes it, so the divisor is applied online
-  (``QuantLinear.input_scale``).
+  (``QuantLinear.input_scale``); ``online=True`` does the same for any layer.
 """
 
 from __future__ import annotations
@@ -70,24 +70,27 @@ def scale_weight_columns(linear: nn.Module, factor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def smooth_layer(block: DiTBlock, layer: str, s: torch.Tensor) -> None:
+def smooth_layer(block: DiTBlock, layer: str, s: torch.Tensor, online: bool = False) -> None:
     """Divide the input of ``block.<layer>`` by ``s`` and multiply its weight columns by ``s``.
 
     The block computes the same function afterwards (to float rounding) for every input,
     timestep and label. ``layer`` is one of ``attn.qkv``, ``attn.proj``, ``mlp.fc1``,
-    ``mlp.fc2``; fc2 needs a ``QuantLinear`` (the divisor is applied online).
+    ``mlp.fc2``. fc2's divisor is applied online, and so is any layer's with ``online``
+    (e.g. proj, to leave qkv's quantized V rows untouched); that needs a ``QuantLinear``.
     """
     if layer not in LAYERS_IN_BLOCK:
         raise DitqError(f"cannot smooth {layer!r}; smoothable layers: {', '.join(LAYERS_IN_BLOCK)}")
     target = block.get_submodule(layer)
     s = s.detach().float().to(target.weight.device)
-    if layer in _ADALN_CHUNKS:
-        fold_into_adaln(block.adaLN_modulation[1], *_ADALN_CHUNKS[layer], 1.0 / s)
-    elif layer == "attn.proj":
-        fold_into_value_rows(block.attn.qkv, 1.0 / s)
-    else:
+    if online or layer == "mlp.fc2":
         if not hasattr(target, "input_scale"):
-            raise DitqError("smoothing fc2 needs a QuantLinear: quantize the model first")
+            raise DitqError(
+                f"smoothing {layer} online needs a QuantLinear: quantize the model first"
+            )
         previous = target.input_scale if target.input_scale is not None else torch.ones_like(s)
         target.input_scale = previous * s
+    elif layer in _ADALN_CHUNKS:
+        fold_into_adaln(block.adaLN_modulation[1], *_ADALN_CHUNKS[layer], 1.0 / s)
+    else:
+        fold_into_value_rows(block.attn.qkv, 1.0 / s)
     scale_weight_columns(target, s)

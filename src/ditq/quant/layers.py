@@ -43,7 +43,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        weight_spec.check_divides(in_features)
+        weight_spec.check_weight_shape(out_features, in_features)
         self.weight_quantizer = Quantizer(weight_spec)
         self.act_quantizer = Quantizer(act_spec)
         self.register_buffer("weight_codes", None)

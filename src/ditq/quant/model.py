@@ -42,7 +42,7 @@ def wrap_layers(model: DiT, config: QuantConfig) -> dict[str, QuantLinear]:
                 f"(leave it out of the layer selection)"
             )
         weight_spec = config.weight_spec(name)
-        weight_spec.check_divides(module.in_features, layer=name)
+        weight_spec.check_weight_shape(module.out_features, module.in_features, layer=name)
         layer = QuantLinear.from_linear(module, weight_spec, config.act_spec(name))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

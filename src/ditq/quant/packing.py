@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 
 from ditq.errors import DitqError
-from ditq.quant.spec import integer_range
-
-PACKED_BITS = 4
+from ditq.quant.spec import PACKED_BITS, integer_range
 
 
 def code_dtype(symmetric: bool) -> torch.dtype:

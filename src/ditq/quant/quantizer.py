@@ -7,18 +7,23 @@ Integer format: ``q = clamp(round(x / Δ) + z, q_min, q_max)``, ``x̂ = (q - z) 
 contain 0 so that 0 is exactly representable. FP8 (e4m3) format:
 ``x̂ = fp8(x / Δ) · Δ`` with ``Δ = amax / 448``.
 
-Layout. ``to_range_groups`` reshapes a tensor so that each range group is one row of the
+Layout. ``to_range_groups`` lays a tensor out so that each range group is one row of the
 last axis; every range, scale and zero point is that view reduced over its last axis with
-``keepdim``. For a weight W (C_out, C_in) and an activation X (..., C):
+``keepdim``, and ``from_range_groups`` puts a tensor in that layout back into the original
+shape. For a weight W (C_out, C_in) and an activation X (..., C):
 
-============  ==========================  ===========================
-granularity   view                         scale / zero_point shape
-============  ==========================  ===========================
-PerTensor     (1, numel)                   (1, 1)
-PerChannel    (C_out, numel / C_out)       (C_out, 1)
-PerGroup(g)   (..., C_in / g, g)           (..., C_in / g, 1)
-PerToken      (tokens, C)                  (tokens, 1)
-============  ==========================  ===========================
+=================  ==========================  ===========================
+granularity        view                         scale / zero_point shape
+=================  ==========================  ===========================
+PerTensor          (1, numel)                   (1, 1)
+PerChannel         (C_out, numel / C_out)       (C_out, 1)
+PerGroup(g)        (..., C_in / g, g)           (..., C_in / g, 1)
+PerColumnGroup(g)  (C_out / g, C_in, g)         (C_out / g, C_in, 1)
+PerToken           (tokens, C)                  (tokens, 1)
+=================  ==========================  ===========================
+
+``PerColumnGroup(g)`` views are transposes (element ``[k, j, i]`` is ``W[g·k + i, j]``, or
+``W[k + i·C_out/g, j]`` when strided), so only ``from_range_groups`` undoes them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ditq.quant.packing import code_dtype, pack_codes, unpack_codes
 from ditq.quant.spec import (
     Granularity,
     PerChannel,
+    PerColumnGroup,
     PerGroup,
     PerTensor,
     QuantSpec,
@@ -49,7 +55,7 @@ TensorPair = tuple[torch.Tensor, torch.Tensor]
 
 def to_range_groups(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
     """View of ``x`` whose last axis holds the elements sharing one range (see the module
-    docstring's table); ``.reshape(x.shape)`` undoes it."""
+    docstring's table); ``from_range_groups(view, x.shape, granularity)`` undoes it."""
     if isinstance(granularity, PerTensor):
         return x.reshape(1, -1)
     if isinstance(granularity, PerChannel):
@@ -58,7 +64,23 @@ def to_range_groups(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
         granularity.check_divides(x.shape[-1])
         size = granularity.group_size
         return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    if isinstance(granularity, PerColumnGroup):
+        granularity.check_divides(x.shape[0])
+        size, count = granularity.group_size, x.shape[0] // granularity.group_size
+        if granularity.strided:
+            return x.reshape(size, count, -1).permute(1, 2, 0)
+        return x.reshape(count, size, -1).permute(0, 2, 1)
     return x.reshape(-1, x.shape[-1])
+
+
+def from_range_groups(
+    groups: torch.Tensor, shape: torch.Size | tuple[int, ...], granularity: Granularity
+) -> torch.Tensor:
+    """Inverse of ``to_range_groups``: the tensor of shape ``shape`` laid out as ``groups``."""
+    if isinstance(granularity, PerColumnGroup):
+        order = (2, 0, 1) if granularity.strided else (0, 2, 1)
+        return groups.permute(order).reshape(shape)
+    return groups.reshape(shape)
 
 
 def range_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -301,7 +323,7 @@ class Quantizer(nn.Module):
         else:
             scale, zero_point = self._calibrated_qparams(groups)
         fake = _fake_quantize_groups(groups, scale, zero_point, self.spec)
-        return fake.reshape(x.shape).to(x.dtype)
+        return from_range_groups(fake, x.shape, self.spec.granularity).to(x.dtype)
 
     def quantize_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Storage form of ``x`` (shape of ``x``; packed two per byte along the last dim for
@@ -309,10 +331,12 @@ class Quantizer(nn.Module):
         self._require_static("quantize_codes")
         groups = to_range_groups(x, self.spec.granularity)
         scale, zero_point = self._calibrated_qparams(groups)
+        granularity = self.spec.granularity
         if self.spec.fmt == "fp8_e4m3":
-            return quantize_fp8(groups, scale).reshape(x.shape)
+            return from_range_groups(quantize_fp8(groups, scale), x.shape, granularity)
         codes = quantize(groups, scale, zero_point, self.spec.bits, self.spec.symmetric)
-        return pack_codes(codes.reshape(x.shape), self.spec.bits, self.spec.symmetric)
+        codes = from_range_groups(codes, x.shape, granularity).contiguous()
+        return pack_codes(codes, self.spec.bits, self.spec.symmetric)
 
     def dequantize_codes(self, stored: torch.Tensor) -> torch.Tensor:
         """Inverse of ``quantize_codes``: the fake-quantized tensor in the dtype of ``scale``."""
@@ -324,7 +348,8 @@ class Quantizer(nn.Module):
         )
         groups = to_range_groups(codes, self.spec.granularity)
         scale, zero_point = self._calibrated_qparams(groups)
-        return dequantize(groups, scale, zero_point).reshape(codes.shape)
+        values = dequantize(groups, scale, zero_point)
+        return from_range_groups(values, codes.shape, self.spec.granularity)
 
     def enable_learning(self) -> nn.Parameter:
         """Turn ``scale`` into an ``nn.Parameter`` (learned step size, LSQ) and return it."""

@@ -7,6 +7,11 @@ Granularity says which elements share one range (one step size Δ and zero point
   shape (C_out, C_in).
 - ``PerGroup(g)``: each run of g consecutive elements along the last dim, i.e. groups of g
   input channels of W; every row has C_in / g groups.
+- ``PerColumnGroup(g)``: groups of g output channels within one input column, i.e. the
+  elements ``W[g·k : g·k + g, j]``; with ``strided=True`` the rows ``r, r + C_out/g, ...,
+  r + (g-1)·C_out/g`` of column j instead (the layout of DiTAS' official quantizer, which
+  reshapes W to (g, -1) and takes min/max over dim 0). A column group lies in one input
+  column, so scaling columns (smoothing) scales its range and commutes with quantization.
 - ``PerToken()``: each row over the last dim of an activation (tokens, C); always dynamic.
 """
 
@@ -20,6 +25,8 @@ from ditq.errors import DitqError
 FORMATS = ("int", "fp8_e4m3")
 RANGE_METHODS = ("minmax", "percentile", "mse")
 UNQUANTIZED_BITS = 16
+PACKED_BITS = 4
+"""Codes of at most this many bits are stored two per byte (``ditq.quant.packing``)."""
 
 
 @dataclass(frozen=True)
@@ -43,37 +50,64 @@ class PerChannel:
 
 
 @dataclass(frozen=True)
-class PerGroup:
-    """One range per ``group_size`` consecutive elements of the last dim (input channels)."""
+class _GroupSize:
+    """Shared validation of grouped granularities: a positive int ``group_size`` that must
+    divide the channels it groups (``grouped_axis``: "input" or "output")."""
 
     group_size: int
-    name: ClassVar[str] = "per_group"
+    grouped_axis: ClassVar[str] = "input"
 
     def __post_init__(self) -> None:
+        kind = type(self).__name__
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
             raise DitqError(
-                f"PerGroup: group_size must be an int, got {self.group_size!r}; "
-                "pass e.g. PerGroup(128)"
+                f"{kind}: group_size must be an int, got {self.group_size!r}; pass e.g. {kind}(128)"
             )
         if self.group_size < 1:
             raise DitqError(
-                f"PerGroup: group_size={self.group_size} is not positive; "
-                "pass a positive divisor of the input channels, e.g. PerGroup(128)"
+                f"{kind}: group_size={self.group_size} is not positive; pass a positive "
+                f"divisor of the {self.grouped_axis} channels, e.g. {kind}(128)"
             )
 
-    def describe(self) -> str:
-        return f"per-group({self.group_size})"
-
     def check_divides(self, num_channels: int, layer: str = "") -> None:
-        """Raise DitqError unless ``group_size`` divides ``num_channels`` (the last dim)."""
+        """Raise DitqError unless ``group_size`` divides ``num_channels`` (the grouped dim)."""
         if num_channels % self.group_size == 0:
             return
         divisor = max(d for d in range(1, self.group_size + 1) if num_channels % d == 0)
         where = f"layer {layer!r} with " if layer else ""
         raise DitqError(
-            f"group size {self.group_size} does not divide {where}{num_channels} input "
-            f"channels; use a divisor of {num_channels} such as {divisor}, or PerChannel()"
+            f"group size {self.group_size} does not divide {where}{num_channels} "
+            f"{self.grouped_axis} channels; use a divisor of {num_channels} such as {divisor}, "
+            "or PerChannel()"
         )
+
+
+@dataclass(frozen=True)
+class PerGroup(_GroupSize):
+    """One range per ``group_size`` consecutive elements of the last dim (input channels)."""
+
+    name: ClassVar[str] = "per_group"
+
+    def describe(self) -> str:
+        return f"per-group({self.group_size})"
+
+
+@dataclass(frozen=True)
+class PerColumnGroup(_GroupSize):
+    """One range per ``group_size`` output channels (rows) of one input column: rows
+    ``g·k .. g·k + g - 1``, or with ``strided`` rows ``r + i·C_out/g`` (i < g)."""
+
+    strided: bool = False
+    name: ClassVar[str] = "per_column_group"
+    grouped_axis: ClassVar[str] = "output"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.strided, bool):
+            raise DitqError(f"PerColumnGroup: strided must be a bool, got {self.strided!r}")
+
+    def describe(self) -> str:
+        return f"per-column-group({self.group_size}{', strided' if self.strided else ''})"
 
 
 @dataclass(frozen=True)
@@ -86,9 +120,9 @@ class PerToken:
         return "per-token"
 
 
-Granularity = PerTensor | PerChannel | PerGroup | PerToken
+Granularity = PerTensor | PerChannel | PerGroup | PerColumnGroup | PerToken
 GRANULARITY_BY_NAME: dict[str, type[Granularity]] = {
-    cls.name: cls for cls in (PerTensor, PerChannel, PerGroup, PerToken)
+    cls.name: cls for cls in (PerTensor, PerChannel, PerGroup, PerColumnGroup, PerToken)
 }
 
 
@@ -143,7 +177,7 @@ class QuantSpec:
         if not isinstance(self.granularity, Granularity):
             raise DitqError(
                 f"QuantSpec: granularity={self.granularity!r} is not a granularity; "
-                "use PerTensor(), PerChannel(), PerGroup(g) or PerToken()"
+                "use PerTensor(), PerChannel(), PerGroup(g), PerColumnGroup(g) or PerToken()"
             )
         if isinstance(self.granularity, PerToken) and not self.dynamic:
             raise DitqError(
@@ -191,6 +225,22 @@ class QuantSpec:
         """Raise DitqError if a per-group spec's group size does not divide the channels."""
         if isinstance(self.granularity, PerGroup):
             self.granularity.check_divides(num_channels, layer)
+
+    def check_weight_shape(self, out_features: int, in_features: int, layer: str = "") -> None:
+        """Raise DitqError unless this spec fits a (``out_features``, ``in_features``) weight:
+        group sizes divide the grouped channels (input for ``PerGroup``, output for
+        ``PerColumnGroup``), and codes of at most 4 bits, stored two per byte along the
+        input dim, need an even number of input channels."""
+        self.check_divides(in_features, layer)
+        if isinstance(self.granularity, PerColumnGroup):
+            self.granularity.check_divides(out_features, layer)
+        if self.enabled and self.fmt == "int" and self.bits <= PACKED_BITS and in_features % 2:
+            where = f"layer {layer!r}" if layer else "a layer"
+            raise DitqError(
+                f"{self.bits}-bit weight codes are stored two per byte along the input dim, but "
+                f"{where} has {in_features} input channels (odd); use 5..8 bits for it (an "
+                "override) or keep it in float"
+            )
 
     def describe(self) -> str:
         """Short summary, e.g. ``"int4 asym per-group(128) minmax"``."""
