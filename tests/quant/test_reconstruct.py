@@ -1,0 +1,202 @@
+"""Block-wise reconstruction on a tiny DiT: schedule, loss, error reduction, learned step
+sizes, unit order, resuming, no-op and bad input."""
+
+import pytest
+import torch
+
+import ditq.quant.reconstruct as reconstruct
+from ditq.calib.dataset import build_calibration_set
+from ditq.calib.hooks import LayerSelection, capture_block_io
+from ditq.diffusion.pipeline import SamplingSettings
+from ditq.errors import DitqError
+from ditq.quant.config import LayerOverride, QuantConfig
+from ditq.quant.layers import QuantLinear
+from ditq.quant.model import activation_quantizers, pack_model, quantize_model, quantized_layers
+from ditq.quant.quantizer import Quantizer
+from ditq.quant.reconstruct import (
+    ReconSettings,
+    reconstruct_model,
+    reconstruction_loss,
+    rounding_beta,
+)
+
+from conftest import tiny_dit
+
+W4A8 = dict(wbits=4, abits=8, attn_bits=8)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    settings = SamplingSettings(sampler="ddim", steps=6, cfg_scale=1.5, seed=11)
+    return build_calibration_set(tiny_dit(), 4, settings, steps="all", progress=False)
+
+
+def _rtn(calib, depth=2, **config):
+    model = tiny_dit(depth=depth)
+    quantize_model(model, QuantConfig(**{**W4A8, **config}), calib, progress=False)
+    return model
+
+
+def test_beta_schedule_warmup_then_linear_decay():
+    settings = ReconSettings(iters=100, warmup=0.2, beta_start=20.0, beta_end=2.0)
+    assert [rounding_beta(i, settings) for i in range(19)] == [None] * 19
+    assert rounding_beta(19, settings) == 20.0  # step 20 = end of the warm-up
+    assert rounding_beta(59, settings) == pytest.approx(11.0)  # halfway through the decay
+    assert rounding_beta(99, settings) == pytest.approx(2.0)
+    no_warmup = ReconSettings(iters=10, warmup=0.0)
+    assert rounding_beta(0, no_warmup) == pytest.approx(2.0 + 18.0 * 0.9)
+
+
+def test_loss_sums_over_tokens_and_averages_the_rest():
+    output, target = torch.zeros(2, 5, 3), torch.zeros(2, 5, 3)
+    output[0, :, 0] = 2.0  # one sample, one channel, every token off by 2
+    # p=2: sum over 5 tokens of 4 = 20, averaged over 2 samples x 3 channels
+    assert float(reconstruction_loss(output, target, 2.0)) == pytest.approx(20 / 6)
+    assert float(reconstruction_loss(output, target, 1.0)) == pytest.approx(10 / 6)
+
+
+def _block_mse(model, fp, calib):
+    """Mean squared error of block 0's output on the quantized model's block inputs."""
+    inputs = capture_block_io(model, calib, 0, progress=False)
+    target = capture_block_io(fp, calib, 0, progress=False).out
+    with torch.no_grad():
+        output = model.blocks[0](inputs.x, inputs.c)
+    return float((output - target).pow(2).mean())
+
+
+def test_block_reconstruction_beats_rounding_to_nearest(calib):
+    fp, model = tiny_dit(depth=1), _rtn(calib, depth=1)
+    rtn_state = {k: v.clone() for k, v in model.state_dict().items()}
+    act = {n: q.scale.clone() for n, q in activation_quantizers(model).items()}
+    before = _block_mse(model, fp, calib)
+    settings = ReconSettings(iters=200, batch_size=8, weight_lr=3e-2, layerwise_extra=False)
+    report = reconstruct_model(model, fp, calib, settings, progress=False)
+    after = _block_mse(model, fp, calib)
+    assert after < 0.6 * before
+    unit = report["units"]["blocks.0"]
+    tokens = 16
+    assert unit["initial_loss"] == pytest.approx(tokens * before, rel=1e-4)
+    assert unit["final_loss"] == pytest.approx(tokens * after, rel=1e-4)
+    assert unit["iterations"] == 200 and unit["rounding_layers"] == 4 and unit["act_scales"] == 8
+    assert list(report["units"]) == ["blocks.0"]
+    # rounding: weights on the grid, some rounded the other way than nearest, none further
+    changed = 0
+    for name, layer in quantized_layers(model).items():
+        assert isinstance(layer.weight_quantizer, Quantizer)
+        assert torch.equal(layer.quantized_weight().detach(), layer.weight.detach())
+        assert layer.weight.requires_grad and not list(layer.weight_quantizer.parameters())
+        rtn = rtn_state[f"{name}.weight"]
+        quantizer = layer.weight_quantizer
+        rtn_weight = quantizer(rtn)
+        step = quantizer.scale.max()
+        assert (layer.weight - rtn_weight).abs().max() <= step * 1.0001
+        changed += int((layer.weight != rtn_weight).sum())
+    assert changed > 0
+    # learned step sizes: changed, frozen back into buffers
+    moved = 0
+    for name, quantizer in activation_quantizers(model).items():
+        assert not quantizer.learning and "scale" in dict(quantizer.named_buffers())
+        moved += int(not torch.equal(quantizer.scale, act[name]))
+    assert moved == len(act)
+    # the model still packs (integer codes of the learned rounding)
+    pack_model(model)
+
+
+def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib):
+    config = dict(
+        layers=LayerSelection(embedders=True, adaln=True, final_layer=True),
+        overrides={"x_embedder.proj": LayerOverride(keep=True)},
+    )
+    fp, model = tiny_dit(), _rtn(calib, **config)
+    act = {n: q.scale.clone() for n, q in activation_quantizers(model).items()}
+    settings = ReconSettings(iters=3, batch_size=4, learn_act_scales=False)
+    report = reconstruct_model(model, fp, calib, settings, progress=False)
+    assert list(report["units"]) == [
+        "t_embedder.mlp.0",
+        "t_embedder.mlp.2",
+        "blocks.0",
+        "blocks.1",
+        "final_layer.adaLN_modulation.1",
+        "final_layer.linear",
+    ]
+    assert report["units"]["blocks.0"]["rounding_layers"] == 5  # adaLN too
+    assert all(torch.equal(q.scale, act[n]) for n, q in activation_quantizers(model).items())
+    blocks_only = ReconSettings(iters=3, batch_size=4, layerwise_extra=False)
+    report = reconstruct_model(_rtn(calib, **config), fp, calib, blocks_only, progress=False)
+    assert list(report["units"]) == ["blocks.0", "blocks.1"]
+
+
+def test_interrupted_run_resumes_to_the_same_model(calib, tmp_path, monkeypatch):
+    settings = ReconSettings(iters=30, batch_size=8, weight_lr=1e-2)
+    fp = tiny_dit()
+    selection = {"layers": LayerSelection(final_layer=True)}
+    reference = _rtn(calib, **selection)
+    reconstruct_model(reference, fp, calib, settings, progress=False)
+
+    spilling = ReconSettings(iters=30, batch_size=8, weight_lr=1e-2, host_cache_gb=0.0)
+    capture = reconstruct.capture_block_io
+
+    def crash_at_block_1(model, calib, block_index, *args, **kwargs):
+        if block_index == 1:
+            raise KeyboardInterrupt
+        return capture(model, calib, block_index, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "capture_block_io", crash_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_model(
+            _rtn(calib, **selection), fp, calib, spilling, progress=False, cache_dir=tmp_path
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0.pt"]
+    monkeypatch.undo()
+
+    resumed = _rtn(calib, **selection)
+    report = reconstruct_model(resumed, fp, calib, spilling, progress=False, cache_dir=tmp_path)
+    assert [u["resumed"] for u in report["units"].values()] == [True, False, False]
+    assert report["units"]["blocks.1"]["cache"] == "disk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "block_0.pt",
+        "block_1.pt",
+        "layer_final_layer.linear.pt",
+    ]
+    expected = reference.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+    other = ReconSettings(iters=31, batch_size=8, weight_lr=1e-2)
+    with pytest.raises(DitqError, match="delete it"):
+        reconstruct_model(
+            _rtn(calib, **selection), fp, calib, other, progress=False, cache_dir=tmp_path
+        )
+
+
+def test_zero_iterations_is_a_no_op(calib):
+    model = _rtn(calib)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = reconstruct_model(model, tiny_dit(), calib, ReconSettings(iters=0), progress=False)
+    assert report["units"] == {}
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+
+
+def test_bad_input_raises_ditq_errors(calib):
+    model = _rtn(calib)
+    with pytest.raises(DitqError, match="full-precision"):
+        reconstruct_model(model, model, calib, ReconSettings(iters=1), progress=False)
+    with pytest.raises(DitqError, match="warmup"):
+        ReconSettings(warmup=1.0)
+    with pytest.raises(DitqError, match="beta_end"):
+        ReconSettings(beta_start=2.0, beta_end=20.0)
+    uncalibrated = tiny_dit()
+    layer = QuantLinear.from_linear(uncalibrated.blocks[0].attn.qkv, *_specs())
+    uncalibrated.blocks[0].attn.qkv = layer
+    with pytest.raises(DitqError, match="calibrate_weights"):
+        reconstruct_model(uncalibrated, tiny_dit(), calib, ReconSettings(iters=1), progress=False)
+    pack_model(model)
+    with pytest.raises(DitqError, match="before pack_model"):
+        reconstruct_model(model, tiny_dit(), calib, ReconSettings(iters=1), progress=False)
+
+
+def _specs():
+    config = QuantConfig(**W4A8)
+    return config.weight_spec(), config.act_spec()
