@@ -1,6 +1,8 @@
 """PTQ methods: one module each (a configuration dataclass and an apply function)."""
 
 from ditq.methods.base import CalibSettings, Method
+from ditq.methods.ditas import DiTASConfig, apply_ditas
+from ditq.methods.ptq4dit import PTQ4DiTConfig, apply_ptq4dit
 from ditq.methods.rtn import RTNConfig, apply_rtn
 from ditq.methods.single_step import SingleStepConfig, apply_single_step
 from ditq.methods.smoothquant import SmoothQuantConfig, apply_smoothquant
@@ -20,15 +22,41 @@ METHODS: dict[str, Method] = {
         default_calib=CalibSettings(steps="first"),
         summary="Yang et al.: activation ranges from the first sampling step, group-wise weights",
     ),
+    "ptq4dit": Method(
+        "ptq4dit",
+        PTQ4DiTConfig,
+        apply_ptq4dit,
+        default_calib=CalibSettings(
+            num_samples=32, steps=25, sampler="ddpm", num_steps=250, cfg_scale=1.5
+        ),
+        summary="Wu et al.: Spearman-guided channel salience balancing folded offline, "
+        "static W/A quantization, block reconstruction",
+    ),
+    "ditas": Method(
+        "ditas",
+        DiTASConfig,
+        apply_ditas,
+        # 16 trajectories (32 guided entries per step, as the official 16 labels with cfg),
+        # every step of a 100-step DDPM run for TAS; the α search takes the first 50.
+        default_calib=CalibSettings(
+            num_samples=16, steps="all", sampler="ddpm", num_steps=100, cfg_scale=1.5
+        ),
+        summary="Dong & Zhang: temporal-aggregated smoothing with per-layer α search and a "
+        "training-free low-rank weight branch, W4A8 dynamic activations",
+    ),
 }
 
 __all__ = [
     "METHODS",
     "CalibSettings",
+    "DiTASConfig",
     "Method",
+    "PTQ4DiTConfig",
     "RTNConfig",
     "SingleStepConfig",
     "SmoothQuantConfig",
+    "apply_ditas",
+    "apply_ptq4dit",
     "apply_rtn",
     "apply_single_step",
     "apply_smoothquant",
