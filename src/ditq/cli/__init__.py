@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ditq import __version__
-from ditq.cli import quantize, sample
+from ditq.cli import analyze, eval, quantize, report, sample
 from ditq.errors import DitqError
 
-SUBCOMMANDS = (sample, quantize)
+SUBCOMMANDS = (sample, quantize, analyze, eval, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
