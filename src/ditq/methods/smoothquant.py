@@ -3,7 +3,7 @@ weights with ``s_j = s(X_j)^α / s(W_j)^(1-α)``, folded into the preceding op."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ditq.calib.dataset import CalibrationSet
@@ -20,8 +20,13 @@ from ditq.quant.smoothing import smoothing_factor
 class SmoothQuantConfig(QuantConfig):
     """``alpha``: migration strength; ``smooth``: block layers to smooth (fc2 online)."""
 
-    alpha: float = 0.5
-    smooth: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1")
+    alpha: float = field(
+        default=0.5, metadata={"help": "migration strength α of s = s(X)^α / s(W)^(1-α)"}
+    )
+    smooth: tuple[str, ...] = field(
+        default=("attn.qkv", "attn.proj", "mlp.fc1"),
+        metadata={"help": "block layers to smooth, comma-separated (mlp.fc2: applied online)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
