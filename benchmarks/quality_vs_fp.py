@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ditq import load_model
-from ditq.calib.dataset import build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.eval.grid import save_grid
 from ditq.eval.metrics import psnr, ssim
@@ -116,14 +115,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             calib_settings = replace(method.default_calib, **json.loads(args.calib))
-            calib = build_calibration_set(
-                model,
-                calib_settings.num_samples,
-                calib_settings.sampling(),
-                steps=calib_settings.steps,
-                batch_size=args.batch_size,
-                device=args.device,
-                progress=False,
+            calib = calib_settings.build(
+                model, batch_size=args.batch_size, device=args.device, progress=False
             )
             config = method.config_class(wbits=wbits, abits=abits, **method_args.get(name, {}))
             method.run(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from ditq.calib.dataset import build_calibration_set
 from ditq.cli.common import add_model_args, model_kwargs
 from ditq.errors import DitqError
 from ditq.eval.sqnr import (
@@ -93,15 +92,7 @@ def run(args: argparse.Namespace) -> None:
     progress = not args.quiet
     model = load_model(args.model, progress=progress, **model_kwargs(args))
     check_study_config(model, config)
-    calib = build_calibration_set(
-        model,
-        settings.num_samples,
-        settings.sampling(),
-        steps=settings.steps,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=progress,
-    )
+    calib = settings.build(model, batch_size=args.batch_size, device=args.device, progress=progress)
     result = sqnr_study(
         model, calib, config, batch_size=args.batch_size, device=args.device, progress=progress
     )

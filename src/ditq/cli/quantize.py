@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ditq.calib.dataset import CalibrationSet, build_calibration_set
+from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import LayerSelection
 from ditq.cli.common import add_model_args, model_kwargs
 from ditq.diffusion.pipeline import parse_classes
@@ -225,15 +225,8 @@ def run(args: argparse.Namespace) -> None:
         calib.check_matches(model)
         calib_meta = calib.meta
     else:
-        calib = build_calibration_set(
-            model,
-            settings.num_samples,
-            settings.sampling(),
-            steps=settings.steps,
-            classes=settings.classes,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=progress,
+        calib = settings.build(
+            model, batch_size=args.batch_size, device=args.device, progress=progress
         )
         calib_meta = {**calib.meta, "settings": settings.to_dict()}
         if args.save_calib_set:

@@ -4,7 +4,7 @@ from ditq.methods.base import CalibSettings, Method
 from ditq.methods.ditas import DiTASConfig, apply_ditas
 from ditq.methods.ptq4dit import PTQ4DiTConfig, apply_ptq4dit
 from ditq.methods.rtn import RTNConfig, apply_rtn
-from ditq.methods.single_step import SingleStepConfig, apply_single_step
+from ditq.methods.single_step import SingleStepConfig
 from ditq.methods.smoothquant import SmoothQuantConfig, apply_smoothquant
 
 METHODS: dict[str, Method] = {
@@ -18,7 +18,7 @@ METHODS: dict[str, Method] = {
     "single-step": Method(
         "single-step",
         SingleStepConfig,
-        apply_single_step,
+        apply_rtn,
         default_calib=CalibSettings(steps="first"),
         summary="Yang et al.: activation ranges from the first sampling step, group-wise weights",
     ),
@@ -58,6 +58,5 @@ __all__ = [
     "apply_ditas",
     "apply_ptq4dit",
     "apply_rtn",
-    "apply_single_step",
     "apply_smoothquant",
 ]

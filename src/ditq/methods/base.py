@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ditq.calib.dataset import CalibrationSet
+from ditq.calib.dataset import CalibrationSet, build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.models.dit import DiT
 from ditq.quant.config import QuantConfig
@@ -35,6 +35,21 @@ class CalibSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def build(
+        self, model: DiT, *, batch_size: int = 32, device: str = "cpu", progress: bool = True
+    ) -> CalibrationSet:
+        """Record this calibration set from ``model``'s own seeded trajectories."""
+        return build_calibration_set(
+            model,
+            self.num_samples,
+            self.sampling(),
+            steps=self.steps,
+            classes=self.classes,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
 
 
 ApplyFn = Callable[..., dict[str, Any]]

@@ -25,5 +25,9 @@ def apply_rtn(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
+    """Wrap, calibrate weights (min/max unless configured otherwise) and static activation
+    ranges on every entry of ``calib``; also the apply function of single-step, whose
+    difference lies in its configuration and calibration set."""
     ranges = quantize_model(model, config, calib, batch_size, device, progress)
-    return {"activation_ranges": ranges}
+    timesteps = calib.timesteps() if calib is not None else []
+    return {"calibrated_timesteps": timesteps, "activation_ranges": ranges}
