@@ -25,6 +25,18 @@ def tiny_dit(seed: int = 0, **overrides) -> DiT:
     return DiT(config).eval()
 
 
+def save_checkpoint(model: DiT, path: Path) -> list[str]:
+    """Save ``model``'s state dict to ``path``; returns the CLI flags that load it."""
+    torch.save(model.state_dict(), path)
+    return ["--model", str(path), "--num-heads", str(model.config.num_heads), "--vae", "none"]
+
+
+@pytest.fixture(scope="module")
+def model_args(tmp_path_factory) -> list[str]:
+    """CLI model flags of a tiny random DiT saved once per test module."""
+    return save_checkpoint(tiny_dit(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
 @pytest.fixture
 def tiny_model() -> DiT:
     return tiny_dit()

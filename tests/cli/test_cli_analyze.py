@@ -4,35 +4,20 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import ditq.eval.sqnr
 from ditq.cli import main
 from ditq.errors import DitqError
 
-from conftest import tiny_dit
-
 FILES = ("sqnr.json", "sqnr_by_step.png", "sqnr_heatmap_first.png", "sqnr_heatmap_all.png")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(tiny_dit().state_dict(), path)
-    return path
-
-
-def _analyze(checkpoint, out, *extra):
+def _analyze(model_args, out, *extra):
     return main(
         [
             "analyze",
-            "--model",
-            str(checkpoint),
-            "--num-heads",
-            "2",
-            "--vae",
-            "none",
+            *model_args,
             "--device",
             "cpu",
             "--calib-samples",
@@ -47,11 +32,11 @@ def _analyze(checkpoint, out, *extra):
     )
 
 
-def test_analyze_writes_study_and_plots(checkpoint, tmp_path, capsys):
+def test_analyze_writes_study_and_plots(model_args, tmp_path, capsys):
     out = tmp_path / "study"
     assert (
         _analyze(
-            checkpoint, out, "--wbits", "4", "--w-granularity", "group", "--w-group-size", "16"
+            model_args, out, "--wbits", "4", "--w-granularity", "group", "--w-group-size", "16"
         )
         == 0
     )
@@ -76,17 +61,17 @@ def test_analyze_writes_study_and_plots(checkpoint, tmp_path, capsys):
     "flags, message",
     [(["--abits", "16"], "static"), (["--calib-steps", "1"], "--calib-steps")],
 )
-def test_analyze_bad_input_writes_nothing(checkpoint, tmp_path, capsys, flags, message):
+def test_analyze_bad_input_writes_nothing(model_args, tmp_path, capsys, flags, message):
     out = tmp_path / "study"
-    assert _analyze(checkpoint, out, *flags) == 2
+    assert _analyze(model_args, out, *flags) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_analyze_failure_while_writing_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+def test_analyze_failure_while_writing_leaves_nothing(model_args, tmp_path, monkeypatch):
     def broken_heatmap(*_args, **_kwargs):
         raise DitqError("disk full")
 
     monkeypatch.setattr(ditq.eval.sqnr, "heatmap", broken_heatmap)
-    assert _analyze(checkpoint, tmp_path / "study") == 2  # after sqnr.json was written
+    assert _analyze(model_args, tmp_path / "study") == 2  # after sqnr.json was written
     assert list(tmp_path.iterdir()) == []

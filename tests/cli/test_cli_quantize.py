@@ -25,23 +25,11 @@ FAST_CALIB = [
 ]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(tiny_dit().state_dict(), path)
-    return path
-
-
-def _quantize(checkpoint, out, *extra):
+def _quantize(model_args, out, *extra):
     return main(
         [
             "quantize",
-            "--model",
-            str(checkpoint),
-            "--num-heads",
-            "2",
-            "--vae",
-            "none",
+            *model_args,
             "--out",
             str(out),
             *FAST_CALIB,
@@ -54,11 +42,11 @@ def _quantize(checkpoint, out, *extra):
     "method, bits",
     [("rtn", "8"), ("smoothquant", "8"), ("single-step", "4")],
 )
-def test_quantize_then_sample(checkpoint, tmp_path, method, bits, capsys):
+def test_quantize_then_sample(model_args, tmp_path, method, bits, capsys):
     out = tmp_path / "q"
     extra = ["--w-group-size", "16"] if method == "single-step" else []
     assert (
-        _quantize(checkpoint, out, "--method", method, "--wbits", bits, "--abits", "8", *extra) == 0
+        _quantize(model_args, out, "--method", method, "--wbits", bits, "--abits", "8", *extra) == 0
     )
     assert f"{method} W{bits}A8" in capsys.readouterr().out
     manifest = json.loads((out / "ditq.json").read_text())
@@ -93,9 +81,9 @@ def test_quantize_then_sample(checkpoint, tmp_path, method, bits, capsys):
     assert np.load(samples)["arr_0"].shape == (2, 8, 8, 3)
 
 
-def test_w16a16_directory_samples_exactly_like_the_fp_model(checkpoint, tmp_path):
+def test_w16a16_directory_samples_exactly_like_the_fp_model(model_args, tmp_path):
     assert (
-        _quantize(checkpoint, tmp_path / "q", "--method", "rtn", "--wbits", "16", "--abits", "16")
+        _quantize(model_args, tmp_path / "q", "--method", "rtn", "--wbits", "16", "--abits", "16")
         == 0
     )
     args = [
@@ -121,10 +109,7 @@ def test_w16a16_directory_samples_exactly_like_the_fp_model(checkpoint, tmp_path
         main(
             [
                 "sample",
-                "--model",
-                str(checkpoint),
-                "--num-heads",
-                "2",
+                *model_args,
                 *args,
                 "--out",
                 str(tmp_path / "fp.npz"),
@@ -137,13 +122,13 @@ def test_w16a16_directory_samples_exactly_like_the_fp_model(checkpoint, tmp_path
     )
 
 
-def test_saved_calibration_set_is_reused_and_checked(checkpoint, tmp_path, capsys):
+def test_saved_calibration_set_is_reused_and_checked(model_args, tmp_path, capsys):
     calib = tmp_path / "calib.safetensors"
     assert (
-        _quantize(checkpoint, tmp_path / "a", "--method", "rtn", "--save-calib-set", str(calib))
+        _quantize(model_args, tmp_path / "a", "--method", "rtn", "--save-calib-set", str(calib))
         == 0
     )
-    assert _quantize(checkpoint, tmp_path / "b", "--method", "rtn", "--calib-set", str(calib)) == 0
+    assert _quantize(model_args, tmp_path / "b", "--method", "rtn", "--calib-set", str(calib)) == 0
     other = tmp_path / "other.pt"
     torch.save(tiny_dit(num_classes=7).state_dict(), other)
     assert (
@@ -187,9 +172,9 @@ def test_saved_calibration_set_is_reused_and_checked(checkpoint, tmp_path, capsy
     ],
 )
 def test_bad_settings_are_one_clear_error_and_write_nothing(
-    checkpoint, tmp_path, capsys, extra, message
+    model_args, tmp_path, capsys, extra, message
 ):
-    assert _quantize(checkpoint, tmp_path / "q", *extra) == 2
+    assert _quantize(model_args, tmp_path / "q", *extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

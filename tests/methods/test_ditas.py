@@ -16,7 +16,7 @@ from ditq.methods import METHODS, DiTASConfig, RTNConfig
 from ditq.methods.ditas import ALPHA_GRID, _SearchInputs
 from ditq.quant.model import quantized_layers
 
-from conftest import tiny_dit
+from conftest import save_checkpoint, tiny_dit
 
 HIDDEN = 32
 QKV_INPUT_OUTLIER, FC1_INPUT_OUTLIER = 5, 7
@@ -286,22 +286,15 @@ def test_defaults_validation_and_registration():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(outlier_dit().state_dict(), path)
-    return path
+def model_args(tmp_path_factory):
+    return save_checkpoint(outlier_dit(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
-def _cli(checkpoint, out, *extra):
+def _cli(model_args, out, *extra):
     return main(
         [
             "quantize",
-            "--model",
-            str(checkpoint),
-            "--num-heads",
-            "2",
-            "--vae",
-            "none",
+            *model_args,
             "--out",
             str(out),
             "--method",
@@ -320,9 +313,9 @@ def _cli(checkpoint, out, *extra):
     )
 
 
-def test_cli_quantize_then_sample(checkpoint, tmp_path, capsys):
+def test_cli_quantize_then_sample(model_args, tmp_path, capsys):
     out = tmp_path / "q"
-    assert _cli(checkpoint, out, "--lowrank-rank", "4", "--alpha-grid", "0,0.5,1") == 0
+    assert _cli(model_args, out, "--lowrank-rank", "4", "--alpha-grid", "0,0.5,1") == 0
     assert "ditas W4A8" in capsys.readouterr().out  # the method's bits without --wbits
     manifest = json.loads((out / "ditq.json").read_text())
     assert manifest["method_config"]["alpha_grid"] == [0.0, 0.5, 1.0]
@@ -345,8 +338,8 @@ def test_cli_quantize_then_sample(checkpoint, tmp_path, capsys):
     assert np.load(samples)["arr_0"].shape == (2, 8, 8, 3)
 
 
-def test_cli_rejects_bad_alpha_grid(checkpoint, tmp_path, capsys):
-    assert _cli(checkpoint, tmp_path / "q", "--alpha-grid", "0,2") == 2
+def test_cli_rejects_bad_alpha_grid(model_args, tmp_path, capsys):
+    assert _cli(model_args, tmp_path / "q", "--alpha-grid", "0,2") == 2
     err = capsys.readouterr().err
     assert "--alpha-grid" in err and "Traceback" not in err
     assert not (tmp_path / "q").exists()
