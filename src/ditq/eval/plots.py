@@ -241,6 +241,34 @@ def _draw_y_axis(draw: ImageDraw.ImageDraw, box: tuple, ticks: list[float]) -> N
         _put_text(draw, left - 8, y, _tick_label(tick), TICK_SIZE, "right", "middle")
 
 
+def _axes_frame(
+    size: tuple[int, int],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    legend: list[str],
+    y_ticks: list[float],
+    x_label_size: int,
+) -> tuple[Image.Image, ImageDraw.ImageDraw, tuple]:
+    """A blank plot with title, axis labels, legend and the y axis drawn; returns the image,
+    its drawing context and the plot box (left, top, right, bottom).
+
+    ``x_label_size`` is the font size of the x-axis labels (tick numbers, or group names)."""
+    layout = _layout(
+        *size,
+        title,
+        xlabel,
+        ylabel,
+        legend,
+        _max_label_width([_tick_label(t) for t in y_ticks], TICK_SIZE),
+        _line_height(x_label_size),
+    )
+    image = Image.new("RGB", size, BACKGROUND)
+    draw = _draw_frame(image, layout, title, xlabel, ylabel, legend)
+    _draw_y_axis(draw, layout.box, y_ticks)
+    return image, draw, layout.box
+
+
 def _draw_box(draw: ImageDraw.ImageDraw, box: tuple) -> None:
     left, top, right, bottom = box
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS, width=2)
@@ -285,19 +313,8 @@ def line_plot(
     x_ticks = _nice_ticks(min(x for x, _ in finite), max(x for x, _ in finite))
     y_ticks = _nice_ticks(min(y for _, y in finite), max(y for _, y in finite))
     labels = list(points)
-    layout = _layout(
-        *size,
-        title,
-        xlabel,
-        ylabel,
-        labels,
-        _max_label_width([_tick_label(t) for t in y_ticks], TICK_SIZE),
-        _line_height(TICK_SIZE),
-    )
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = _draw_frame(image, layout, title, xlabel, ylabel, labels)
-    box = left, top, right, bottom = layout.box
-    _draw_y_axis(draw, box, y_ticks)
+    image, draw, box = _axes_frame(size, title, xlabel, ylabel, labels, y_ticks, TICK_SIZE)
+    left, top, right, bottom = box
     for tick in x_ticks:
         x = _scale(tick, x_ticks[0], x_ticks[-1], left, right)
         draw.line([(x, top), (x, bottom)], fill=GRID)
@@ -446,19 +463,8 @@ def bar_plot(
         max(0.0, finite.max() + headroom * (finite.max() > 0)),
     )
     labels = list(values)
-    layout = _layout(
-        *size,
-        title,
-        xlabel,
-        ylabel,
-        labels,
-        _max_label_width([_tick_label(t) for t in y_ticks], TICK_SIZE),
-        _line_height(LABEL_SIZE),
-    )
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = _draw_frame(image, layout, title, xlabel, ylabel, labels)
-    box = left, top, right, bottom = layout.box
-    _draw_y_axis(draw, box, y_ticks)
+    image, draw, box = _axes_frame(size, title, xlabel, ylabel, labels, y_ticks, LABEL_SIZE)
+    left, top, right, bottom = box
     group_w = (right - left) / len(groups)
     bar_w = group_w * 0.8 / len(values)
     zero = _scale(0.0, y_ticks[0], y_ticks[-1], bottom, top)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ditq.calib.hooks import LayerSelection
@@ -22,6 +22,7 @@ from ditq.quant.spec import (
     PerTensor,
     PerToken,
     QuantSpec,
+    check_known_keys,
 )
 
 WEIGHT_GRANULARITIES: dict[str, Callable[[int], Granularity]] = {
@@ -161,12 +162,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DitqError(
-                f"unknown {cls.__name__} settings {unknown}: written by another ditq version?"
-            )
+        check_known_keys(cls, data)
         data = dict(data)
         if "layers" in data:
             data["layers"] = LayerSelection(**data["layers"])

@@ -126,6 +126,18 @@ GRANULARITY_BY_NAME: dict[str, type[Granularity]] = {
 }
 
 
+def check_known_keys(cls: type, data: dict[str, Any]) -> None:
+    """Raise DitqError when ``data`` (a saved ``to_dict``) has keys ``cls`` does not know,
+    i.e. when it was written by another ditq version."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DitqError(
+            f"{cls.__name__}.from_dict: unknown keys {unknown}; expected a subset of "
+            f"{sorted(known)} (written by another ditq version?)"
+        )
+
+
 def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer code range ``(q_min, q_max)``: symmetric ``[-2^(b-1), 2^(b-1)-1]`` (two's
     complement, the scale maps the absolute maximum to ``2^(b-1)-1``), asymmetric
@@ -270,12 +282,7 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
         """Rebuild a spec from ``to_dict`` output; unknown keys raise DitqError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DitqError(
-                f"QuantSpec.from_dict: unknown keys {unknown}; expected a subset of {sorted(known)}"
-            )
+        check_known_keys(cls, data)
         kwargs = dict(data)
         if "granularity" in kwargs:
             kwargs["granularity"] = _granularity_from_dict(kwargs["granularity"])
