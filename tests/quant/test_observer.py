@@ -72,12 +72,26 @@ def test_reservoir_is_bounded_and_samples_the_data():
         observer.update(batch)
         seen.append(batch.reshape(-1))
         assert observer.result().numel() <= 500
-        assert observer._keys.numel() == observer.result().numel()
+        assert observer.result().numel() == min(500, sum(b.numel() for b in seen))
     every_value = torch.cat(seen)
     assert observer.num_seen == every_value.numel() == 8 * 3 * 7 * 16
     assert observer.result().numel() == 500
     assert torch.isin(observer.result(), every_value).all()
     assert observer.result().unique().numel() == 500, "sampling is without replacement"
+
+
+def test_reservoir_keeps_the_values_with_the_smallest_keys():
+    """Independent reference: redraw every batch's keys from the same seeded stream and
+    keep the values of the 300 smallest keys over everything seen."""
+    observer = SampleObserver(max_samples=300, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    values, keys = [], []
+    for batch in batches(count=12):
+        observer.update(batch)
+        values.append(batch.reshape(-1))
+        keys.append(torch.rand(batch.numel(), generator=generator, dtype=torch.float64))
+    expected = torch.cat(values)[torch.cat(keys).topk(300, largest=False).indices]
+    assert torch.equal(observer.result().sort().values, expected.sort().values)
 
 
 def test_reservoir_is_uniform_over_batches():

@@ -79,7 +79,7 @@ class ChannelAbsMaxObserver:
 class SampleObserver:
     """A uniform random subsample of at most ``max_samples`` of all observed values.
 
-    Reservoir sampling by random keys: every value gets an independent uniform key and
+    Reservoir sampling by random keys: every value gets an independent uniform (float64) key and
     the values with the ``max_samples`` smallest keys are kept, which is a uniform sample
     without replacement of everything seen. Seeded, so calibration is reproducible.
     """
@@ -93,28 +93,54 @@ class SampleObserver:
 
     def reset(self) -> None:
         """Forget all observed batches and restart the random stream."""
-        self.samples: torch.Tensor | None = None
         self.num_seen = 0
-        self._keys: torch.Tensor | None = None
+        self._values: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []
+        self._pending = 0
+        self._threshold: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        """Offer every value of one batch to the reservoir."""
+        """Offer every value of one batch to the reservoir.
+
+        Values whose key is not below the largest kept key can never be kept and are
+        dropped at once; the others wait in a buffer that is merged (one ``topk``) only
+        when it outgrows the reservoir, so most batches cost one comparison per value."""
         values = x.detach().reshape(-1).to(range_dtype(x.dtype))
         if self._generator is None:
             self._generator = torch.Generator(device=values.device).manual_seed(self.seed)
-        keys = torch.rand(values.numel(), generator=self._generator, device=values.device)
+        keys = torch.rand(
+            values.numel(), generator=self._generator, device=values.device, dtype=torch.float64
+        )
         self.num_seen += values.numel()
-        if self.samples is not None and self._keys is not None:
-            if self._keys.numel() == self.max_samples:
-                entering = keys < self._keys.max()
-                values, keys = values[entering], keys[entering]
-            values = torch.cat([self.samples, values])
-            keys = torch.cat([self._keys, keys])
+        if self._threshold is not None:
+            entering = keys < self._threshold
+            values, keys = values[entering], keys[entering]
+        self._values.append(values)
+        self._keys.append(keys)
+        self._pending += values.numel()
+        if self._pending > 2 * self.max_samples:
+            self._merge()
+
+    def _merge(self) -> None:
+        values, keys = torch.cat(self._values), torch.cat(self._keys)
         if keys.numel() > self.max_samples:
-            kept = keys.topk(self.max_samples, largest=False).indices
+            # kthvalue is a selection, several times faster than topk; float64 keys make
+            # ties (which topk would break) practically impossible.
+            self._threshold = keys.kthvalue(self.max_samples).values
+            kept = keys <= self._threshold
+            if int(kept.sum()) != self.max_samples:
+                kept = keys.topk(self.max_samples, largest=False).indices
             values, keys = values[kept], keys[kept]
-        self.samples, self._keys = values, keys
+        self._values, self._keys, self._pending = [values], [keys], values.numel()
+
+    @property
+    def samples(self) -> torch.Tensor | None:
+        """The kept values, 1-D (``None`` before the first batch)."""
+        if not self._values:
+            return None
+        self._merge()
+        return self._values[0]
 
     def result(self) -> torch.Tensor:
         """The kept values, 1-D, at most ``max_samples`` long."""
