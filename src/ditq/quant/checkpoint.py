@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ditq import __version__
 from ditq.errors import DitqError
@@ -119,9 +120,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_quantized(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "simulated",
 ) -> DiT:
-    """Rebuild a quantized DiT from ``path`` without materializing float weights."""
+    """Rebuild a quantized DiT from ``path`` without materializing float weights;
+    ``backend="cuda"`` swaps in the real low-bit layers (``ditq.kernels``)."""
     path = Path(path)
     manifest = read_manifest(path)
     with torch.device("meta"):
@@ -148,12 +153,19 @@ def load_quantized(
         _prepare_layer_for_state(layer, name, tensors)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.eval()
-    if dtype != torch.float32:
-        for module in model.modules():
-            if not isinstance(module, (QuantLinear, Quantizer)):
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(dtype)
-    return model
+    cast_unquantized(model, dtype)
+    from ditq.kernels import apply_backend, resolve_backend
+
+    return apply_backend(model, resolve_backend(backend, device, quantized=True))
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters of every module but the quantized layers and quantizers (whose
+    codes and fp32 scales stay as they are) to ``dtype``."""
+    for module in model.modules():
+        if not isinstance(module, (QuantLinear, Quantizer)):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
 
 
 def _prepare_layer_for_state(layer: QuantLinear, name: str, tensors: dict) -> None:

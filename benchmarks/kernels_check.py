@@ -1,0 +1,193 @@
+"""GPU check of the ``cuda`` backend against the simulated (fake-quant) model.
+
+    python benchmarks/kernels_check.py OUT.json
+
+For each format: random layers of DiT-XL/2 sizes (and the same with DiTAS' online input
+scale and rank-32 low-rank branch), then whole models (a tiny random DiT, and the testbed
+when ``../shared/models/dit_s2_cifar10.pt`` exists), comparing the real kernels (BF16)
+with the simulated layer (fp32) on the same inputs: relative error ‖out − ref‖ / ‖ref‖
+and a NaN check, with the allocator's memory poisoned with NaN first so that an output
+the kernel forgets to write shows up. Also the ``model.safetensors`` sizes of DiT-XL/2
+(random weights, RTN) at W8 and W4 next to FP32 and BF16. A failing check is recorded and
+the script goes on; the table is printed last and everything is written to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ditq.cli.bench import denoiser_inputs, quantize_random
+from ditq.kernels import RealQuantLinear, convert_model
+from ditq.models import load_model
+from ditq.models.dit import DiT, DiTConfig, config_for
+from ditq.quant.checkpoint import WEIGHTS, save_quantized
+from ditq.quant.config import QuantConfig
+from ditq.quant.layers import QuantLinear
+
+FORMATS = {
+    "w8a8-int-static-asym": dict(wbits=8, abits=8),
+    "w8a8-int-static-sym": dict(wbits=8, abits=8, w_symmetric=True, a_symmetric=True),
+    "w8a8-int-dynamic-token": dict(wbits=8, abits=8, a_granularity="token", a_dynamic=True),
+    "w8a8-int-dynamic-tensor": dict(wbits=8, abits=8, a_dynamic=True),
+    "w8a8-fp8-token": dict(
+        wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3", a_granularity="token", a_dynamic=True
+    ),
+    "w8a8-fp8-static": dict(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3"),
+    "w4a8-group128-sym": dict(wbits=4, abits=8, w_symmetric=True, w_granularity="group"),
+    "w4a8-group128-asym": dict(wbits=4, abits=8, w_granularity="group"),
+    "w4a8-channel": dict(wbits=4, abits=8),
+    "w4a8-ditas-colgroup": dict(
+        wbits=4, abits=8, w_granularity="column_group_strided", w_group_size=32, a_dynamic=True
+    ),
+    "w4a16-group128": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
+    "w8a16-channel": dict(wbits=8, abits=16),
+}
+XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
+TOKENS = 2 * 256  # one guided DiT-XL/2 256 px sample
+
+
+def poison(device: str) -> None:
+    """Fill free allocator memory with NaN so that unwritten outputs are caught."""
+    if not device.startswith("cuda"):
+        return
+    free = torch.cuda.mem_get_info(device)[0]
+    block = torch.full((min(free // 8, 2**30) // 4,), float("nan"), device=device)
+    del block
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    out, ref = out.float(), ref.float()
+    return {
+        "rel_error": float((out - ref).norm() / ref.norm()),
+        "nan": bool(torch.isnan(out).any()),
+    }
+
+
+@torch.no_grad()
+def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> dict:
+    config = QuantConfig(**FORMATS[fmt])
+    K, N = size
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(K, N).to(device)
+    layer = QuantLinear.from_linear(linear, config.weight_spec(), config.act_spec())
+    x = torch.randn(TOKENS, K, device=device) * (1 + 3 * torch.rand(K, device=device))
+    if ditas:
+        layer.input_scale = 0.5 + torch.rand(K, device=device)
+        layer.set_lowrank(
+            0.02 * torch.randn(N, 32, device=device), 0.02 * torch.randn(32, K, device=device)
+        )
+    layer.calibrate_weight()
+    if layer.act_quantizer.spec.needs_calibration:
+        scaled = x if layer.input_scale is None else x / layer.input_scale
+        layer.act_quantizer.find_params(scaled)
+    layer.pack()
+    ref = layer(x.bfloat16().float())  # same (BF16) input as the kernels
+    real = RealQuantLinear.from_quant_linear(layer)
+    poison(device)
+    out = real(x.bfloat16())
+    return {"kind": real.kind, **rel_error(out, ref)}
+
+
+@torch.no_grad()
+def check_model(fmt: str, base: DiT, device: str) -> dict:
+    simulated = quantize_random(
+        _copy(base, device),
+        QuantConfig(**FORMATS[fmt]),
+        denoiser_inputs(base, 2, device, torch.float32),
+    )
+    inputs = denoiser_inputs(base, 4, device, torch.float32)
+    ref = simulated(inputs[0].bfloat16().float(), *inputs[1:])
+    real = convert_model(_copy(simulated, device)).to(torch.bfloat16)
+    poison(device)
+    out = real(inputs[0].bfloat16(), *inputs[1:])
+    kinds = sorted({m.kind for m in real.modules() if isinstance(m, RealQuantLinear)})
+    return {"kind": ",".join(kinds), **rel_error(out, ref)}
+
+
+def _copy(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
+def checkpoint_sizes(device: str) -> dict:
+    """Bytes of model.safetensors for DiT-XL/2 (random weights) at FP32, BF16, W8, W4."""
+    sizes = {}
+    torch.manual_seed(0)
+    base = DiT(config_for("DiT-XL/2", input_size=32)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            path = Path(tmp) / f"{name}.safetensors"
+            save_file({k: v.to(dtype).contiguous() for k, v in base.state_dict().items()}, path)
+            sizes[name] = path.stat().st_size
+        for name, bits in (("w8a8-rtn", 8), ("w4a8-rtn-group128", 4)):
+            granularity = "group" if bits == 4 else "channel"
+            config = QuantConfig(wbits=bits, abits=8, w_granularity=granularity, a_dynamic=True)
+            model = quantize_random(_copy(base, device), config, ())
+            out = save_quantized(model.cpu(), Path(tmp) / name, "rtn", config.to_dict(), {}, {})
+            sizes[name] = (out / WEIGHTS).stat().st_size
+    return sizes
+
+
+def main(out_path: str) -> None:
+    device = "cuda"
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    rows = []
+
+    def record(check: str, fmt: str, fn) -> None:
+        try:
+            row = {"check": check, "format": fmt, **fn()}
+        except Exception as err:  # noqa: BLE001 - recorded, the script goes on
+            traceback.print_exc()
+            row = {"check": check, "format": fmt, "error": f"{type(err).__name__}: {err}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for fmt in FORMATS:
+        for name, size in XL_LAYERS.items():
+            record(f"XL {name} {size}", fmt, lambda f=fmt, s=size: check_layer(f, s, False, device))
+        record(
+            "XL fc2 +input_scale +lowrank32",
+            fmt,
+            lambda f=fmt: check_layer(f, (4608, 1152), True, device),
+        )
+    models = {
+        "tiny": DiT(DiTConfig(depth=2, hidden_size=256, num_heads=4, input_size=8, in_channels=4))
+    }
+    testbed = Path(__file__).resolve().parents[2] / "shared" / "models" / "dit_s2_cifar10.pt"
+    if testbed.is_file():
+        models["testbed"] = load_model(testbed, progress=False)
+    for name, base in models.items():
+        base.eval()
+        for fmt in FORMATS:
+            record(f"model {name}", fmt, lambda f=fmt, b=base: check_model(f, b, device))
+    try:
+        results["checkpoint_bytes_dit_xl2_256"] = checkpoint_sizes(device)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        results["checkpoint_bytes_dit_xl2_256"] = {"error": f"{type(err).__name__}: {err}"}
+    results["rows"] = rows
+    Path(out_path).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'check':<34} {'format':<26} {'kind':<14} {'rel.err':>9} nan")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['check']:<34} {r['format']:<26} ERROR {r['error'][:60]}")
+        else:
+            error = f"{r['rel_error']:9.2e} {r['nan']}"
+            print(f"{r['check']:<34} {r['format']:<26} {r['kind']:<14} {error}")
+    for name, size in results["checkpoint_bytes_dit_xl2_256"].items():
+        shown = size if isinstance(size, str) else f"{size / 1e6:.1f} MB"
+        print(f"DiT-XL/2 model.safetensors {name}: {shown}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/kernels_check.py OUT.json")
+    main(sys.argv[1])

@@ -1,0 +1,387 @@
+"""``ditq bench``: latency, sampling time, memory and weight bytes of BF16 and low-bit DiTs.
+
+Shapes are official architectures at an image size (``DiT-XL/2@256``: latent 32×32×4,
+random weights) or checkpoints (``--model``). Every batch size runs with guidance (the
+denoiser sees twice the batch). Variants (``VARIANTS``): BF16 eager and ``torch.compile``d
+(the baseline of every ratio, measured in the same process), the simulated W8A8 model,
+the real-kernel formats of ``ditq.kernels`` and torchao's int8-dynamic and float8
+row-wise configurations when torchao imports. Quantized variants use round to nearest
+(per-channel or group-128 weights; static ranges from one forward of random latents), the
+layers of every block; compiled variants compile each block (regional compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditq.cli.common import default_device
+from ditq.diffusion.pipeline import SamplingSettings, generate
+from ditq.errors import DitqError
+from ditq.kernels import RealQuantLinear, convert_model
+from ditq.models import load_model
+from ditq.models.dit import DiT, config_for
+from ditq.quant.checkpoint import cast_unquantized
+from ditq.quant.config import QuantConfig
+from ditq.quant.layers import QuantLinear
+from ditq.quant.model import calibrate_weights, pack_model, quantized_layers, wrap_layers
+
+BASELINE = "bf16-compile"
+QUANT_CONFIGS: dict[str, dict[str, Any]] = {
+    "sim-w8a8": dict(wbits=8, abits=8),
+    "w8a8-static": dict(wbits=8, abits=8),
+    "w8a8-dynamic": dict(
+        wbits=8, abits=8, w_symmetric=True, a_symmetric=True, a_granularity="token", a_dynamic=True
+    ),
+    "w8a8-fp8": dict(
+        wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3", a_granularity="token", a_dynamic=True
+    ),
+    "w4a8": dict(wbits=4, abits=8, w_symmetric=True, w_granularity="group"),
+    "w4a16": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
+}
+"""RTN configurations of the quantized variants (``w_group_size``: 128, or 32 when 128
+does not divide the width)."""
+TORCHAO = ("torchao-int8dyn", "torchao-fp8row")
+VARIANTS = ("bf16", BASELINE, *QUANT_CONFIGS, *TORCHAO)
+DEFAULT_SHAPES = "DiT-XL/2@256,DiT-XL/2@512"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time BF16 and low-bit DiTs",
+        description="Per-denoiser-call latency (median), 50-step sampling time, peak memory "
+        "and weight bytes of BF16 and quantized variants; JSON and a markdown table.",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated ARCH@PIXELS with random weights (default {DEFAULT_SHAPES}; "
+        "none when --model is given)",
+    )
+    parser.add_argument("--model", action="append", default=[], help="checkpoint (repeatable)")
+    parser.add_argument("--batches", default="1,16,64", help="images per batch (×2 with cfg)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+    )
+    parser.add_argument("--iters", type=int, default=20, help="timed denoiser calls")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps end to end (0: skip)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the quantized and torchao variants (default: on CUDA)",
+    )
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--out", required=True, help="directory for bench.json and bench.md")
+    parser.set_defaults(run=run)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise DitqError(f"{flag} takes comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise DitqError(f"{flag} needs positive integers, got {text!r}")
+    return values
+
+
+def parse_variants(text: str) -> list[str]:
+    """Comma-separated variant names, checked against ``VARIANTS``."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise DitqError(f"unknown variants {unknown or text!r}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def shape_model(shape: str) -> DiT:
+    """A random fp32 DiT for ``ARCH@PIXELS`` (latent side PIXELS / 8, 4 channels)."""
+    arch, _, pixels = shape.partition("@")
+    if not pixels.isdigit() or int(pixels) % 8:
+        raise DitqError(f"shape {shape!r}: write ARCH@PIXELS with PIXELS a multiple of 8")
+    torch.manual_seed(0)
+    return DiT(config_for(arch, input_size=int(pixels) // 8)).eval()
+
+
+def denoiser_inputs(
+    model: DiT, batch: int, device: str, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, ...]:
+    """Guided inputs of one denoiser call: doubled latents, timesteps, labels + null."""
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    size = (batch, config.in_channels, config.input_size, config.input_size)
+    x = torch.randn(size, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    y = torch.randint(0, config.num_classes, (batch,), generator=gen)
+    y = torch.cat([y, torch.full_like(y, config.num_classes)])
+    return torch.cat([x, x]).to(device, dtype), torch.cat([t, t]).to(device), y.to(device)
+
+
+@torch.no_grad()
+def quantize_random(model: DiT, config: QuantConfig, example: tuple[torch.Tensor, ...]) -> DiT:
+    """RTN-quantize ``model`` in place and pack it; static activation ranges are the min/max
+    of each layer's input on one forward of ``example`` (for timing and kernel checks)."""
+    wrap_layers(model, config)
+    calibrate_weights(model)
+    ranges: dict[str, list[torch.Tensor]] = {}
+
+    def observe(name: str) -> Callable:
+        def hook(layer: QuantLinear, args: tuple) -> None:
+            x = args[0] if layer.input_scale is None else args[0] / layer.input_scale
+            ranges.setdefault(name, []).extend(torch.aminmax(x.float()))
+
+        return hook
+
+    layers = quantized_layers(model)
+    static = {n: q for n, q in layers.items() if q.act_quantizer.spec.needs_calibration}
+    handles = [q.register_forward_pre_hook(observe(n)) for n, q in static.items()]
+    for q in static.values():
+        q.act_quantizer.bypass = True
+    try:
+        if static:
+            model(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for q in static.values():
+            q.act_quantizer.bypass = False
+    for name, q in static.items():
+        q.act_quantizer.set_range(ranges[name][0], ranges[name][1])
+    pack_model(model)
+    return model
+
+
+def quant_config(variant: str, hidden: int) -> QuantConfig:
+    group = 128 if hidden % 128 == 0 else 32
+    return QuantConfig(**QUANT_CONFIGS[variant], w_group_size=group)
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (what a checkpoint of this module holds)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _torchao_apply(model: DiT, variant: str) -> None:
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        PerRow,
+        quantize_,
+    )
+
+    config = (
+        Int8DynamicActivationInt8WeightConfig()
+        if variant == "torchao-int8dyn"
+        else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    )
+    in_blocks = lambda module, name: isinstance(module, nn.Linear) and name.startswith("blocks.")  # noqa: E731
+    quantize_(model, config, filter_fn=in_blocks)
+
+
+def build_variant(
+    base: DiT, variant: str, device: str, compile_models: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it."""
+    model = copy.deepcopy(base).to(device)
+    info: dict[str, Any] = {
+        "compiled": variant == BASELINE or (compile_models and variant != "bf16")
+    }
+    if variant in QUANT_CONFIGS:
+        example = tuple(t[:2] for t in denoiser_inputs(model, 1, device, torch.float32))
+        quantize_random(model, quant_config(variant, model.config.hidden_size), example)
+        info["disk_bytes"] = state_bytes(model)
+        if variant != "sim-w8a8":
+            convert_model(model)
+            kinds = Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear))
+            info["kernels"] = dict(kinds)
+        cast_unquantized(model, torch.bfloat16)
+    else:
+        model.to(torch.bfloat16)
+        info["disk_bytes"] = state_bytes(model)
+        if variant in TORCHAO:
+            _torchao_apply(model, variant)
+    if info["compiled"]:
+        for block in model.blocks:
+            block.compile()
+    info["memory_bytes"] = state_bytes(model)
+    return model, info
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) -> dict:
+    """Median and spread of per-call latency (CUDA events on GPU), first call separately."""
+    call = lambda: model.forward_with_cfg(*inputs, cfg_scale=1.5)  # noqa: E731
+    start = time.perf_counter()
+    call()
+    _synchronize(device)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        call()
+    times = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(iters):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            begin_s = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - begin_s) * 1000)
+    times.sort()
+    return {
+        "latency_ms": statistics.median(times),
+        "latency_p10_ms": times[len(times) // 10],
+        "latency_p90_ms": times[(9 * len(times)) // 10],
+        "first_call_s": first,
+    }
+
+
+def time_sampling(model: DiT, batch: int, steps: int, device: str) -> float:
+    """Seconds for ``steps`` DDIM steps with guidance on ``batch`` samples (no VAE)."""
+    settings = SamplingSettings(sampler="ddim", steps=steps, cfg_scale=1.5)
+    _synchronize(device)
+    start = time.perf_counter()
+    generate(model, batch, settings, batch_size=batch, device=device, progress=False)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_variant(
+    base: DiT, variant: str, batches: list[int], args: argparse.Namespace, compile_models: bool
+) -> list[dict[str, Any]]:
+    """Rows of one variant (one per batch size); a failure is recorded, not raised."""
+    cuda = torch.device(args.device).type == "cuda"
+    try:
+        model, info = build_variant(base, variant, args.device, compile_models)
+    except Exception as err:  # noqa: BLE001 - recorded for the report, the run goes on
+        return [
+            {"variant": variant, "batch": b, "error": f"{type(err).__name__}: {err}"}
+            for b in batches
+        ]
+    rows = []
+    for batch in batches:
+        row: dict[str, Any] = {"variant": variant, "batch": batch, **info}
+        try:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(args.device)
+            inputs = denoiser_inputs(model, batch, args.device)
+            row.update(time_calls(model, inputs, args.device, args.iters, args.warmup))
+            if args.steps:
+                row["e2e_s"] = time_sampling(model, batch, args.steps, args.device)
+            if cuda:
+                row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(args.device)
+        except Exception as err:  # noqa: BLE001
+            row["error"] = f"{type(err).__name__}: {err}"
+        rows.append(row)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Speed-up over the BF16 compiled baseline of the same shape and batch."""
+    base = {(r["shape"], r["batch"]): r for r in rows if r["variant"] == BASELINE}
+    for row in rows:
+        ref = base.get((row["shape"], row["batch"]))
+        if ref is None or "latency_ms" not in ref or "latency_ms" not in row:
+            continue
+        row["speedup"] = ref["latency_ms"] / row["latency_ms"]
+        if "e2e_s" in row and "e2e_s" in ref:
+            row["e2e_speedup"] = ref["e2e_s"] / row["e2e_s"]
+
+
+def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
+    """The results as a markdown table."""
+    head = (
+        "| shape | batch (×2 cfg) | variant | kernels | ms / call | ×BF16c | 50-step s | ×BF16c "
+        "| peak GiB | weights MB (mem / disk) |\n|" + " --- |" * 10
+    )
+    lines = [f"Device: {device_name}. Ratios: BF16 torch.compile time / variant time.\n", head]
+
+    def num(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+        return format(row[key] / scale, fmt) if key in row else "–"
+
+    for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| {r['shape']} | {r['batch']} | {r['variant']} | error: {r['error'][:80]} |"
+            )
+            continue
+        kernels = ", ".join(f"{k}×{n}" for k, n in r.get("kernels", {}).items()) or "torch"
+        kernels += " (compiled)" if r.get("compiled") else ""
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['variant']} | {kernels} | "
+            f"{num(r, 'latency_ms', '.2f')} | {num(r, 'speedup', '.2f')} | "
+            f"{num(r, 'e2e_s', '.2f')} | {num(r, 'e2e_speedup', '.2f')} | "
+            f"{num(r, 'peak_memory_bytes', '.2f', 2**30)} | "
+            f"{num(r, 'memory_bytes', '.2f', 1e6)} / {num(r, 'disk_bytes', '.2f', 1e6)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _torchao_available() -> bool:
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def run(args: argparse.Namespace) -> None:
+    batches = _int_list(args.batches, "--batches")
+    variants = parse_variants(args.variants)
+    if args.iters < 1 or args.warmup < 0 or args.steps < 0:
+        raise DitqError("--iters must be at least 1, --warmup and --steps at least 0")
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise DitqError(f"--device {args.device} needs a CUDA GPU; none is available")
+    compile_models = cuda if args.compile is None else args.compile
+    if not _torchao_available():
+        variants = [v for v in variants if v not in TORCHAO]
+    shapes = args.shapes if args.shapes is not None else ("" if args.model else DEFAULT_SHAPES)
+    sources: list[tuple[str, Callable[[], DiT]]] = [
+        (s.strip(), partial(shape_model, s.strip())) for s in shapes.split(",") if s.strip()
+    ]
+    sources += [(m, partial(load_model, m, progress=False)) for m in args.model]
+    if not sources:
+        raise DitqError("nothing to time: pass --shapes ARCH@PIXELS and/or --model PATH")
+    rows = []
+    for name, make in sources:
+        base = make()
+        for variant in variants:
+            for row in bench_variant(base, variant, batches, args, compile_models):
+                rows.append({"shape": name, **row})
+                print(json.dumps(rows[-1]), flush=True)
+    add_ratios(rows)
+    device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name, "torch": torch.__version__, "steps": args.steps}
+    (out / "bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(rows, device_name))
+    print(markdown(rows, device_name))

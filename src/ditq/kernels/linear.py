@@ -1,0 +1,405 @@
+"""Real low-bit execution of packed ``QuantLinear`` layers: ``RealQuantLinear`` and
+``convert_model``.
+
+``RealQuantLinear.from_quant_linear`` reads only the packed layer's tensors (weight codes,
+scales, zero points, activation quantizer, ``input_scale``, low-rank branch) and lays
+them out once for the kernels; no float weight is ever kept. How a layer runs (``kind``):
+
+=============  =========================================  ===================================
+kind           formats                                    CUDA path
+=============  =========================================  ===================================
+``int``        int weights (2-8 bits) per-tensor/channel,  Triton ``quantize_act`` +
+               or per-group with g in {32, 64, 128, 256};  ``int_gemm`` (int8 tensor cores;
+               int activations (static per-tensor,         int4 nibbles unpacked in the
+               dynamic per-tensor or per-token)            kernel; group scales per K block)
+``dequant``    int weights of any granularity (per-column  Triton ``dequant_gemm``: weight
+               group, other group sizes) with int or       dequantized to BF16 in registers;
+               16-bit activations (W4A16, W8A16, DiTAS'    int activations enter as the exact
+               W4A8 column groups)                         BF16 integers ``q - z``
+``fp8``        FP8 e4m3 weights (per-tensor/channel) with  ``torch._scaled_mm`` with row-wise
+               FP8 activations (static or dynamic)         scales; activation cast in torch
+``reference``  anything else (e.g. int weights with FP8    the CPU path below, on the GPU
+               activations)
+=============  =========================================  ===================================
+
+The CPU path (every kind, whenever the input is not on a CUDA device) dequantizes the
+codes and runs ``F.linear``, exactly the simulated model's arithmetic, so it matches
+``QuantLinear`` up to float rounding. Activation codes there come from
+:func:`quantize_activation`, the torch twin of the Triton kernel (also used on CUDA while
+``torch.compile`` traces, so that Inductor fuses the quantization into the preceding
+LayerNorm / modulate / GELU).
+
+The DiTAS low-rank branch ``L (R x')`` with ``x' = x / s``: ``s`` is folded into ``R`` at
+conversion (``R' = R / s``), ``T = x R'ᵀ`` is one small cuBLAS GEMM, and ``T Lᵀ`` is added
+inside the main kernel's epilogue: one extra launch per layer, not two plus an add (the
+FP8 path adds it with two small GEMMs). Weight layers left unquantized (``wbits=16``) and
+the attention matmul quantizers stay simulated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import DitqError
+from ditq.quant.layers import QuantLinear
+from ditq.quant.packing import unpack_int4
+from ditq.quant.quantizer import FP8_E4M3_MAX, MIN_SCALE, qparams_from_range
+from ditq.quant.spec import (
+    PACKED_BITS,
+    PerChannel,
+    PerColumnGroup,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QuantSpec,
+    integer_range,
+)
+
+INT_GROUP_SIZES = (32, 64, 128, 256)
+"""Weight group sizes the ``int`` kernel takes (its BLOCK_K is the group size)."""
+ASYM_SHIFT = 128
+"""Asymmetric 5-8-bit codes [0, 255] are held as int8 ``q - 128`` (and zero point ``z - 128``)."""
+NIBBLE_OFFSET = 8
+"""Packed 2-4-bit codes are stored as nibbles u in [0, 15]; the kernels use ``u - 8``."""
+KEPT_DTYPE = ("weight", "w_scale", "w_zero", "bias", "static_qparams")
+"""Buffers whose dtype ``Module.to(dtype)`` must not change (codes, fp32 scales)."""
+
+
+@dataclass(frozen=True)
+class ActFormat:
+    """How the layer input is quantized: ``None`` fields for 16-bit activations."""
+
+    fmt: str | None
+    qmin: int = 0
+    qmax: int = 0
+    symmetric: bool = True
+    per_token: bool = False
+    dynamic: bool = False
+
+
+def _act_format(spec: QuantSpec) -> ActFormat:
+    if not spec.enabled:
+        return ActFormat(None)
+    qmin, qmax = integer_range(spec.bits, spec.symmetric) if spec.fmt == "int" else (0, 0)
+    return ActFormat(
+        spec.fmt, qmin, qmax, spec.symmetric, isinstance(spec.granularity, PerToken), spec.dynamic
+    )
+
+
+def layer_kind(layer: QuantLinear) -> str:
+    """``"int"``, ``"dequant"``, ``"fp8"`` or ``"reference"`` for a packed layer (table in
+    the module docstring)."""
+    w, a = layer.weight_quantizer.spec, layer.act_quantizer.spec
+    per_channel = isinstance(w.granularity, (PerTensor, PerChannel))
+    if w.fmt == "fp8_e4m3":
+        return "fp8" if a.enabled and a.fmt == "fp8_e4m3" and per_channel else "reference"
+    if a.enabled and a.fmt != "int":
+        return "reference"
+    grouped = isinstance(w.granularity, PerGroup) and w.granularity.group_size in INT_GROUP_SIZES
+    return "int" if a.enabled and (per_channel or grouped) else "dequant"
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    act: ActFormat,
+    input_scale: torch.Tensor | None,
+    static_qparams: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch twin of the Triton ``quantize_act``: codes (M, K) int8 (or float8_e4m3fn),
+    per-row scale (fp32), shifted zero point (int32) and code sum (int32) of a (M, K) input,
+    with the simulated quantizer's arithmetic (divide by ``input_scale`` in the input dtype,
+    ranges in fp32, round half to even)."""
+    if input_scale is not None:
+        x = x / input_scale.to(x.dtype)
+    xf = x.float()
+    if static_qparams is not None:
+        scale, zero = static_qparams[0].expand(len(x), 1), static_qparams[1].expand(len(x), 1)
+    else:
+        if act.per_token:
+            x_min, x_max = torch.aminmax(xf, dim=-1, keepdim=True)
+        else:
+            x_min, x_max = (v.reshape(1, 1) for v in torch.aminmax(xf))
+        spec = QuantSpec(
+            bits=8 if act.fmt == "fp8_e4m3" else (act.qmax - act.qmin + 1).bit_length() - 1,
+            symmetric=act.symmetric,
+            fmt=act.fmt,
+        )
+        scale, zero = qparams_from_range(x_min, x_max, spec)
+        scale, zero = scale.expand(len(x), 1), zero.expand(len(x), 1)
+    if act.fmt == "fp8_e4m3":
+        codes = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        zero = zero.reshape(-1).to(torch.int32)
+        return codes, scale.reshape(-1).contiguous(), zero, zero
+    shift = 0 if act.symmetric else ASYM_SHIFT
+    codes = (torch.round(xf / scale) + zero).clamp(act.qmin, act.qmax) - shift
+    codes = codes.to(torch.int8)
+    return (
+        codes,
+        scale.reshape(-1).contiguous(),
+        (zero.reshape(-1) - shift).to(torch.int32),
+        codes.sum(dim=-1, dtype=torch.int32),
+    )
+
+
+def _static_qparams(layer: QuantLinear) -> torch.Tensor | None:
+    quantizer = layer.act_quantizer
+    if not quantizer.spec.needs_calibration:
+        return None
+    scale = quantizer.scale.detach().float().clamp(min=MIN_SCALE).reshape(1)
+    return torch.cat([scale, quantizer.zero_point.detach().float().reshape(1)])
+
+
+class RealQuantLinear(nn.Module):
+    """A packed ``QuantLinear`` executed with real low-bit kernels (module docstring).
+
+    Buffers: ``weight`` (int8 codes ``q'``, packed int4 bytes, or float8_e4m3fn codes; shape
+    (N, K) or (N, K/2)), ``w_scale``/``w_zero`` (fp32 / int32 for ``int``; fp32 for the
+    others), ``w_sum`` (int32 code sums per output channel or group), ``bias`` (fp32),
+    ``static_qparams`` ([scale, zero point] of a static activation range), ``input_scale``,
+    ``lowrank_down`` (R / s) and ``lowrank_up`` (L) in the layer's compute dtype.
+    """
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        if not layer.packed:
+            raise DitqError(
+                "RealQuantLinear takes a packed QuantLinear (integer codes); call "
+                "ditq.quant.pack_model(model) first"
+            )
+        w_spec = layer.weight_quantizer.spec
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.kind = layer_kind(layer)
+        self.act = _act_format(layer.act_quantizer.spec)
+        self.weight_spec = w_spec
+        self.packed_int4 = w_spec.fmt == "int" and w_spec.bits <= PACKED_BITS
+        self.group_size = (
+            w_spec.granularity.group_size
+            if isinstance(w_spec.granularity, PerGroup) and self.kind == "int"
+            else 0
+        )
+        self._prepare_weight(layer)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.register_buffer("static_qparams", _static_qparams(layer))
+        scale = layer.input_scale
+        self.register_buffer("input_scale", None if scale is None else scale.detach().clone())
+        down, up = layer.lowrank_down, layer.lowrank_up
+        if down is not None and scale is not None:
+            down = down / scale.to(down.dtype)
+        self.register_buffer("lowrank_down", None if down is None else down.detach().clone())
+        self.register_buffer("lowrank_up", None if up is None else up.detach().contiguous())
+
+    @classmethod
+    def from_quant_linear(cls, layer: QuantLinear) -> RealQuantLinear:
+        """The real-kernel twin of a packed ``layer`` (same device)."""
+        return cls(layer)
+
+    def _prepare_weight(self, layer: QuantLinear) -> None:
+        spec, stored = self.weight_spec, layer.weight_codes
+        scale = layer.weight_quantizer.scale.detach().float().clamp(min=MIN_SCALE)
+        zero = layer.weight_quantizer.zero_point.detach().float()
+        if spec.fmt == "fp8_e4m3":
+            self.register_buffer("weight", stored.contiguous())
+            self._register_scales(scale, zero, None)
+            return
+        if self.packed_int4:
+            offset = -integer_range(spec.bits, spec.symmetric)[0]
+            codes = unpack_int4(stored).to(torch.int16) - NIBBLE_OFFSET
+            zero = zero + offset - NIBBLE_OFFSET
+            weight = stored.contiguous()
+        else:
+            shift = 0 if spec.symmetric else ASYM_SHIFT
+            codes = stored.to(torch.int16) - shift
+            zero = zero - shift
+            weight = codes.to(torch.int8).contiguous()
+        self.register_buffer("weight", weight)
+        self._register_scales(scale, zero, codes)
+
+    def _register_scales(
+        self, scale: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor | None
+    ) -> None:
+        """Scales laid out per kind: (N,) per channel, (N, K/g) per group, or the
+        quantizer's own layout (``dequant``, addressed through ``scale_index``)."""
+        granularity, N = self.weight_spec.granularity, self.out_features
+        if self.kind in ("int", "fp8"):
+            scale = scale.reshape(N, -1) if self.group_size else scale.reshape(-1).expand(N)
+            zero = zero.reshape(scale.shape) if self.group_size else zero.reshape(-1).expand(N)
+        self.scale_index = _scale_index(granularity, scale.shape, N, self.in_features)
+        self.register_buffer("w_scale", scale.contiguous())
+        integer = self.kind == "int"
+        has_zero = bool((zero != 0).any()) if codes is not None else False
+        stored_zero = zero.round().to(torch.int32) if integer else zero
+        self.register_buffer("w_zero", stored_zero.contiguous() if has_zero else None)
+        w_sum = None
+        if integer:
+            group = self.group_size or self.in_features
+            w_sum = codes.reshape(N, -1, group).sum(-1, dtype=torch.int32).reshape(scale.shape)
+        self.register_buffer("w_sum", None if w_sum is None else w_sum.contiguous())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``Q_w(W)`` (N, K) in fp32, from the prepared codes (the CPU path)."""
+        N = self.out_features
+        if self.kind == "fp8":
+            return self.weight.float() * self.w_scale.reshape(N, 1)
+        codes = unpack_int4(self.weight).float() - NIBBLE_OFFSET if self.packed_int4 else None
+        codes = self.weight.float() if codes is None else codes
+        zero = 0.0 if self.w_zero is None else self._expand(self.w_zero.float())
+        return (codes - zero) * self._expand(self.w_scale)
+
+    def _expand(self, table: torch.Tensor) -> torch.Tensor:
+        """A scale / zero-point table to (N, K) through ``scale_index``."""
+        gn, mn, gk, sr, sc = self.scale_index
+        n = torch.arange(self.out_features, device=table.device)
+        k = torch.arange(self.in_features, device=table.device)
+        flat = table.reshape(-1) if table.dim() else table.reshape(1)
+        return flat[((n // gn) % mn * sr)[:, None] + (k // gk * sc)[None, :]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        if rows.device.type == "cuda" and self.kind != "reference":
+            y = self._forward_cuda(rows)
+        else:
+            y = self._forward_reference(rows)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _lowrank_t(self, rows: torch.Tensor) -> torch.Tensor | None:
+        if self.lowrank_down is None:
+            return None
+        return F.linear(rows, self.lowrank_down.to(rows.dtype)).contiguous()
+
+    def _forward_reference(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then matmul: the simulated model's arithmetic."""
+        x = rows if self.input_scale is None else rows / self.input_scale.to(rows.dtype)
+        if self.act.fmt is not None:
+            qp = self.static_qparams
+            codes, scale, zero, _ = quantize_activation(rows, self.act, self.input_scale, qp)
+            x = ((codes.float() - zero.float()[:, None]) * scale[:, None]).to(rows.dtype)
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        y = F.linear(x, self.dequantized_weight().to(rows.dtype), bias)
+        t = self._lowrank_t(rows)
+        return y if t is None else y + F.linear(t, self.lowrank_up.to(rows.dtype))
+
+    def _forward_cuda(self, rows: torch.Tensor) -> torch.Tensor:
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        t, up = self._lowrank_t(rows), self.lowrank_up
+        if self.kind == "fp8":
+            return self._forward_fp8(rows, t, up)
+        from ditq.kernels import triton_ops
+
+        if self.act.fmt is None:
+            return triton_ops.dequant_gemm(
+                rows, self.input_scale, None, None, self.weight, self.w_scale, self.w_zero,
+                list(self.scale_index), self.bias, t, up, self.in_features, self.packed_int4,
+                rows.dtype,
+            )  # fmt: skip
+        codes, scale, zero, sums = self._quantize_cuda(rows)
+        if self.kind == "dequant":
+            return triton_ops.dequant_gemm(
+                codes, None, scale, zero, self.weight, self.w_scale,
+                None if self.w_zero is None else self.w_zero.float(), list(self.scale_index),
+                self.bias, t, up, self.in_features, self.packed_int4, rows.dtype,
+            )  # fmt: skip
+        return triton_ops.int_gemm(
+            codes, scale, zero, sums, self.weight, self.w_scale, self.w_zero, self.w_sum,
+            self.bias, t, up, self.in_features, self.packed_int4, self.group_size,
+            not self.act.symmetric, rows.dtype,
+        )  # fmt: skip
+
+    def _quantize_cuda(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Activation codes: the Triton kernel, or its torch twin while compiling (fused by
+        Inductor into the preceding op) and for dynamic per-tensor ranges' scale."""
+        qp = self.static_qparams
+        if torch.compiler.is_compiling() or self.act.fmt != "int":
+            return quantize_activation(rows, self.act, self.input_scale, qp)
+        from ditq.kernels import triton_ops
+
+        if qp is None and not self.act.per_token:
+            qp = _dynamic_tensor_qparams(rows, self.act, self.input_scale)
+        return triton_ops.quantize_act(
+            rows, self.input_scale, qp, self.act.qmin, self.act.qmax, self.act.symmetric
+        )
+
+    def _forward_fp8(
+        self, rows: torch.Tensor, t: torch.Tensor | None, up: torch.Tensor | None
+    ) -> torch.Tensor:
+        qp = self.static_qparams
+        codes, scale, _, _ = quantize_activation(rows, self.act, self.input_scale, qp)
+        y = torch._scaled_mm(
+            codes,
+            self.weight.t(),
+            scale_a=scale.reshape(-1, 1),
+            scale_b=self.w_scale.reshape(1, -1),
+            out_dtype=torch.bfloat16,
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if t is not None:
+            y = y + F.linear(t, up)
+        return y.to(rows.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must move, not cast, the codes and the fp32 scales of the kernels.
+        kept = {name: getattr(self, name) for name in KEPT_DTYPE}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            if old is not None and getattr(self, name).dtype != old.dtype:
+                setattr(self, name, old.to(getattr(self, name).device))
+        return self
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor this layer keeps (codes, scales, sums, bias, branch)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, kind={self.kind}, "
+            f"weight={self.weight_spec.describe()}"
+        )
+
+
+def _scale_index(
+    granularity: object, shape: torch.Size, out_features: int, in_features: int
+) -> tuple[int, int, int, int, int]:
+    """``(GN, MN, GK, SR, SC)``: the scale of element (n, k) is at
+    ``((n // GN) % MN) · SR + (k // GK) · SC`` of the flattened (contiguous) table."""
+    big = out_features * in_features + 1
+    if isinstance(granularity, PerTensor) and len(shape) != 1:
+        return 1, 1, big, 0, 0
+    if isinstance(granularity, PerGroup):
+        groups = in_features // granularity.group_size
+        return 1, big, granularity.group_size, groups, 1
+    if isinstance(granularity, PerColumnGroup):
+        count = out_features // granularity.group_size
+        if granularity.strided:
+            return 1, count, 1, in_features, 1
+        return granularity.group_size, big, 1, in_features, 1
+    return 1, big, big, 1, 0  # per channel, or any table expanded to (N,)
+
+
+def _dynamic_tensor_qparams(
+    rows: torch.Tensor, act: ActFormat, input_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """[scale, zero point] of a dynamic per-tensor range, on the device (no host sync)."""
+    x = rows if input_scale is None else rows / input_scale.to(rows.dtype)
+    x_min, x_max = torch.aminmax(x.float())
+    bits = (act.qmax - act.qmin + 1).bit_length() - 1
+    spec = QuantSpec(bits=bits, symmetric=act.symmetric)
+    scale, zero = qparams_from_range(x_min.reshape(1), x_max.reshape(1), spec)
+    return torch.cat([scale, zero])
+
+
+def convert_model(model: nn.Module) -> nn.Module:
+    """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
+    ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
+    simulated, as do the attention matmul quantizers."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, RealQuantLinear.from_quant_linear(module))
+    return model

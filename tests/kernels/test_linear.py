@@ -1,0 +1,64 @@
+"""The CPU path of ``RealQuantLinear`` equals the simulated ``QuantLinear``, for every format."""
+
+import pytest
+import torch
+from kernel_cases import FORMATS, packed_layer
+
+from ditq.errors import DitqError
+from ditq.kernels import RealQuantLinear, convert_model, resolve_backend
+from ditq.quant.layers import QuantLinear
+
+from conftest import tiny_dit
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale+lowrank"])
+def test_cpu_path_equals_simulated(name, extras):
+    layer, x = packed_layer(*FORMATS[name], online_scale=extras, rank=4 if extras else 0)
+    real = RealQuantLinear.from_quant_linear(layer)
+    ref = layer(x)
+    out = real(x)
+    assert out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_layout_is_codes_only_and_survives_dtype_casts():
+    layer, x = packed_layer(*FORMATS["w4a8 group"])
+    real = RealQuantLinear.from_quant_linear(layer).to(torch.bfloat16)
+    assert real.weight.dtype == torch.uint8 and real.weight.shape == (48, 32)  # 2 codes per byte
+    assert real.w_scale.dtype == torch.float32 and real.w_zero.dtype == torch.int32
+    assert not any(b.dtype == torch.float32 and b.shape == (48, 64) for b in real.buffers())
+    fp8, _ = packed_layer(*FORMATS["fp8"])
+    assert RealQuantLinear(fp8).to(torch.bfloat16).weight.dtype == torch.float8_e4m3fn
+
+
+def test_convert_model_matches_simulated_model():
+    from ditq.cli.bench import denoiser_inputs, quantize_random
+    from ditq.quant.config import QuantConfig
+
+    model = tiny_dit()
+    config = QuantConfig(wbits=4, abits=8, w_granularity="group", w_group_size=32)
+    inputs = denoiser_inputs(model, 2, "cpu", torch.float32)
+    quantize_random(model, config, inputs)
+    with torch.no_grad():
+        ref = model(*inputs)
+        out = convert_model(model)(*inputs)
+    kinds = {m.kind for m in model.modules() if isinstance(m, RealQuantLinear)}
+    assert kinds == {"int"}
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_unpacked_layers_are_refused_with_a_fix():
+    layer = QuantLinear.from_linear(torch.nn.Linear(8, 4), *FORMATS["w8a8 sym/static"])
+    with pytest.raises(DitqError, match="pack_model"):
+        RealQuantLinear(layer)
+
+
+def test_backend_resolution():
+    assert resolve_backend(None, "cpu", quantized=True) == "simulated"
+    assert resolve_backend("simulated", "cpu", quantized=True) == "simulated"
+    with pytest.raises(DitqError, match="unknown backend 'fast'"):
+        resolve_backend("fast", "cpu", quantized=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(DitqError, match="needs a CUDA GPU"):
+            resolve_backend("cuda", "cpu", quantized=True)
