@@ -7,8 +7,10 @@ the configuration that would fit.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -18,6 +20,23 @@ from ditq.models.dit import ARCHITECTURES, DiT, DiTConfig, config_for
 from ditq.models.hub import OFFICIAL_CHECKPOINTS, Opener, fetch_official
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CONFIG_METADATA_KEY = "ditq.model_config"
+"""safetensors metadata entry holding the JSON ``DiTConfig`` of the weights (optional)."""
+BUNDLED_MODELS = {"demo": "dit_demo_cifar10.safetensors"}
+"""Models shipped inside the package (``ditq/assets``), loadable by name without a download:
+``demo`` is a small class-conditional DiT trained on CIFAR-10 by
+``scripts/train_demo_model.py``."""
+
+
+def bundled_model_path(name: str) -> Path:
+    """The file of a bundled model (``BUNDLED_MODELS``)."""
+    path = Path(str(resources.files("ditq") / "assets" / BUNDLED_MODELS[name]))
+    if not path.is_file():
+        raise DitqError(
+            f"the bundled model {name!r} is missing from this installation ({path}); "
+            f"reinstall ditq or train it with scripts/train_demo_model.py"
+        )
+    return path
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -57,6 +76,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint with an 'ema' or 'model' entry)"
         )
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def stored_config(path: str | Path) -> DiTConfig | None:
+    """The ``DiTConfig`` saved in a safetensors file's metadata, if any."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    return None if text is None else DiTConfig(**json.loads(text))
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:
@@ -175,28 +205,41 @@ def load_model(
     device: str | torch.device = "cpu",
     opener: Opener | None = None,
     progress: bool = True,
+    backend: str | None = None,
 ) -> DiT:
-    """Load a DiT from a checkpoint file, an official name (``DiT-XL-2-256``/``-512``) or
-    a quantized directory written by ``ditq quantize`` (architecture flags are ignored).
+    """Load a DiT from a checkpoint file, an official name (``DiT-XL-2-256``/``-512``), a
+    bundled model (``demo``) or a quantized directory written by ``ditq quantize``
+    (architecture flags are ignored).
 
-    Architecture flags override what the file's shapes imply. Returns the model in eval
-    mode, on ``device``, in ``dtype`` (fp32 unless asked).
+    Architecture flags override the configuration stored in the file's metadata, which
+    overrides what the file's shapes imply. Returns the model in eval
+    mode, on ``device``, in ``dtype`` (fp32 unless asked). ``backend`` (``simulated`` or
+    ``cuda``; default ``cuda`` for a quantized directory on a CUDA device) picks how a
+    quantized model executes (``ditq.kernels``); full-precision models ignore it.
     """
+    from ditq.kernels import resolve_backend
+
     name = str(path_or_name)
+    backend = resolve_backend(backend, device, quantized=Path(name).is_dir())
     if Path(name).is_dir():
         from ditq.quant.checkpoint import is_quantized_dir, load_quantized
 
         if not is_quantized_dir(name):
             raise DitqError(f"{name} is a directory but not one written by ditq quantize")
-        return load_quantized(name, device=device, dtype=resolve_dtype(dtype))
+        return load_quantized(name, device=device, dtype=resolve_dtype(dtype), backend=backend)
     if name in OFFICIAL_CHECKPOINTS:
         entry = OFFICIAL_CHECKPOINTS[name]
         path = fetch_official(name, opener=opener, progress=progress)
         arch = arch or entry.arch
         input_size = input_size or entry.input_size
+    elif name in BUNDLED_MODELS:
+        path = bundled_model_path(name)
     else:
         path = Path(name)
     state_dict = read_state_dict(path)
+    stored = stored_config(path) if path.is_file() else None
+    if stored is not None and arch is None:
+        num_heads = num_heads or stored.num_heads
     config = build_config(
         state_dict,
         arch=arch,
