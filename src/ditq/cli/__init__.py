@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ditq import __version__
-from ditq.cli import analyze, eval, quantize, report, sample
+from ditq.cli import analyze, bench, demo, eval, quantize, report, sample
 from ditq.errors import DitqError
 
-SUBCOMMANDS = (sample, quantize, analyze, eval, report)
+SUBCOMMANDS = (demo, sample, quantize, analyze, eval, report, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import resource
 import sys
 import time
 from dataclasses import MISSING, fields
 from typing import Any
-
-import torch
 
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import LayerSelection
@@ -18,10 +15,10 @@ from ditq.cli.common import add_model_args, model_kwargs
 from ditq.diffusion.pipeline import parse_classes
 from ditq.errors import DitqError
 from ditq.methods import METHODS, CalibSettings, Method
+from ditq.methods.base import quantize_and_save
 from ditq.models import load_model
-from ditq.quant.checkpoint import save_quantized
 from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
-from ditq.quant.model import pack_model, quantized_layers
+from ditq.quant.model import quantized_layers
 
 LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
 
@@ -186,26 +183,6 @@ def method_config(method: Method, args: argparse.Namespace) -> QuantConfig:
     return method.config_class(**values)
 
 
-def _weight_sqnr_db(model) -> dict[str, float]:
-    """Per quantized layer, 10 log10(‖W‖² / ‖W − Q(W)‖²) of the float weight it holds."""
-    result = {}
-    with torch.no_grad():
-        for name, layer in quantized_layers(model).items():
-            if layer.packed or not layer.weight_quantizer.spec.enabled:
-                continue
-            w = layer.weight.double()
-            error = (w - layer.quantized_weight().double()).pow(2).sum()
-            result[name] = float(10 * torch.log10(w.pow(2).sum() / error.clamp(min=1e-30)))
-    return result
-
-
-def _peak_memory_mb(device: str) -> dict[str, float]:
-    peak = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        peak["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return peak
-
-
 def _check_overrides_match(config: QuantConfig, layer_names: list[str]) -> None:
     for pattern in config.overrides:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in layer_names):
@@ -232,26 +209,20 @@ def run(args: argparse.Namespace) -> None:
         if args.save_calib_set:
             calib.save(args.save_calib_set)
     calib_seconds = time.perf_counter() - start
-    method_report = method.run(
-        model, config, calib, device=args.device, batch_size=args.batch_size, progress=progress
+    report = quantize_and_save(
+        model,
+        method,
+        config,
+        calib,
+        args.out,
+        calib_meta=calib_meta,
+        calib_seconds=calib_seconds,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=progress,
+        command=" ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
     )
-    weight_sqnr = _weight_sqnr_db(model)
-    pack_model(model)
-    total = time.perf_counter() - start
-    report = {
-        "wall_time_s": {
-            "total": total,
-            "calibration_set": calib_seconds,
-            "method": total - calib_seconds,
-        },
-        "peak_memory": _peak_memory_mb(args.device),
-        "device": str(args.device),
-        "command": " ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
-        "calibration_entries": len(calib),
-        "weight_sqnr_db": weight_sqnr,
-        "method": method_report,
-    }
-    save_quantized(model, args.out, method.name, config.to_dict(), calib_meta, report)
+    weight_sqnr, total = report["weight_sqnr_db"], report["wall_time_s"]["total"]
     mean_sqnr = sum(weight_sqnr.values()) / max(len(weight_sqnr), 1)
     print(
         f"{method.name} W{config.wbits}A{config.abits}: {len(quantized_layers(model))} layers, "

@@ -82,10 +82,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("recall", "Recall", ".3f"),
     ("psnr", "PSNR vs FP (dB)", ".2f"),
     ("ssim", "SSIM vs FP", ".4f"),
+    ("output_sqnr_db", "output SQNR (dB)", ".1f"),
     ("calibration_time_s", "calibration (s)", ".1f"),
     ("model_size_mb", "size (MB)", ".2f"),
 )
 """Table columns: row key, header, format of numbers."""
+IDENTITY_COLUMNS = ("name", "method", "bits", "setting")
+"""Columns shown even when empty; the other columns appear when some row has a value."""
 
 
 @dataclass
@@ -416,6 +419,7 @@ def _row(
         "psnr": metrics.get("psnr"),
         "ssim": metrics.get("ssim"),
         "psnr_ssim_source": "eval" if "psnr" in metrics or "ssim" in metrics else None,
+        "output_sqnr_db": run.annotations.get("output_sqnr_db"),
         "calibration_time_s": run.calibration_time_s,
         "model_size_mb": run.model_size_mb,
     }
@@ -561,9 +565,15 @@ def _format(value: Any, spec: str) -> str:
 
 
 def table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """The table as text: header, then one line of formatted cells per row."""
-    header = [title for _, title, _ in COLUMNS]
-    return [header] + [[_format(row.get(key), spec) for key, _, spec in COLUMNS] for row in rows]
+    """The table as text: header, then one line of formatted cells per row. Metric columns
+    that no row has a value for (e.g. FID when only PSNR was measured) are left out."""
+    columns = [
+        column
+        for column in COLUMNS
+        if column[0] in IDENTITY_COLUMNS or any(row.get(column[0]) is not None for row in rows)
+    ]
+    header = [title for _, title, _ in columns]
+    return [header] + [[_format(row.get(key), spec) for key, _, spec in columns] for row in rows]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -309,3 +309,22 @@ def format_summary(result: dict[str, Any]) -> str:
             f"  {summary['worst_layer']} ({summary['worst_layer_mean']:.2f})"
         )
     return "\n".join(lines)
+
+
+def model_output_sqnr_db(
+    reference: nn.Module,
+    model: nn.Module,
+    calib: CalibrationSet,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> float:
+    """SQNR of a quantized denoiser's whole output against the FP model's on the same
+    inputs: ``10 log10(Σ‖ε_FP‖² / Σ‖ε_FP − ε_Q‖²)`` over every entry of ``calib``."""
+    signal = noise = 0.0
+    with torch.no_grad():
+        for x, t, y in calib.batches(batch_size, by_timestep=False):
+            x, t, y = x.to(device), t.to(device), y.to(device)
+            expected = reference(x, t, y).double()
+            signal += float(expected.pow(2).sum())
+            noise += float((expected - model(x, t, y).double()).pow(2).sum())
+    return sqnr_db(signal, noise)

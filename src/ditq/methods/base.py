@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from ditq.calib.dataset import CalibrationSet, build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.models.dit import DiT
+from ditq.quant.checkpoint import save_quantized
 from ditq.quant.config import QuantConfig
+from ditq.quant.model import pack_model, quantized_layers
 
 
 @dataclass
@@ -82,3 +89,65 @@ class Method:
         return self.apply(
             model, config, calib, device=device, batch_size=batch_size, progress=progress
         )
+
+
+def weight_sqnr_db(model: torch.nn.Module) -> dict[str, float]:
+    """Per quantized layer still holding its float weight, 10 log10(‖W‖² / ‖W − Q(W)‖²)."""
+    result = {}
+    with torch.no_grad():
+        for name, layer in quantized_layers(model).items():
+            if layer.packed or not layer.weight_quantizer.spec.enabled:
+                continue
+            w = layer.weight.double()
+            error = (w - layer.quantized_weight().double()).pow(2).sum()
+            result[name] = float(10 * torch.log10(w.pow(2).sum() / error.clamp(min=1e-30)))
+    return result
+
+
+def peak_memory_mb(device: str) -> dict[str, float]:
+    """Peak resident CPU memory of this process and peak GPU memory allocated, in MiB."""
+    peak = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        peak["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def quantize_and_save(
+    model: DiT,
+    method: Method,
+    config: QuantConfig,
+    calib: CalibrationSet,
+    out: str | Path,
+    *,
+    calib_meta: dict[str, Any],
+    calib_seconds: float = 0.0,
+    device: str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Apply ``method`` to ``model`` in place, pack it and write the quantized directory
+    ``out`` (``ditq.quant.checkpoint``); returns the calibration report written with it.
+    ``calib_seconds`` (the time spent building ``calib``) counts in the total wall time."""
+    start = time.perf_counter()
+    method_report = method.run(
+        model, config, calib, device=device, batch_size=batch_size, progress=progress
+    )
+    weight_sqnr = weight_sqnr_db(model)
+    pack_model(model)
+    total = calib_seconds + time.perf_counter() - start
+    report = {
+        "wall_time_s": {
+            "total": total,
+            "calibration_set": calib_seconds,
+            "method": total - calib_seconds,
+        },
+        "peak_memory": peak_memory_mb(device),
+        "device": str(device),
+        "command": command,
+        "calibration_entries": len(calib),
+        "weight_sqnr_db": weight_sqnr,
+        "method": method_report,
+    }
+    save_quantized(model, out, method.name, config.to_dict(), calib_meta, report)
+    return report
