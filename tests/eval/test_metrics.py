@@ -314,9 +314,26 @@ def test_evaluate_without_reference_skips_with_reasons(weights_path: Path, tmp_p
     assert set(result["skipped"]) == skipped
     assert "skipped fid" in format_table(result)
     other = tmp_path / "other.npz"
-    np.savez(other, arr_0=np.zeros((3, 16, 16, 3), np.uint8))
+    np.savez(other, arr_0=np.zeros((5, 16, 16, 3), np.uint8))
     with pytest.raises(DitqError, match="same seeds"):
         evaluate(samples, vs_path=other, inception_weights=weights_path, progress=False)
+
+
+def test_evaluate_compares_with_fewer_fp_samples_on_the_first_ones(
+    weights_path: Path, tmp_path: Path
+) -> None:
+    images = RNG.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    fp = images[:2].copy()
+    fp[1] = 255 - fp[1]
+    samples, fp_path = tmp_path / "samples.npz", tmp_path / "fp.npz"
+    np.savez(samples, arr_0=images)
+    np.savez(fp_path, arr_0=fp)
+    result = evaluate(samples, vs_path=fp_path, inception_weights=weights_path, progress=False)
+    expected = distance_to_reference(images[:2], fp)
+    assert result["vs_num_samples"] == 2
+    assert result["metrics"]["ssim"] == pytest.approx(expected["ssim"])
+    assert result["metrics"]["identical_images"] == 1
+    assert "first 2 of 4" in result["warnings"][0]
 
 
 def test_reference_metrics_with_adm_style_statistics() -> None:

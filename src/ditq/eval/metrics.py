@@ -326,13 +326,19 @@ def evaluate(
         skipped["psnr_ssim"] = "no FP samples given (vs_path)"
     else:
         fp_samples = load_images(vs_path)
-        if fp_samples.shape != samples.shape:
+        if fp_samples.shape[1:] != samples.shape[1:] or len(fp_samples) > len(samples):
             raise DitqError(
                 f"{vs_path} holds {fp_samples.shape} images, {samples_path} {samples.shape}: "
-                "PSNR/SSIM need the FP samples of the same seeds and labels"
+                "PSNR/SSIM need the FP samples of the same seeds and labels (at most as many)"
             )
-        metrics.update(distance_to_reference(samples, fp_samples))
+        compared = len(fp_samples)
+        if compared < len(samples):
+            result["warnings"].append(
+                f"PSNR/SSIM vs FP on the first {compared} of {len(samples)} samples"
+            )
+        metrics.update(distance_to_reference(samples[:compared], fp_samples))
         result["vs"] = str(vs_path)
+        result["vs_num_samples"] = compared
     return result
 
 
