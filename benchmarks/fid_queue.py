@@ -222,6 +222,9 @@ class Queue:
             return None
 
     def worker(self, gpu: str) -> None:
+        gpu, _, ready_file = gpu.partition(":")
+        while ready_file and not Path(ready_file).exists():  # the GPU is busy until then
+            time.sleep(10)
         while True:
             job = self.take()
             if job is None:
@@ -248,7 +251,11 @@ def main() -> None:
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--gpus", default="0")
+    parser.add_argument(
+        "--gpus",
+        default="0",
+        help="comma-separated GPU indices; GPU:FILE joins the queue once FILE exists",
+    )
     parser.add_argument("--plan", default="headline,ablation")
     parser.add_argument("--ref", help="reference statistics (ditq eval --build-ref)")
     parser.add_argument("--inception", help="Inception weights")
