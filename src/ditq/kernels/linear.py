@@ -79,6 +79,8 @@ class ActFormat:
     symmetric: bool = True
     per_token: bool = False
     dynamic: bool = False
+    spec: QuantSpec | None = None
+    """The activation spec (built once: dataclass validation cannot run under torch.compile)."""
 
 
 def _act_format(spec: QuantSpec) -> ActFormat:
@@ -86,7 +88,13 @@ def _act_format(spec: QuantSpec) -> ActFormat:
         return ActFormat(None)
     qmin, qmax = integer_range(spec.bits, spec.symmetric) if spec.fmt == "int" else (0, 0)
     return ActFormat(
-        spec.fmt, qmin, qmax, spec.symmetric, isinstance(spec.granularity, PerToken), spec.dynamic
+        spec.fmt,
+        qmin,
+        qmax,
+        spec.symmetric,
+        isinstance(spec.granularity, PerToken),
+        spec.dynamic,
+        spec,
     )
 
 
@@ -123,12 +131,7 @@ def quantize_activation(
             x_min, x_max = torch.aminmax(xf, dim=-1, keepdim=True)
         else:
             x_min, x_max = (v.reshape(1, 1) for v in torch.aminmax(xf))
-        spec = QuantSpec(
-            bits=8 if act.fmt == "fp8_e4m3" else (act.qmax - act.qmin + 1).bit_length() - 1,
-            symmetric=act.symmetric,
-            fmt=act.fmt,
-        )
-        scale, zero = qparams_from_range(x_min, x_max, spec)
+        scale, zero = qparams_from_range(x_min, x_max, act.spec)
         scale, zero = scale.expand(len(x), 1), zero.expand(len(x), 1)
     if act.fmt == "fp8_e4m3":
         codes = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
@@ -339,7 +342,7 @@ class RealQuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if t is not None:
-            y = y + F.linear(t, up)
+            y = y + F.linear(t.to(y.dtype), up.to(y.dtype))
         return y.to(rows.dtype)
 
     def _apply(self, fn, recurse=True):
