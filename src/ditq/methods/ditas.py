@@ -197,10 +197,11 @@ class _SearchInputs:
         per_step = -(-max_tokens // len(steps)) if max_tokens else None
         generator = torch.Generator().manual_seed(SEARCH_SEED)
         self.groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # One capture pass over every search step (rows come in the set's entry order).
+        every_row = capture_inputs(model, calib, name, batch_size, device, progress=False)
+        step_of_row = calib.step.repeat_interleave(len(every_row) // len(calib))
         for step in steps:
-            rows = capture_inputs(
-                model, calib.subset([step]), name, batch_size, device, progress=False
-            ).float()
+            rows = every_row[step_of_row == step].float()
             low, high = torch.aminmax(rows, dim=0)
             if per_step is not None and len(rows) > per_step:
                 rows = rows[torch.randperm(len(rows), generator=generator)[:per_step]]
