@@ -3,10 +3,10 @@ W8A8 and W4A8, sampled on the same noise, compared in a report: a few minutes on
 
 Fast settings (every one is written into the run directories and the report):
 
-* sampling: DDIM, 25 steps, guidance 1.5, 20 samples (two per class), seed 0;
+* sampling: DDIM, 25 steps, guidance 1.5, 10 samples (one per class), seed 0;
 * one calibration set of 4 seeded FP trajectories, every step recorded, shared by the
   methods as each expects: PTQ4DiT on all 25 steps (the paper's 25 timesteps), DiTAS on all
-  steps with its α search on 2,048 input rows of the first, noisiest half, single-step on
+  steps with its α search on 1,024 input rows of the first, noisiest half, single-step on
   the first step;
 * PTQ4DiT without block reconstruction unless ``--recon-iters N`` (official: 20,000; on a
   CPU each block takes minutes);
@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (replaced)")
     parser.add_argument("--model", default="demo", help="the model (default: the bundled one)")
-    parser.add_argument("--num-samples", type=int, default=20)
+    parser.add_argument("--num-samples", type=int, default=10)
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
@@ -100,7 +100,7 @@ def demo_config(method: str, wbits: int, abits: int, args: argparse.Namespace) -
     """The method's published defaults at these bits, with the demo's fast settings."""
     fast = {
         "ptq4dit": {"recon_iters": args.recon_iters},
-        "ditas": {"search_steps": (args.steps + 1) // 2, "search_max_tokens": 2048},
+        "ditas": {"search_steps": (args.steps + 1) // 2, "search_max_tokens": 1024},
     }.get(method, {})
     return METHODS[method].config_class(wbits=wbits, abits=abits, **fast)
 
