@@ -223,9 +223,13 @@ def run(args: argparse.Namespace) -> None:
         command=" ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
     )
     weight_sqnr, total = report["weight_sqnr_db"], report["wall_time_s"]["total"]
-    mean_sqnr = sum(weight_sqnr.values()) / max(len(weight_sqnr), 1)
+    sqnr_text = (
+        f"mean weight SQNR {sum(weight_sqnr.values()) / len(weight_sqnr):.1f} dB"
+        if weight_sqnr
+        else "weight SQNR n/a (rounding learned by reconstruction)"
+    )
     print(
         f"{method.name} W{config.wbits}A{config.abits}: {len(quantized_layers(model))} layers, "
         f"calibration {len(calib)} entries at {len(calib.timesteps())} timesteps, "
-        f"mean weight SQNR {mean_sqnr:.1f} dB, {total:.1f} s -> {args.out}"
+        f"{sqnr_text}, {total:.1f} s -> {args.out}"
     )

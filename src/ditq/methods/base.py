@@ -92,7 +92,9 @@ class Method:
 
 
 def weight_sqnr_db(model: torch.nn.Module) -> dict[str, float]:
-    """Per quantized layer still holding its float weight, 10 log10(‖W‖² / ‖W − Q(W)‖²)."""
+    """Per quantized layer still holding its float weight, 10 log10(‖W‖² / ‖W − Q(W)‖²).
+    Layers whose float weight already lies on its grid (rounding hardened by block
+    reconstruction) have no quantization error left to measure and are left out."""
     result = {}
     with torch.no_grad():
         for name, layer in quantized_layers(model).items():
@@ -100,7 +102,9 @@ def weight_sqnr_db(model: torch.nn.Module) -> dict[str, float]:
                 continue
             w = layer.weight.double()
             error = (w - layer.quantized_weight().double()).pow(2).sum()
-            result[name] = float(10 * torch.log10(w.pow(2).sum() / error.clamp(min=1e-30)))
+            if error == 0:
+                continue
+            result[name] = float(10 * torch.log10(w.pow(2).sum() / error))
     return result
 
 
