@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditq.cli.common import default_device
+from ditq.cli.common import default_device, parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
 from ditq.kernels import RealQuantLinear, convert_model
@@ -97,15 +97,6 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         raise DitqError(f"{flag} needs positive integers, got {text!r}")
     return values
-
-
-def parse_variants(text: str) -> list[str]:
-    """Comma-separated variant names, checked against ``VARIANTS``."""
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise DitqError(f"unknown variants {unknown or text!r}; choose from {', '.join(VARIANTS)}")
-    return names
 
 
 def shape_model(shape: str) -> DiT:
@@ -354,7 +345,7 @@ def _torchao_available() -> bool:
 
 def run(args: argparse.Namespace) -> None:
     batches = _int_list(args.batches, "--batches")
-    variants = parse_variants(args.variants)
+    variants = parse_names(args.variants, VARIANTS, "--variants")
     if args.iters < 1 or args.warmup < 0 or args.steps < 0:
         raise DitqError("--iters must be at least 1, --warmup and --steps at least 0")
     cuda = torch.device(args.device).type == "cuda"

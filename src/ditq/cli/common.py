@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 import torch
 
 from ditq.diffusion.pipeline import SamplingSettings
+from ditq.errors import DitqError
 from ditq.models.dit import ARCHITECTURES
+
+
+def parse_names(text: str, choices: Iterable[str], flag: str) -> list[str]:
+    """A comma-separated list of names, each one of ``choices`` (one clear error if not)."""
+    choices = list(choices)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise DitqError(f"{flag} {text!r}: choose from {', '.join(choices)}")
+    return names
 
 
 def default_device() -> str:

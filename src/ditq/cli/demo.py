@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
+from ditq.cli.common import parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
 from ditq.eval.report import make_report, markdown_table
@@ -88,14 +89,6 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     return bits
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise DitqError(f"--methods {text!r}: choose from {', '.join(METHODS)}")
-    return methods
-
-
 def demo_config(method: str, wbits: int, abits: int, args: argparse.Namespace) -> QuantConfig:
     """The method's published defaults at these bits, with the demo's fast settings."""
     fast = {
@@ -121,7 +114,7 @@ def write_run_json(directory: Path, **values) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.num_samples < 1 or args.calib_samples < 1 or args.steps < 2:
         raise DitqError("--num-samples and --calib-samples must be >= 1 and --steps >= 2")
-    methods, bits = parse_methods(args.methods), parse_bits(args.bits)
+    methods, bits = parse_names(args.methods, METHODS, "--methods"), parse_bits(args.bits)
     start = time.perf_counter()
     model = load_model(args.model, progress=False, device=args.device)
     classes = list(range(model.num_classes))
