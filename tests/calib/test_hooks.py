@@ -12,6 +12,7 @@ from ditq.calib import (
     build_calibration_set,
     capture_block_io,
     capture_inputs,
+    capture_layer_inputs,
     collect_input_stats,
     explicit_attention,
     get_layer,
@@ -234,6 +235,21 @@ def test_capture_inputs_returns_rows_in_entry_order_and_subsamples(calib):
     assert_no_hooks(model)
     with pytest.raises(DitqError, match="Linear is not a submodule of the model"):
         capture_inputs(model, calib, torch.nn.Linear(2, 2), progress=False)
+
+
+def test_capture_layer_inputs_takes_a_whole_block_in_one_pass(calib):
+    model = tiny_dit()
+    names = ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    reference = reference_inputs(model, calib, names)
+    calls = []
+    handle = model.blocks[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    rows = capture_layer_inputs(model, calib, names, batch_size=5, progress=False)
+    handle.remove()
+    assert list(rows) == names
+    for name in names:
+        torch.testing.assert_close(rows[name], reference[name])
+    assert not calls, "the forward stops after the block's last layer"
+    assert_no_hooks(model)
 
 
 def test_capture_block_io_matches_the_block_and_chains(calib):

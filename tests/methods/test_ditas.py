@@ -9,6 +9,7 @@ import torch
 
 import ditq.methods.ditas as ditas_module
 from ditq.calib.dataset import build_calibration_set
+from ditq.calib.hooks import capture_inputs
 from ditq.cli import main
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
@@ -243,8 +244,9 @@ def test_fc2_smoothing_is_optional(calib):
 def test_subsampled_search_keeps_exact_per_step_ranges(calib):
     model, name = outlier_dit(), "blocks.0.attn.qkv"
     search = calib.subset([0, 1])
-    full = _SearchInputs(model, search, name, 0, 64, "cpu")
-    sampled = _SearchInputs(model, search, name, 40, 64, "cpu")
+    rows = capture_inputs(model, search, name, progress=False)
+    full = _SearchInputs(rows, search, 0, "cpu")
+    sampled = _SearchInputs(rows, search, 40, "cpu")
     assert full.num_rows == 2 * 8 * 16 and sampled.num_rows == 40
     for (rows, low, high), (_, full_low, full_high) in zip(
         sampled.groups, full.groups, strict=True

@@ -178,36 +178,65 @@ def capture_inputs(
     so that all timesteps stay represented (e.g. DiTAS' α search, METHODS.md). The forward
     stops right after the layer's input is seen.
     """
-    name, module = _resolve_layer(model, layer)
+    name, _ = _resolve_layer(model, layer)
+    return capture_layer_inputs(
+        model, calib, [name], batch_size, device, progress, max_tokens, seed
+    )[name]
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    calib: CalibrationSet,
+    layers: Sequence[str],
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """:func:`capture_inputs` for several layers in one pass over the set (e.g. the four
+    linears of a block): each forward stops once every layer's input has been seen."""
+    resolved = [_resolve_layer(model, layer) for layer in layers]
     if max_tokens is not None and max_tokens < 1:
         raise DitqError(f"max_tokens must be at least 1, got {max_tokens}")
     generator = torch.Generator().manual_seed(seed)
     batch_entries: list[int] = []
-    rows: list[torch.Tensor] = []
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name, _ in resolved}
+    seen: set[str] = set()
 
-    def hook(_module: nn.Module, args: tuple) -> None:
-        x = _as_rows(module, args[0]).detach().cpu()
-        if max_tokens is not None:
-            rows_per_entry = len(x) // batch_entries[-1]
-            fraction = min(1.0, max_tokens / (rows_per_entry * len(calib)))
-            keep = torch.randperm(len(x), generator=generator)[: round(len(x) * fraction)]
-            x = x[keep.sort().values]
-        rows.append(x)
-        raise _StopForward
+    def hook_for(name: str, module: nn.Module) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = _as_rows(module, args[0]).detach().cpu()
+            if max_tokens is not None:
+                rows_per_entry = len(x) // batch_entries[-1]
+                fraction = min(1.0, max_tokens / (rows_per_entry * len(calib)))
+                keep = torch.randperm(len(x), generator=generator)[: round(len(x) * fraction)]
+                x = x[keep.sort().values]
+            rows[name].append(x)
+            seen.add(name)
+            if len(seen) == len(rows):
+                raise _StopForward
 
-    with _hook_session(model, [name]) as handles:
-        handles.append(module.register_forward_pre_hook(hook))
+        return hook
+
+    def before_forward(index: torch.Tensor) -> None:
+        batch_entries.append(len(index))
+        seen.clear()
+
+    with _hook_session(model, list(rows)) as handles:
+        for name, module in resolved:
+            handles.append(module.register_forward_pre_hook(hook_for(name, module)))
         _run_batches(
             model,
             calib,
             batch_size=batch_size,
             device=device,
             progress=progress,
-            desc=f"capturing {name} inputs",
+            desc=f"capturing inputs of {', '.join(rows)}",
             by_timestep=False,
-            before_forward=lambda index: batch_entries.append(len(index)),
+            before_forward=before_forward,
         )
-    return torch.cat(rows)[:max_tokens]
+    return {name: torch.cat(parts)[:max_tokens] for name, parts in rows.items()}
 
 
 @dataclass

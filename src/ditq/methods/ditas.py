@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
-from ditq.calib.hooks import capture_inputs
+from ditq.calib.hooks import capture_layer_inputs
 from ditq.calib.stats import activation_salience, weight_salience
 from ditq.errors import DitqError
 from ditq.models.dit import DiT
@@ -186,19 +186,16 @@ class _SearchInputs:
 
     def __init__(
         self,
-        model: DiT,
+        every_row: torch.Tensor,
         calib: CalibrationSet,
-        name: str,
         max_tokens: int,
-        batch_size: int,
         device: str | torch.device,
     ) -> None:
+        """``every_row``: the layer's inputs over ``calib`` in its entry order."""
         steps = torch.unique(calib.step).tolist()
         per_step = -(-max_tokens // len(steps)) if max_tokens else None
         generator = torch.Generator().manual_seed(SEARCH_SEED)
         self.groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # One capture pass over every search step (rows come in the set's entry order).
-        every_row = capture_inputs(model, calib, name, batch_size, device, progress=False)
         step_of_row = calib.step.repeat_interleave(len(every_row) // len(calib))
         for step in steps:
             rows = every_row[step_of_row == step].float()
@@ -342,9 +339,13 @@ def apply_ditas(
         model, calib, names, batch_size=batch_size, device=device, progress=progress
     )
     plans: dict[str, _LayerPlan] = {}
+    captured: dict[str, torch.Tensor] = {}
     for name in tqdm(names, desc="DiTAS α search", unit="layer", disable=not progress):
         block, layer = name.split(".", 2)[1:]
-        inputs = _SearchInputs(model, search, name, config.search_max_tokens, batch_size, device)
+        if name not in captured:  # the block's selected linears, captured in one pass
+            in_block = [n for n in names if n.split(".", 2)[1] == block]
+            captured = capture_layer_inputs(model, search, in_block, batch_size, device, False)
+        inputs = _SearchInputs(captured.pop(name), search, config.search_max_tokens, device)
         row_scale = None
         if layer == "attn.qkv" and config.fold_proj:
             proj = plans.get(f"blocks.{block}.attn.proj")
