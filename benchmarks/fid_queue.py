@@ -79,6 +79,9 @@ class Queue:
         self.out = Path(args.out)
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self.pending = plan(args.plan.split(","))
+        if args.steps:  # only these sampler settings
+            wanted = {int(n) for n in args.steps.split(",")}
+            self.pending = [job for job in self.pending if job.steps in wanted]
         for job in self.pending:
             job.num_samples = min(job.num_samples, args.num_samples)
         if args.eval_only:  # evaluate what was sampled, nothing else
@@ -261,6 +264,7 @@ def main() -> None:
     parser.add_argument("--inception", help="Inception weights")
     parser.add_argument("--batch-size", type=int, default=2500)
     parser.add_argument("--num-samples", type=int, default=10_000)
+    parser.add_argument("--steps", help="only these DDPM step counts, e.g. 100 or 50,250")
     parser.add_argument("--device", default="cuda", help="cuda (one GPU per worker) or cpu")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate existing samples")
     args = parser.parse_args()
