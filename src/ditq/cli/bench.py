@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditq.calib.dataset import CalibrationSet
 from ditq.cli.common import default_device, parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
@@ -34,8 +35,12 @@ from ditq.models import load_model
 from ditq.models.dit import DiT, config_for
 from ditq.quant.checkpoint import cast_unquantized
 from ditq.quant.config import QuantConfig
-from ditq.quant.layers import QuantLinear
-from ditq.quant.model import calibrate_weights, pack_model, quantized_layers, wrap_layers
+from ditq.quant.model import (
+    calibrate_activations,
+    calibrate_weights,
+    pack_model,
+    wrap_layers,
+)
 
 BASELINE = "bf16-compile"
 QUANT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -125,33 +130,15 @@ def denoiser_inputs(
 @torch.no_grad()
 def quantize_random(model: DiT, config: QuantConfig, example: tuple[torch.Tensor, ...]) -> DiT:
     """RTN-quantize ``model`` in place and pack it; static activation ranges are the min/max
-    of each layer's input on one forward of ``example`` (for timing and kernel checks)."""
+    of each layer's input on the denoiser inputs ``example`` = (x, t, y) (for timing and
+    kernel checks; :func:`calibrate_activations` on a one-step calibration set)."""
     wrap_layers(model, config)
     calibrate_weights(model)
-    ranges: dict[str, list[torch.Tensor]] = {}
-
-    def observe(name: str) -> Callable:
-        def hook(layer: QuantLinear, args: tuple) -> None:
-            x = args[0] if layer.input_scale is None else args[0] / layer.input_scale
-            ranges.setdefault(name, []).extend(torch.aminmax(x.float()))
-
-        return hook
-
-    layers = quantized_layers(model)
-    static = {n: q for n, q in layers.items() if q.act_quantizer.spec.needs_calibration}
-    handles = [q.register_forward_pre_hook(observe(n)) for n, q in static.items()]
-    for q in static.values():
-        q.act_quantizer.bypass = True
-    try:
-        if static:
-            model(*example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for q in static.values():
-            q.act_quantizer.bypass = False
-    for name, q in static.items():
-        q.act_quantizer.set_range(ranges[name][0], ranges[name][1])
+    if example:
+        x, t, y = (v.cpu() for v in example)
+        calib = CalibrationSet(x.float(), t, y, torch.zeros(len(x), dtype=torch.long))
+        device = str(next(model.parameters()).device)
+        calibrate_activations(model, calib, batch_size=len(x), device=device, progress=False)
     pack_model(model)
     return model
 
