@@ -145,19 +145,17 @@ def collect_input_stats(
 
         return hook
 
-    with _hook_session(model, list(layers)) as handles:
-        for name, layer in layers.items():
-            handles.append(layer.register_forward_pre_hook(observe(name, layer)))
-        _run_batches(
-            model,
-            calib,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            desc="collecting statistics",
-            by_timestep=True,
-            before_forward=select_timestep,
-        )
+    _run_with_input_hooks(
+        model,
+        calib,
+        {name: (layer, observe(name, layer)) for name, layer in layers.items()},
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="collecting statistics",
+        by_timestep=True,
+        before_forward=select_timestep,
+    )
     return stats
 
 
@@ -223,19 +221,17 @@ def capture_layer_inputs(
         batch_entries.append(len(index))
         seen.clear()
 
-    with _hook_session(model, list(rows)) as handles:
-        for name, module in resolved:
-            handles.append(module.register_forward_pre_hook(hook_for(name, module)))
-        _run_batches(
-            model,
-            calib,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            desc=f"capturing inputs of {', '.join(rows)}",
-            by_timestep=False,
-            before_forward=before_forward,
-        )
+    _run_with_input_hooks(
+        model,
+        calib,
+        {name: (module, hook_for(name, module)) for name, module in resolved},
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc=f"capturing inputs of {', '.join(rows)}",
+        by_timestep=False,
+        before_forward=before_forward,
+    )
     return {name: torch.cat(parts)[:max_tokens] for name, parts in rows.items()}
 
 
@@ -324,6 +320,19 @@ def _hook_session(model: nn.Module, names: Sequence[str]) -> Iterator[list[Remov
 
 
 @torch.no_grad()
+def _run_with_input_hooks(
+    model: nn.Module,
+    calib: CalibrationSet,
+    hooks: dict[str, tuple[nn.Module, Callable[[nn.Module, tuple], None]]],
+    **run_options,
+) -> None:
+    """:func:`_run_batches` with a forward pre-hook on each named layer, removed afterwards."""
+    with _hook_session(model, list(hooks)) as handles:
+        for module, hook in hooks.values():
+            handles.append(module.register_forward_pre_hook(hook))
+        _run_batches(model, calib, **run_options)
+
+
 def _run_batches(
     model: nn.Module,
     calib: CalibrationSet,
