@@ -9,7 +9,8 @@ every model), evaluate the samples (when the reference statistics and Inception 
 exist: ``ditq eval`` with FID, sFID, Precision/Recall and PSNR/SSIM against the FP run's
 samples; ``--eval-only`` evaluates what was sampled before the statistics existed).
 Every step is skipped when its output exists, so the queue can be stopped and started
-again; ``status.json`` records each job's command, wall time and outcome, and the logs are
+again, and ``--results DIR`` drops the jobs whose ``eval_ddpmN.json`` an earlier lease
+left in DIR; ``status.json`` records each job's command, wall time and outcome, and the logs are
 in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if that fails.
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50).
@@ -82,6 +83,15 @@ class Queue:
         if args.steps:  # only these sampler settings
             wanted = {int(n) for n in args.steps.split(",")}
             self.pending = [job for job in self.pending if job.steps in wanted]
+        if args.results:  # measured in an earlier lease: only what is still missing
+            done = Path(args.results)
+            self.pending = [
+                j
+                for j in self.pending
+                if j.run == "fp" or not (done / j.run / f"eval_ddpm{j.steps}.json").exists()
+            ]
+            needed = {j.steps for j in self.pending if j.run != "fp"}
+            self.pending = [j for j in self.pending if j.run != "fp" or j.steps in needed]
         for job in self.pending:
             job.num_samples = min(job.num_samples, args.num_samples)
         if args.eval_only:  # evaluate what was sampled, nothing else
@@ -265,6 +275,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2500)
     parser.add_argument("--num-samples", type=int, default=10_000)
     parser.add_argument("--steps", help="only these DDPM step counts, e.g. 100 or 50,250")
+    parser.add_argument(
+        "--results",
+        help="results of an earlier run (RUN/eval_ddpmN.json): those jobs are not run again",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (one GPU per worker) or cpu")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate existing samples")
     args = parser.parse_args()

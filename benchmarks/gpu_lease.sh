@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One GPU lease (nvidia-h200-x4) for the quality matrix, the kernel check and bench, and the
-# bundled model's training, in stages that each fit one device call (64 MiB carried per
-# call: the testbed checkpoint travels in two parts). Long jobs run detached (setsid) under
-# /tmp/dq and survive between calls while the machine is held.
+# One GPU lease (nvidia-h200-x4) for the quality matrix and the kernel profile, in stages
+# that each fit one device call (64 MiB carried per call: the testbed checkpoint travels in
+# two parts). Long jobs run detached (setsid) under /tmp/dq and survive between calls while
+# the machine is held.
 #
-#   stage bench  (carry .carry: ckpt.part.aa) kernels_check.py + ditq bench on GPU 3
+#   stage prof   (carry .carry: ckpt.part.aa) gemm_sweep.py and ditq bench --profile on GPU 3
 #   stage start  (carry .carry3: ckpt.part.ab + cifar_train.npz) the matrix queue on GPUs
-#                0-1 (GPU 2 joins after training, GPU 3 after the bench); demo model
-#                training on GPU 2
+#                0-2 (GPU 3 joins after the profile), only the jobs that
+#                benchmarks/results/matrix_testbed_h200 lacks
 #   stage ref    (carry .carry2: Inception weights) reference statistics of CIFAR-10 train
-#   stage wait   sleep, then show progress
+#   stage wait   sleep, then show progress (and copy the profile results to $OUT)
 #   stage finish evaluate what was sampled, write the report, copy results to $OUT
 set -uo pipefail
 stage=$1
@@ -32,17 +32,15 @@ EOF
   tail -n 3 $D/train.log 2>/dev/null; ls $D/*.done 2>/dev/null
 }
 case $stage in
-bench)
+prof)
   mkdir -p $D/bench && cp .carry/ckpt.part.aa $D/ && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks scripts $D/code/
   python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.device_count())"
-  cd $D/code && CUDA_VISIBLE_DEVICES=3 setsid nohup bash -c "timeout 240 python benchmarks/kernels_check.py $D/bench/kernels_check.json > $D/bench/kernels_check.log 2>&1; timeout 300 python -m ditq bench --shapes DiT-XL/2@256 --batches 64 --variants bf16,bf16-compile,w8a8-static,w8a8-dynamic,w8a8-fp8,w4a8,w4a16 --iters 20 --warmup 5 --steps 50 --out $D/bench/xl256 > $D/bench/bench.log 2>&1; touch $D/bench.done" > /dev/null 2>&1 < /dev/null &
+  cd $D/code && CUDA_VISIBLE_DEVICES=3 setsid nohup bash -c "timeout 300 python benchmarks/gemm_sweep.py $D/bench/gemm_sweep.json > $D/bench/gemm_sweep.log 2>&1; timeout 420 python -m ditq bench --shapes DiT-XL/2@256 --batches 64 --variants bf16-compile,w8a8-static,w8a8-dynamic,w8a8-fp8,w4a8 --iters 10 --warmup 3 --steps 0 --profile --out $D/bench/profile > $D/bench/profile.log 2>&1; touch $D/prof.done" > /dev/null 2>&1 < /dev/null &
   sleep 5; ls $D ;;
 start)
   cat $D/ckpt.part.aa .carry3/ckpt.part.ab > $D/dit_s2_cifar10.pt && cp .carry3/cifar_train.npz $D/
   ls -la $D
-  queue 0,1,2:$D/train.done,3:$D/bench.done
-  cd $D/code
-  CUDA_VISIBLE_DEVICES=2 setsid nohup bash -c "python scripts/train_demo_model.py --data $D/cifar_train.npz --out $D/dit_demo_cifar10.safetensors --minutes ${MINUTES:-8} > $D/train.log 2>&1; touch $D/train.done" > /dev/null 2>&1 < /dev/null &
+  queue 0,1,2,3:$D/prof.done --results $D/code/benchmarks/results/matrix_testbed_h200
   sleep "${SLEEP:-45}"; progress ;;
 ref)
   cp .carry2/pt_inception-2015-12-05-fp16.pth $D/inception.pth
@@ -51,16 +49,17 @@ ref)
   sleep "${SLEEP:-0}"; progress ;;
 wait)
   sleep "${SLEEP:-500}"; progress
+  tail -n 2 $D/bench/*.log 2>/dev/null
+  [ -f $D/prof.done ] && cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/ 2>/dev/null
   ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
-    --gpus 0,1,2,3 --ref $D/ref.npz --inception $D/inception.pth --eval-only >> $D/queue.log 2>&1
+    --gpus 0,1,2,3 --ref $D/ref.npz --inception $D/inception.pth --eval-only \
+    --results $D/code/benchmarks/results/matrix_testbed_h200 >> $D/queue.log 2>&1
   progress
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
   tar czf $OUT/matrix.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
-  [ -f $D/dit_demo_cifar10.safetensors ] && split -b 15000000 $D/dit_demo_cifar10.safetensors $OUT/demo_model.part.
-  cp $D/train.log $OUT/ 2>/dev/null
   cat $D/report.log | head -n 60 ;;
 esac

@@ -47,3 +47,36 @@ def test_sample_backend_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(base + ["--backend", "cuda"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_profile_splits_the_call_by_kernel_category(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_dit().state_dict(), path)
+    args = ["bench", "--model", str(path), "--batches", "2", "--iters", "1", "--warmup", "0"]
+    args += ["--steps", "0", "--variants", "bf16", "--device", "cpu", "--profile"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    (row,) = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    profile = row["profile"]
+    categories = profile["categories_ms"]
+    assert categories["gemm"] > 0 and categories["attention"] > 0
+    assert sum(categories.values()) == pytest.approx(profile["total_ms"])
+    assert [k["ms"] for k in profile["top"]] == sorted((k["ms"] for k in profile["top"]), reverse=True)
+    assert "Where the time of one call goes" in (tmp_path / "out" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+        ("_int_gemm_kernel", "gemm"),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128>>", "attention"),
+        ("triton_red_fused__to_copy_clamp_round_sum_0", "quantize"),
+        ("_quantize_act_kernel", "quantize"),
+        ("triton_per_fused_native_layer_norm_1", "norm/elementwise"),
+        ("Memset (Device)", "other"),
+    ],
+)
+def test_kernel_category(name, category):
+    from ditq.cli.bench import kernel_category
+
+    assert kernel_category(name) == category

@@ -89,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="compile the quantized and torchao variants (default: on CUDA)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile a few calls per variant: time per kernel category and the top "
+        "kernels (GPU kernels on CUDA, operators on the CPU)",
+    )
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--out", required=True, help="directory for bench.json and bench.md")
     parser.set_defaults(run=run)
@@ -237,6 +243,66 @@ def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) 
     }
 
 
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "softmax")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "_int_mm", "aten::mm", "aten::addmm",
+              "aten::bmm", "aten::linear", "scaled_mm")),
+    ("quantize", ("quantize", "round", "aminmax", "clamp", "float8")),
+    ("norm/elementwise", ("triton_", "elementwise", "layer_norm", "reduce", "gelu", "copy")),
+)  # fmt: skip
+"""Kernel (or CPU operator) name fragments of each category of the profile, first match
+wins; everything else is ``other``."""
+PROFILE_CALLS = 3
+
+
+def kernel_category(name: str) -> str:
+    """The :data:`KERNEL_CATEGORIES` category of a kernel or operator name."""
+    lowered = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+@torch.no_grad()
+def profile_calls(model: DiT, inputs: tuple, device: str, top: int = 8) -> dict[str, Any]:
+    """Where the time of one denoiser call goes: per-call milliseconds by kernel category
+    and the ``top`` kernels, from ``torch.profiler`` over :data:`PROFILE_CALLS` calls (GPU
+    kernel durations on CUDA; self time of CPU operators otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_CALLS):
+            model.forward_with_cfg(*inputs, cfg_scale=1.5)
+        _synchronize(device)
+    totals: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    if cuda:
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                totals[event.name] += event.time_range.elapsed_us()
+                counts[event.name] += 1
+    else:
+        for event in prof.key_averages():
+            if event.self_cpu_time_total > 0 and event.key.startswith("aten::"):
+                totals[event.key] += event.self_cpu_time_total
+                counts[event.key] += event.count
+    per_call = {name: us / 1000 / PROFILE_CALLS for name, us in totals.items()}
+    categories: Counter[str] = Counter()
+    for name, ms in per_call.items():
+        categories[kernel_category(name)] += ms
+    return {
+        "total_ms": sum(per_call.values()),
+        "categories_ms": dict(categories.most_common()),
+        "top": [
+            {"name": name[:160], "ms": ms, "launches": counts[name] // PROFILE_CALLS}
+            for name, ms in Counter(per_call).most_common(top)
+        ],
+    }
+
+
 def time_sampling(model: DiT, batch: int, steps: int, device: str) -> float:
     """Seconds for ``steps`` DDIM steps with guidance on ``batch`` samples (no VAE)."""
     settings = SamplingSettings(sampler="ddim", steps=steps, cfg_scale=1.5)
@@ -272,6 +338,8 @@ def bench_variant(
                 row["e2e_s"] = time_sampling(model, batch, args.steps, args.device)
             if cuda:
                 row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(args.device)
+            if args.profile:
+                row["profile"] = profile_calls(model, inputs, args.device)
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"
         rows.append(row)
@@ -319,6 +387,20 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
             f"{num(r, 'peak_memory_bytes', '.2f', 2**30)} | "
             f"{num(r, 'memory_bytes', '.2f', 1e6)} / {num(r, 'disk_bytes', '.2f', 1e6)} |"
         )
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        lines += ["", "Where the time of one call goes (ms per call, `--profile`):", ""]
+        names = sorted({c for r in profiled for c in r["profile"]["categories_ms"]})
+        lines.append("| shape | batch | variant | " + " | ".join(names) + " | top kernels |")
+        lines.append("|" + " --- |" * (len(names) + 4))
+        for r in profiled:
+            prof = r["profile"]
+            cells = [format(prof["categories_ms"].get(c, 0.0), ".2f") for c in names]
+            top = "; ".join(f"{k['name'][:60]} {k['ms']:.2f}" for k in prof["top"][:3])
+            lines.append(
+                f"| {r['shape']} | {r['batch']} | {r['variant']} | " + " | ".join(cells)
+                + f" | {top} |"
+            )
     return "\n".join(lines) + "\n"
 
 

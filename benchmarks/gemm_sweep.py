@@ -1,0 +1,162 @@
+"""GEMM-level timing at DiT-XL/2 layer sizes: BF16 cuBLAS, FP8 row-wise ``_scaled_mm``,
+``torch._int_mm``, and ditq's Triton kernels under several tile configurations.
+
+    python benchmarks/gemm_sweep.py OUT.json [--tokens 32768,8192,512]
+
+Tokens 32768 is one call at batch 64 with guidance at 256 px (2 x 64 x 256). Each entry is
+the median of ``triton.testing.do_bench``; the activation quantization kernels (Triton
+``quantize_act`` and the ``torch.compile``d torch twin) are timed on the same inputs.
+Tile configurations are swept by replacing ``triton_ops._tiles`` and
+``triton_ops._launch_options`` for the duration of one measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ditq.kernels import triton_ops
+from ditq.kernels.linear import ActFormat, quantize_activation
+from ditq.quant.spec import QuantSpec
+
+XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
+TILES = [  # (BM, BN, BK, num_warps, num_stages); BK is the group size for grouped weights
+    (128, 128, 128, 8, 2),
+    (128, 128, 128, 8, 3),
+    (128, 128, 128, 4, 4),
+    (128, 256, 128, 8, 3),
+    (256, 128, 128, 8, 3),
+    (128, 256, 64, 8, 4),
+    (128, 128, 64, 4, 5),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+]
+
+
+def bench(fn: Callable[[], object]) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def with_tiles(tiles: tuple[int, ...] | None, fn: Callable[[], object]) -> float:
+    if tiles is None:
+        return bench(fn)
+    bm, bn, bk, warps, stages = tiles
+    saved = triton_ops._tiles, triton_ops._launch_options
+    triton_ops._tiles = lambda M, N, K, block_k=None: {
+        "BM": bm, "BN": bn, "BK": block_k or bk, "GROUP_M": 8
+    }  # fmt: skip
+    triton_ops._launch_options = lambda tiles, num_stages=3: {
+        "num_warps": warps, "num_stages": stages
+    }  # fmt: skip
+    try:
+        return bench(fn)
+    finally:
+        triton_ops._tiles, triton_ops._launch_options = saved
+
+
+def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], object]]:
+    """The GEMM implementations of one (M, K) x (K, N) layer, as zero-argument calls."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, K, device=device, generator=g).bfloat16()
+    w = torch.randn(N, K, device=device, generator=g).bfloat16() * 0.02
+    bias = torch.randn(N, device=device, generator=g)
+    a8 = torch.randint(-128, 128, (M, K), device=device, generator=g, dtype=torch.int8)
+    w8 = torch.randint(-128, 128, (N, K), device=device, generator=g, dtype=torch.int8)
+    w4 = torch.randint(0, 256, (N, K // 2), device=device, generator=g, dtype=torch.uint8)
+    xs, ws = torch.rand(M, device=device) * 0.01, torch.rand(N, device=device) * 0.01
+    xz = torch.randint(-10, 10, (M,), device=device, dtype=torch.int32)
+    wz = torch.randint(-10, 10, (N,), device=device, dtype=torch.int32)
+    xsum = a8.sum(1, dtype=torch.int32)
+    wsum = w8.sum(1, dtype=torch.int32)
+    groups = K // 128
+    gs = torch.rand(N, groups, device=device) * 0.01
+    gsum = torch.zeros(N, groups, device=device, dtype=torch.int32)
+    f8 = x.to(torch.float8_e4m3fn)
+    wf8 = w.to(torch.float8_e4m3fn)
+    bf = torch.bfloat16
+    gemm = triton_ops.int_gemm
+
+    return {
+        "bf16 F.linear": lambda: F.linear(x, w, bias.to(bf)),
+        "fp8 _scaled_mm rowwise": lambda: torch._scaled_mm(
+            f8, wf8.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=bf
+        ),
+        "int8 torch._int_mm": lambda: torch._int_mm(a8, w8.t()),
+        "ditq int w8 sym": lambda: gemm(
+            a8, xs, xz, xsum, w8, ws, None, wsum, bias, None, None, K, False, 0, False, bf
+        ),
+        "ditq int w8 asym": lambda: gemm(
+            a8, xs, xz, xsum, w8, ws, wz, wsum, bias, None, None, K, False, 0, True, bf
+        ),
+        "ditq int w8 group128": lambda: gemm(
+            a8, xs, xz, xsum, w8, gs, None, gsum, bias, None, None, K, False, 128, True, bf
+        ),
+        "ditq int w4 group128": lambda: gemm(
+            a8, xs, xz, xsum, w4, gs, None, gsum, bias, None, None, K, True, 128, True, bf
+        ),
+        "ditq dequant w4a16 group128": lambda: triton_ops.dequant_gemm(
+            x, None, None, None, w4, gs, None, [1, N * K + 1, 128, groups, 1], bias, None,
+            None, K, True, bf,
+        ),  # fmt: skip
+    }
+
+
+def quantize_cases(M: int, K: int, device: str) -> dict[str, Callable[[], object]]:
+    x = torch.randn(M, K, device=device).bfloat16()
+    qp = torch.tensor([0.02, 3.0], device=device)
+    act = ActFormat("int", 0, 255, False, False, False, QuantSpec(8, False))
+    twin = torch.compile(lambda v: quantize_activation(v, act, None, qp))
+    return {
+        "triton quantize_act static": lambda: triton_ops.quantize_act(x, None, qp, 0, 255, False),
+        "compiled torch twin static": lambda: twin(x),
+        "bf16 copy (memory floor)": lambda: x.clone(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--tokens", default="32768,8192,512")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    rows = []
+
+    def record(**row) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for M in (int(v) for v in args.tokens.split(",")):
+        for layer, (K, N) in XL_LAYERS.items():
+            flops = 2 * M * N * K
+            for impl, fn in layer_cases(M, K, N, args.device).items():
+                sweep = TILES if impl.startswith("ditq") else [None]
+                for tiles in sweep:
+                    try:
+                        ms = with_tiles(tiles, fn)
+                        record(M=M, layer=layer, impl=impl, tiles=tiles, ms=ms,
+                               tflops=flops / ms / 1e9)  # fmt: skip
+                    except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
+                        traceback.print_exc()
+                        record(M=M, layer=layer, impl=impl, tiles=tiles, error=str(err)[:300])
+            for impl, fn in quantize_cases(M, K, args.device).items():
+                record(M=M, layer=layer, impl=impl, tiles=None, ms=bench(fn))
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["M"], r["layer"], r["impl"])
+        if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    print(f"\n{'M':>6} {'layer':<5} {'impl':<30} {'ms':>8} {'TFLOPS':>7} tiles")
+    for (M, layer, impl), r in best.items():
+        print(f"{M:>6} {layer:<5} {impl:<30} {r['ms']:8.3f} {r.get('tflops', 0):7.0f} {r['tiles']}")
+
+
+if __name__ == "__main__":
+    main()
