@@ -102,8 +102,20 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
             a8, xs, xz, xsum, w4, gs, None, gsum, bias, None, None, K, True, 128, True, bf
         ),
         "ditq dequant w4a16 group128": lambda: triton_ops.dequant_gemm(
-            x, None, None, None, w4, gs, None, [1, N * K + 1, 128, groups, 1], bias, None,
-            None, K, True, bf,
+            x,
+            None,
+            None,
+            None,
+            w4,
+            gs,
+            None,
+            [1, N * K + 1, 128, groups, 1],
+            bias,
+            None,
+            None,
+            K,
+            True,
+            bf,
         ),  # fmt: skip
     }
 

@@ -398,7 +398,8 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
             cells = [format(prof["categories_ms"].get(c, 0.0), ".2f") for c in names]
             top = "; ".join(f"{k['name'][:60]} {k['ms']:.2f}" for k in prof["top"][:3])
             lines.append(
-                f"| {r['shape']} | {r['batch']} | {r['variant']} | " + " | ".join(cells)
+                f"| {r['shape']} | {r['batch']} | {r['variant']} | "
+                + " | ".join(cells)
                 + f" | {top} |"
             )
     return "\n".join(lines) + "\n"
