@@ -1,13 +1,15 @@
 """GEMM-level timing at DiT-XL/2 layer sizes: BF16 cuBLAS, FP8 row-wise ``_scaled_mm``,
-``torch._int_mm``, and ditq's Triton kernels under several tile configurations.
+``torch._int_mm``, and ditq's autotuned Triton ``int_gemm`` (optionally each tile
+configuration of a sweep).
 
-    python benchmarks/gemm_sweep.py OUT.json [--tokens 32768,8192,512]
+    python benchmarks/gemm_sweep.py OUT.json [--tokens 32768,8192,512] [--sweep]
 
 Tokens 32768 is one call at batch 64 with guidance at 256 px (2 x 64 x 256). Each entry is
 the median of ``triton.testing.do_bench``; the activation quantization kernels (Triton
-``quantize_act`` and the ``torch.compile``d torch twin) are timed on the same inputs.
-Tile configurations are swept by replacing ``triton_ops._tiles`` and
-``triton_ops._launch_options`` for the duration of one measurement.
+``quantize_act`` and the ``torch.compile``d torch twin) are timed on the same inputs. W4
+rows include the per-call unpacking of the int4 codes to int8. ``--sweep`` also times each
+configuration of ``TILES`` alone (a one-configuration autotuner in place of the tuned one):
+that sweep chose ``triton_ops.TUNED_TILES``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton
 
 from ditq.kernels import triton_ops
 from ditq.kernels.linear import ActFormat, quantize_activation
+from ditq.quant.packing import unpack_int4
 from ditq.quant.spec import QuantSpec
 
 XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
@@ -44,21 +47,16 @@ def bench(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def with_tiles(tiles: tuple[int, ...] | None, fn: Callable[[], object]) -> float:
+def with_tiles(tiles: tuple[int, ...] | None, grouped: bool, fn: Callable[[], object]) -> float:
+    """Time ``fn`` with ``int_gemm`` autotuned (``tiles`` None) or fixed to ``tiles``."""
     if tiles is None:
         return bench(fn)
-    bm, bn, bk, warps, stages = tiles
-    saved = triton_ops._tiles, triton_ops._launch_options
-    triton_ops._tiles = lambda M, N, K, block_k=None: {
-        "BM": bm, "BN": bn, "BK": block_k or bk, "GROUP_M": 8
-    }  # fmt: skip
-    triton_ops._launch_options = lambda tiles, num_stages=3: {
-        "num_warps": warps, "num_stages": stages
-    }  # fmt: skip
+    saved = triton_ops._TUNED_INT_GEMM[grouped]
+    triton_ops._TUNED_INT_GEMM[grouped] = triton_ops._autotuned((tiles,))
     try:
         return bench(fn)
     finally:
-        triton_ops._tiles, triton_ops._launch_options = saved
+        triton_ops._TUNED_INT_GEMM[grouped] = saved
 
 
 def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], object]]:
@@ -70,6 +68,7 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
     a8 = torch.randint(-128, 128, (M, K), device=device, generator=g, dtype=torch.int8)
     w8 = torch.randint(-128, 128, (N, K), device=device, generator=g, dtype=torch.int8)
     w4 = torch.randint(0, 256, (N, K // 2), device=device, generator=g, dtype=torch.uint8)
+    w4_sum = torch.zeros(N, device=device, dtype=torch.int32)
     xs, ws = torch.rand(M, device=device) * 0.01, torch.rand(N, device=device) * 0.01
     xz = torch.randint(-10, 10, (M,), device=device, dtype=torch.int32)
     wz = torch.randint(-10, 10, (N,), device=device, dtype=torch.int32)
@@ -82,6 +81,7 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
     wf8 = w.to(torch.float8_e4m3fn)
     bf = torch.bfloat16
     gemm = triton_ops.int_gemm
+    unpack = lambda: unpack_int4(w4).to(torch.int8) - 8  # noqa: E731 - as RealQuantLinear
 
     return {
         "bf16 F.linear": lambda: F.linear(x, w, bias.to(bf)),
@@ -90,34 +90,22 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
         ),
         "int8 torch._int_mm": lambda: torch._int_mm(a8, w8.t()),
         "ditq int w8 sym": lambda: gemm(
-            a8, xs, xz, xsum, w8, ws, None, wsum, bias, None, None, K, False, 0, False, bf
+            a8, xs, xz, None, w8, ws, None, wsum, bias, None, None, 0, True, bf
         ),
         "ditq int w8 asym": lambda: gemm(
-            a8, xs, xz, xsum, w8, ws, wz, wsum, bias, None, None, K, False, 0, True, bf
+            a8, xs, xz, xsum, w8, ws, wz, wsum, bias, None, None, 0, True, bf
         ),
         "ditq int w8 group128": lambda: gemm(
-            a8, xs, xz, xsum, w8, gs, None, gsum, bias, None, None, K, False, 128, True, bf
+            a8, xs, xz, None, w8, gs, None, gsum, bias, None, None, 128, True, bf
         ),
-        "ditq int w4 group128": lambda: gemm(
-            a8, xs, xz, xsum, w4, gs, None, gsum, bias, None, None, K, True, 128, True, bf
+        "ditq int w4 sym (unpack + int8)": lambda: gemm(
+            a8, xs, xz, None, unpack(), ws, None, w4_sum, bias, None, None, 0, True, bf
         ),
-        "ditq dequant w4a16 group128": lambda: triton_ops.dequant_gemm(
-            x,
-            None,
-            None,
-            None,
-            w4,
-            gs,
-            None,
-            [1, N * K + 1, 128, groups, 1],
-            bias,
-            None,
-            None,
-            K,
-            True,
-            bf,
-        ),  # fmt: skip
-    }
+        "ditq int w4 group128 (unpack + int8)": lambda: gemm(
+            a8, xs, xz, None, unpack(), gs, None, gsum, bias, None, None, 128, True, bf
+        ),
+        "w4 unpack alone": unpack,
+    }  # fmt: skip
 
 
 def quantize_cases(M: int, K: int, device: str) -> dict[str, Callable[[], object]]:
@@ -137,6 +125,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--tokens", default="32768,8192,512")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sweep", action="store_true", help="also time each of TILES alone")
     args = parser.parse_args()
     rows = []
 
@@ -148,10 +137,13 @@ def main() -> None:
         for layer, (K, N) in XL_LAYERS.items():
             flops = 2 * M * N * K
             for impl, fn in layer_cases(M, K, N, args.device).items():
-                sweep = TILES if impl.startswith("ditq") else [None]
+                sweep = [None, *TILES] if args.sweep and impl.startswith("ditq") else [None]
                 for tiles in sweep:
+                    grouped = "group" in impl
+                    if tiles is not None and grouped:
+                        tiles = (*tiles[:2], 0, *tiles[3:])
                     try:
-                        ms = with_tiles(tiles, fn)
+                        ms = with_tiles(tiles, grouped, fn)
                         record(M=M, layer=layer, impl=impl, tiles=tiles, ms=ms,
                                tflops=flops / ms / 1e9)  # fmt: skip
                     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on

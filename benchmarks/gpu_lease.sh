@@ -9,7 +9,7 @@
 #                0-2 (GPU 3 joins after the profile), only the jobs that
 #                benchmarks/results/matrix_testbed_h200 lacks
 #   stage ref    (carry .carry2: Inception weights) reference statistics of CIFAR-10 train
-#   stage wait   sleep, then show progress (and copy the profile results to $OUT)
+#   stage wait   sleep, then show progress (and copy the profile results to $OUT, once)
 #   stage finish evaluate what was sampled, write the report, copy results to $OUT
 set -uo pipefail
 stage=$1
@@ -50,7 +50,8 @@ ref)
 wait)
   sleep "${SLEEP:-500}"; progress
   tail -n 2 $D/bench/*.log 2>/dev/null
-  [ -f $D/prof.done ] && cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/ 2>/dev/null
+  [ -f $D/prof.done ] && [ ! -f $D/prof.copied ] && touch $D/prof.copied && \
+    cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/
   ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2

@@ -72,6 +72,8 @@ def test_bench_profile_splits_the_call_by_kernel_category(tmp_path):
         ("_int_gemm_kernel", "gemm"),
         ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128>>", "attention"),
         ("triton_red_fused__to_copy_clamp_round_sum_0", "quantize"),
+        ("triton_red_fused__scaled_mm__to_copy_abs_add_aminmax_clamp_div_2", "quantize"),
+        ("triton_poi_fused_add_int_gemm_mul_5", "norm/elementwise"),
         ("_quantize_act_kernel", "quantize"),
         ("triton_per_fused_native_layer_norm_1", "norm/elementwise"),
         ("Memset (Device)", "other"),

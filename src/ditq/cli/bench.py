@@ -46,17 +46,22 @@ BASELINE = "bf16-compile"
 QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "sim-w8a8": dict(wbits=8, abits=8),
     "w8a8-static": dict(wbits=8, abits=8),
+    "w8a8-static-symw": dict(wbits=8, abits=8, w_symmetric=True),
     "w8a8-dynamic": dict(
         wbits=8, abits=8, w_symmetric=True, a_symmetric=True, a_granularity="token", a_dynamic=True
     ),
     "w8a8-fp8": dict(
         wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3", a_granularity="token", a_dynamic=True
     ),
+    "w8a8-fp8-static": dict(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3"),
     "w4a8": dict(wbits=4, abits=8, w_symmetric=True, w_granularity="group"),
+    "w4a8-channel": dict(wbits=4, abits=8),
     "w4a16": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
 }
 """RTN configurations of the quantized variants (``w_group_size``: 128, or 32 when 128
-does not divide the width)."""
+does not divide the width). Weights are asymmetric per output channel unless noted
+(``symw``: symmetric, which spares the activation code sums), activations 8-bit static
+per tensor unless noted; ``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128."""
 TORCHAO = ("torchao-int8dyn", "torchao-fp8row")
 VARIANTS = ("bf16", BASELINE, *QUANT_CONFIGS, *TORCHAO)
 DEFAULT_SHAPES = "DiT-XL/2@256,DiT-XL/2@512"
@@ -256,9 +261,12 @@ PROFILE_CALLS = 3
 
 
 def kernel_category(name: str) -> str:
-    """The :data:`KERNEL_CATEGORIES` category of a kernel or operator name."""
+    """The :data:`KERNEL_CATEGORIES` category of a kernel or operator name. Inductor's
+    kernels (``triton_…_fused_<ops>``) name the ops they fuse, GEMMs included when they fuse
+    a GEMM's epilogue, so they are only ever ``quantize`` or ``norm/elementwise``."""
     lowered = name.lower()
-    for category, fragments in KERNEL_CATEGORIES:
+    categories = KERNEL_CATEGORIES[2:] if lowered.startswith("triton_") else KERNEL_CATEGORIES
+    for category, fragments in categories:
         if any(fragment in lowered for fragment in fragments):
             return category
     return "other"

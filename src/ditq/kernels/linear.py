@@ -8,31 +8,40 @@ them out once for the kernels; no float weight is ever kept. How a layer runs (`
 =============  =========================================  ===================================
 kind           formats                                    CUDA path
 =============  =========================================  ===================================
-``int``        int weights (2-8 bits) per-tensor/channel,  Triton ``quantize_act`` +
-               or per-group with g in {32, 64, 128, 256};  ``int_gemm`` (int8 tensor cores;
-               int activations (static per-tensor,         int4 nibbles unpacked in the
-               dynamic per-tensor or per-token)            kernel; group scales per K block)
-``dequant``    int weights of any granularity (per-column  Triton ``dequant_gemm``: weight
-               group, other group sizes) with int or       dequantized to BF16 in registers;
-               16-bit activations (W4A16, W8A16, DiTAS'    int activations enter as the exact
-               W4A8 column groups)                         BF16 integers ``q - z``
+``int``        int weights (2-8 bits) per-tensor/channel,  Triton ``quantize_act`` (or its
+               or per-group with g in {32, 64, 128, 256};  torch twin, fused by Inductor) +
+               int activations (static per-tensor,         autotuned ``int_gemm`` (int8 tensor
+               dynamic per-tensor or per-token)            cores; packed int4 codes unpacked
+                                                           to int8 by one elementwise kernel
+                                                           per call, dequantization in the
+                                                           epilogue)
+``dequant``    int weights of any granularity (per-column  weight dequantized to the compute
+               group, other group sizes) with int or       dtype per call (one elementwise
+               16-bit activations (W4A16, W8A16, DiTAS'    kernel under ``torch.compile``),
+               W4A8 column groups)                         then one cuBLAS GEMM
 ``fp8``        FP8 e4m3 weights (per-tensor/channel) with  ``torch._scaled_mm`` with row-wise
                FP8 activations (static or dynamic)         scales; activation cast in torch
-``reference``  anything else (e.g. int weights with FP8    the CPU path below, on the GPU
-               activations)
+``reference``  anything else (e.g. int weights with FP8    the dequantizing path below, on
+               activations)                                the GPU too
 =============  =========================================  ===================================
 
-The CPU path (every kind, whenever the input is not on a CUDA device) dequantizes the
-codes and runs ``F.linear``, exactly the simulated model's arithmetic, so it matches
+Weights stay packed in memory (int8 codes, two int4 codes per byte, FP8): the int8 or
+16-bit copies above exist only while their layer runs. At DiT-XL/2 sizes on an H200 the
+``dequant`` path runs at BF16 GEMM speed, where a Triton kernel dequantizing in registers
+ran 15x slower (``benchmarks/RESULTS.md``).
+
+The dequantizing path (every kind whenever the input is not on a CUDA device) dequantizes
+the codes and runs ``F.linear``, exactly the simulated model's arithmetic, so it matches
 ``QuantLinear`` up to float rounding. Activation codes there come from
 :func:`quantize_activation`, the torch twin of the Triton kernel (also used on CUDA while
 ``torch.compile`` traces, so that Inductor fuses the quantization into the preceding
 LayerNorm / modulate / GELU).
 
 The DiTAS low-rank branch ``L (R x')`` with ``x' = x / s``: ``s`` is folded into ``R`` at
-conversion (``R' = R / s``), ``T = x R'ᵀ`` is one small cuBLAS GEMM, and ``T Lᵀ`` is added
-inside the main kernel's epilogue: one extra launch per layer, not two plus an add (the
-FP8 path adds it with two small GEMMs). Weight layers left unquantized (``wbits=16``) and
+conversion (``R' = R / s``) and ``T = x R'ᵀ`` is one small cuBLAS GEMM. ``int`` adds
+``T Lᵀ`` inside its epilogue; the dequantizing path batches it into the main GEMM as
+``[x̂, T] [Ŵ, L]ᵀ``: one extra launch per layer either way, not two plus an add (the FP8
+path adds it with two small GEMMs). Weight layers left unquantized (``wbits=16``) and
 the attention matmul quantizers stay simulated.
 """
 
@@ -116,11 +125,14 @@ def quantize_activation(
     act: ActFormat,
     input_scale: torch.Tensor | None,
     static_qparams: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    code_sums: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Torch twin of the Triton ``quantize_act``: codes (M, K) int8 (or float8_e4m3fn),
-    per-row scale (fp32), shifted zero point (int32) and code sum (int32) of a (M, K) input,
-    with the simulated quantizer's arithmetic (divide by ``input_scale`` in the input dtype,
-    ranges in fp32, round half to even)."""
+    per-row scale (fp32), shifted zero point (int32) and code sum (int32; None unless
+    ``code_sums``: the sum is a row reduction that keeps Inductor from fusing a static
+    quantization as a plain elementwise op) of a (M, K) input, with the simulated
+    quantizer's arithmetic (divide by ``input_scale`` in the input dtype, ranges in fp32,
+    round half to even)."""
     if input_scale is not None:
         x = x / input_scale.to(x.dtype)
     xf = x.float()
@@ -144,7 +156,7 @@ def quantize_activation(
         codes,
         scale.reshape(-1).contiguous(),
         (zero.reshape(-1) - shift).to(torch.int32),
-        codes.sum(dim=-1, dtype=torch.int32),
+        codes.sum(dim=-1, dtype=torch.int32) if code_sums else None,
     )
 
 
@@ -236,6 +248,8 @@ class RealQuantLinear(nn.Module):
         has_zero = bool((zero != 0).any()) if codes is not None else False
         stored_zero = zero.round().to(torch.int32) if integer else zero
         self.register_buffer("w_zero", stored_zero.contiguous() if has_zero else None)
+        self.needs_code_sums = integer and has_zero and not self.group_size
+        """Per-channel weights with zero points need the activation code sums."""
         w_sum = None
         if integer:
             group = self.group_size or self.in_features
@@ -266,7 +280,7 @@ class RealQuantLinear(nn.Module):
         if rows.device.type == "cuda" and self.kind != "reference":
             y = self._forward_cuda(rows)
         else:
-            y = self._forward_reference(rows)
+            y = self._forward_dequantized(rows)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _lowrank_t(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -274,42 +288,39 @@ class RealQuantLinear(nn.Module):
             return None
         return F.linear(rows, self.lowrank_down.to(rows.dtype)).contiguous()
 
-    def _forward_reference(self, rows: torch.Tensor) -> torch.Tensor:
-        """Dequantize, then matmul: the simulated model's arithmetic."""
+    def _forward_dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then one matmul: the simulated model's arithmetic."""
         x = rows if self.input_scale is None else rows / self.input_scale.to(rows.dtype)
         if self.act.fmt is not None:
             qp = self.static_qparams
             codes, scale, zero, _ = quantize_activation(rows, self.act, self.input_scale, qp)
             x = ((codes.float() - zero.float()[:, None]) * scale[:, None]).to(rows.dtype)
-        bias = None if self.bias is None else self.bias.to(rows.dtype)
-        y = F.linear(x, self.dequantized_weight().to(rows.dtype), bias)
+        weight = self.dequantized_weight().to(rows.dtype)
         t = self._lowrank_t(rows)
-        return y if t is None else y + F.linear(t, self.lowrank_up.to(rows.dtype))
+        if t is not None:  # batched low-rank branch: [x̂, T] [Ŵ, L]ᵀ
+            x = torch.cat([x, t], dim=-1)
+            weight = torch.cat([weight, self.lowrank_up.to(rows.dtype)], dim=-1)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(rows.dtype))
+
+    def _int8_weight(self) -> torch.Tensor:
+        """Weight codes ``q'`` as int8 (N, K): packed int4 nibbles ``u`` unpacked to ``u - 8``."""
+        if not self.packed_int4:
+            return self.weight
+        return unpack_int4(self.weight).to(torch.int8) - NIBBLE_OFFSET
 
     def _forward_cuda(self, rows: torch.Tensor) -> torch.Tensor:
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        t, up = self._lowrank_t(rows), self.lowrank_up
         if self.kind == "fp8":
-            return self._forward_fp8(rows, t, up)
+            return self._forward_fp8(rows)
+        if self.kind != "int":
+            return self._forward_dequantized(rows)
         from ditq.kernels import triton_ops
 
-        if self.act.fmt is None:
-            return triton_ops.dequant_gemm(
-                rows, self.input_scale, None, None, self.weight, self.w_scale, self.w_zero,
-                list(self.scale_index), self.bias, t, up, self.in_features, self.packed_int4,
-                rows.dtype,
-            )  # fmt: skip
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
         codes, scale, zero, sums = self._quantize_cuda(rows)
-        if self.kind == "dequant":
-            return triton_ops.dequant_gemm(
-                codes, None, scale, zero, self.weight, self.w_scale,
-                None if self.w_zero is None else self.w_zero.float(), list(self.scale_index),
-                self.bias, t, up, self.in_features, self.packed_int4, rows.dtype,
-            )  # fmt: skip
         return triton_ops.int_gemm(
-            codes, scale, zero, sums, self.weight, self.w_scale, self.w_zero, self.w_sum,
-            self.bias, t, up, self.in_features, self.packed_int4, self.group_size,
+            codes, scale, zero, sums, self._int8_weight(), self.w_scale, self.w_zero,
+            self.w_sum, self.bias, self._lowrank_t(rows), self.lowrank_up, self.group_size,
             not self.act.symmetric, rows.dtype,
         )  # fmt: skip
 
@@ -318,7 +329,9 @@ class RealQuantLinear(nn.Module):
         Inductor into the preceding op) and for dynamic per-tensor ranges' scale."""
         qp = self.static_qparams
         if torch.compiler.is_compiling() or self.act.fmt != "int":
-            return quantize_activation(rows, self.act, self.input_scale, qp)
+            return quantize_activation(
+                rows, self.act, self.input_scale, qp, code_sums=self.needs_code_sums
+            )
         from ditq.kernels import triton_ops
 
         if qp is None and not self.act.per_token:
@@ -327,10 +340,8 @@ class RealQuantLinear(nn.Module):
             rows, self.input_scale, qp, self.act.qmin, self.act.qmax, self.act.symmetric
         )
 
-    def _forward_fp8(
-        self, rows: torch.Tensor, t: torch.Tensor | None, up: torch.Tensor | None
-    ) -> torch.Tensor:
-        qp = self.static_qparams
+    def _forward_fp8(self, rows: torch.Tensor) -> torch.Tensor:
+        t, up, qp = self._lowrank_t(rows), self.lowrank_up, self.static_qparams
         codes, scale, _, _ = quantize_activation(rows, self.act, self.input_scale, qp)
         y = torch._scaled_mm(
             codes,

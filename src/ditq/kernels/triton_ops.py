@@ -1,7 +1,7 @@
 """Triton kernels of the ``cuda`` backend (written for sm_90; they also run in the Triton
 interpreter, ``TRITON_INTERPRET=1``, which is how the CPU tests check them).
 
-Three kernels, each wrapped as a ``torch.library`` custom op so that ``torch.compile`` keeps
+Two kernels, each wrapped as a ``torch.library`` custom op so that ``torch.compile`` keeps
 them as opaque calls and fuses the BF16 code around them:
 
 - ``quantize_act``: activation codes of a (M, K) tensor, one program per row: optional
@@ -10,19 +10,19 @@ them as opaque calls and fuses the BF16 code around them:
   per-token ranges, round half to even as ``torch.round``. Asymmetric codes are shifted by
   -128 into int8 (``q' = q - 128``, ``z' = z - 128``) so that tensor cores take them.
   Returns codes, per-row scale, per-row zero point ``z'`` and per-row code sum ``Σ_k q'``.
-- ``int_gemm``: int8 activation codes x int8 or packed int4 weight codes -> int32 on tensor
-  cores, dequantization in the epilogue. Per-channel weights accumulate the whole K in
-  int32: ``y = Δx·Δw·(Σ q'x q'w − z'w Σ q'x − z'x Σ q'w + K z'x z'w) + b``. Per-group
-  weights (W4A8, W8A8 with groups) use BLOCK_K = group size: each K block's int32 partial
-  sum, zero-point corrected with the block's code sums, is scaled by that group's weight
-  scale and added to an fp32 accumulator. Int4 nibbles are unpacked in registers.
-- ``dequant_gemm``: weight codes (int8 or packed int4) dequantized in registers to BF16
-  with scales and zero points gathered per element, so any weight granularity works
-  (per-channel, per-group, DiTAS' per-column-group). Activations are BF16 (W4A16, W8A16)
-  or int8 codes turned into the exact BF16 integers ``q'x − z'x`` (W4A8 with column-group
-  weights, whose scale varies along K inside any block), scaled by Δx in the epilogue.
+  (Under ``torch.compile`` the torch twin runs instead, fused into the preceding op.)
+- ``int_gemm``: int8 activation codes x int8 weight codes -> int32 on tensor cores,
+  dequantization in the epilogue. Per-channel weights accumulate the whole K in int32:
+  ``y = Δx·Δw·(Σ q'x q'w − z'w Σ q'x − z'x Σ q'w + K z'x z'w) + b``. Per-group weights
+  (W4A8, W8A8 with groups) use BLOCK_K = group size: each K block's int32 partial sum,
+  zero-point corrected with the block's code sums, is scaled by that group's weight scale
+  and added to an fp32 accumulator. Packed int4 weights are unpacked to int8 codes by the
+  caller first (one small elementwise kernel per call: on an H200 the int4 nibbles
+  unpacked inside this kernel made it 1.8x slower than reading int8 codes, see
+  ``benchmarks/RESULTS.md``). Tile sizes are autotuned per (M, N, K) on the GPU among the
+  configurations that won the sweep of ``benchmarks/gemm_sweep.py``.
 
-Both GEMMs add ``T · Lᵀ`` in their epilogue when given the DiTAS low-rank intermediate
+``int_gemm`` adds ``T · Lᵀ`` in its epilogue when given the DiTAS low-rank intermediate
 ``T = x Rᵀ`` (M, r) and ``L`` (N, r): one extra small dot per output tile instead of a
 second GEMM launch and an add.
 """
@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 _SHIFT = 128  # asymmetric codes [0, 2^b - 1] are stored shifted by -128 into int8
-_DOT_DTYPE = tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_DOT_DTYPE = tl.float32 if INTERPRETED else tl.bfloat16
 """BF16 tensor-core dots; fp32 under the interpreter, whose BF16 dot is wrong (numpy has
 no bfloat16), so the CPU tests check the same kernels with exact operands."""
 
@@ -98,25 +99,6 @@ def _quantize_act_kernel(
 
 
 @triton.jit
-def _load_weight_codes(
-    w_ptr, offs_n, k0, N, K, stride_wn, PACKED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
-):
-    """(BK, BN) tile of int8 codes ``q'`` from input channel ``k0`` on (packed nibbles u are
-    unpacked in registers to ``u - 8``)."""
-    if PACKED:
-        half = k0 // 2 + tl.arange(0, BK // 2)
-        mask = (offs_n[:, None] < N) & (half[None, :] < K // 2)
-        raw = tl.load(w_ptr + offs_n[:, None] * stride_wn + half[None, :], mask=mask, other=0x88)
-        raw = raw.to(tl.int32)
-        tile = tl.reshape(tl.join(raw & 0xF, (raw >> 4) & 0xF), (BN, BK)) - 8
-        return tl.trans(tile.to(tl.int8))
-    offs_k = k0 + tl.arange(0, BK)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    tile = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=mask, other=0)
-    return tile.to(tl.int8)  # both branches must return one type (dead one included)
-
-
-@triton.jit
 def _epilogue(
     acc,
     offs_m,
@@ -174,7 +156,6 @@ def _int_gemm_kernel(
     NUM_GROUPS,
     stride_wn,
     stride_om,
-    PACKED: tl.constexpr,
     GROUPED: tl.constexpr,
     HAS_XZP: tl.constexpr,
     HAS_WZP: tl.constexpr,
@@ -207,7 +188,11 @@ def _int_gemm_kernel(
             mask=m_ok[:, None] & (offs_k[None, :] < K),
             other=0,
         )
-        w = _load_weight_codes(w_ptr, offs_n, kb * BK, N, K, stride_wn, PACKED, BN, BK)
+        w = tl.load(
+            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+            mask=(offs_k[:, None] < K) & n_ok[None, :],
+            other=0,
+        )
         part = tl.dot(a, w, out_dtype=tl.int32)
         if GROUPED:
             g_idx = offs_n * NUM_GROUPS + kb
@@ -240,104 +225,51 @@ def _int_gemm_kernel(
     )
 
 
-@triton.jit
-def _dequant_gemm_kernel(
-    a_ptr,
-    s_ptr,
-    xs_ptr,
-    xz_ptr,
-    w_ptr,
-    ws_ptr,
-    wz_ptr,
-    bias_ptr,
-    t_ptr,
-    l_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_wn,
-    stride_om,
-    GN,
-    MN,
-    GK,
-    stride_sr,
-    stride_sc,
-    PACKED: tl.constexpr,
-    A_INT: tl.constexpr,
-    HAS_S: tl.constexpr,
-    HAS_WZP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    R: tl.constexpr,
-    RP: tl.constexpr,
-    DOT: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    if A_INT:
-        xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
-    scale_row = ((offs_n // GN) % MN) * stride_sr
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BK)):
-        offs_k = kb * BK + tl.arange(0, BK)
-        k_ok = offs_k < K
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0,
-        )
-        if A_INT:
-            a = tl.where(k_ok[None, :], a.to(tl.int32) - xz[:, None], 0).to(DOT)
-        elif HAS_S:
-            s = tl.load(s_ptr + offs_k, mask=k_ok, other=1.0).to(a.dtype)
-            a = tl.math.div_rn(a.to(tl.float32), s[None, :].to(tl.float32)).to(a.dtype)
-        q = _load_weight_codes(w_ptr, offs_n, kb * BK, N, K, stride_wn, PACKED, BN, BK)
-        idx = scale_row[None, :] + (offs_k[:, None] // GK) * stride_sc
-        wmask = k_ok[:, None] & n_ok[None, :]
-        w = q.to(tl.float32)
-        if HAS_WZP:
-            w -= tl.load(wz_ptr + idx, mask=wmask, other=0.0)
-        w *= tl.load(ws_ptr + idx, mask=wmask, other=0.0)
-        acc += tl.dot(a.to(DOT), w.to(DOT))
-    if A_INT:
-        acc *= tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    _epilogue(
-        acc, offs_m, offs_n, M, N, bias_ptr, t_ptr, l_ptr, out_ptr, stride_om, HAS_BIAS, R, RP, DOT
-    )
-
-
 def _rank_padding(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank)) if rank else 0
 
 
-def _tiles(M: int, N: int, K: int, block_k: int | None = None) -> dict:
-    """Tile sizes for sm_90 (small for small problems, which also keeps the interpreter fast)."""
-    bm = 128 if M >= 128 else max(16, triton.next_power_of_2(M))
-    bn = 128 if N >= 128 else max(16, triton.next_power_of_2(N))
-    bk = block_k or (128 if K >= 128 else max(32, triton.next_power_of_2(K)))
-    return {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
+TUNED_TILES = {
+    "per_channel": (
+        (128, 128, 64, 4, 5),
+        (256, 128, 128, 8, 3),
+        (128, 256, 128, 8, 3),
+        (64, 128, 128, 4, 4),
+        (64, 64, 128, 4, 4),
+    ),
+    "grouped": ((64, 128, 0, 4, 4), (64, 64, 0, 4, 4), (128, 128, 0, 8, 3)),
+}
+"""``(BM, BN, BK, num_warps, num_stages)`` the autotuner tries for ``int_gemm``: the
+winners of ``benchmarks/gemm_sweep.py`` on an H200 at DiT-XL/2 sizes and 512-32768 tokens
+(BK 0: the weight group size)."""
 
 
-def _grid(M: int, N: int, tiles: dict) -> tuple[int]:
-    return (triton.cdiv(M, tiles["BM"]) * triton.cdiv(N, tiles["BN"]),)
+def _autotuned(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
+    configs = [
+        triton.Config(
+            {"BM": bm, "BN": bn, "GROUP_M": 8, **({"BK": bk} if bk else {})},
+            num_warps=warps,
+            num_stages=stages,
+        )
+        for bm, bn, bk, warps, stages in tiles
+    ]
+    return triton.autotune(configs, key=["M", "N", "K"])(_int_gemm_kernel)
 
 
-def _launch_options(tiles: dict, num_stages: int = 3) -> dict:
-    big = tiles["BM"] * tiles["BN"] >= 128 * 128
-    return {"num_warps": 8 if big else 4, "num_stages": num_stages}
+_TUNED_INT_GEMM = {
+    grouped: _autotuned(TUNED_TILES["grouped" if grouped else "per_channel"])
+    for grouped in (False, True)
+}
+
+
+def _interpreter_tiles(M: int, N: int, K: int, group_size: int) -> dict:
+    """One small tile for the interpreter (no autotuning without a GPU)."""
+    return {
+        "BM": max(16, min(64, triton.next_power_of_2(M))),
+        "BN": max(16, min(64, triton.next_power_of_2(N))),
+        "BK": group_size or max(32, min(64, triton.next_power_of_2(K))),
+        "GROUP_M": 8,
+    }
 
 
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
@@ -397,7 +329,7 @@ def int_gemm(
     codes: torch.Tensor,
     x_scale: torch.Tensor,
     x_zero: torch.Tensor,
-    x_sum: torch.Tensor,
+    x_sum: torch.Tensor | None,
     weight: torch.Tensor,
     w_scale: torch.Tensor,
     w_zero: torch.Tensor | None,
@@ -405,26 +337,34 @@ def int_gemm(
     bias: torch.Tensor | None,
     lowrank_t: torch.Tensor | None,
     lowrank_up: torch.Tensor | None,
-    in_features: int,
-    packed: bool,
     group_size: int,
     has_x_zero: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``y`` (M, N) from int8 codes and int8 / packed int4 weight codes; ``group_size`` 0
-    for per-channel weight scales (w_scale (N,)), else the input-channel group size
-    (w_scale (N, K / g))."""
-    M, N, K = codes.shape[0], weight.shape[0], in_features
+    """``y`` (M, N) from int8 activation codes (M, K) and int8 weight codes (N, K);
+    ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the input-channel
+    group size (w_scale (N, K / g)). ``x_sum`` is read only for per-channel weights with
+    zero points."""
+    M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
     out = torch.empty((M, N), device=codes.device, dtype=out_dtype)
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-    tiles = _tiles(M, N, K, group_size or None)
+    if INTERPRETED:
+        meta = _interpreter_tiles(M, N, K, group_size)
+        kernel = _int_gemm_kernel[(triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)]
+    else:
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+        kernel = _TUNED_INT_GEMM[bool(group_size)][grid]
+        meta = {"BK": group_size} if group_size else {}
     if M:
-        _int_gemm_kernel[_grid(M, N, tiles)](
+        kernel(
             codes,
             weight,
             x_scale,
             x_zero,
-            x_sum,
+            x_sum if x_sum is not None else _placeholder(codes),
             w_scale,
             w_zero if w_zero is not None else _placeholder(codes),
             w_sum,
@@ -438,7 +378,6 @@ def int_gemm(
             max(1, K // group_size) if group_size else 1,
             weight.stride(0),
             out.stride(0),
-            PACKED=packed,
             GROUPED=bool(group_size),
             HAS_XZP=has_x_zero,
             HAS_WZP=w_zero is not None,
@@ -446,86 +385,12 @@ def int_gemm(
             R=rank,
             RP=_rank_padding(rank),
             DOT=_DOT_DTYPE,
-            **tiles,
-            **_launch_options(tiles, num_stages=2),
+            **meta,
         )
     return out
 
 
 @int_gemm.register_fake
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-      lowrank_up, in_features, packed, group_size, has_x_zero, out_dtype):  # fmt: skip
+      lowrank_up, group_size, has_x_zero, out_dtype):  # fmt: skip
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("ditq::dequant_gemm", mutates_args=())
-def dequant_gemm(
-    x: torch.Tensor,
-    input_scale: torch.Tensor | None,
-    x_scale: torch.Tensor | None,
-    x_zero: torch.Tensor | None,
-    weight: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_zero: torch.Tensor | None,
-    scale_index: list[int],
-    bias: torch.Tensor | None,
-    lowrank_t: torch.Tensor | None,
-    lowrank_up: torch.Tensor | None,
-    in_features: int,
-    packed: bool,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``y`` (M, N) with the weight dequantized in registers. ``x`` is a float (M, K) tensor
-    (divided by ``input_scale`` in the kernel when given) or int8 codes with per-row
-    ``x_scale``/``x_zero``. The scale of weight element (n, k) is
-    ``w_scale.flatten()[((n // GN) % MN) · SR + (k // GK) · SC]`` with ``scale_index`` =
-    [GN, MN, GK, SR, SC]; ``w_zero`` has the same layout."""
-    M, N, K = x.shape[0], weight.shape[0], in_features
-    out = torch.empty((M, N), device=x.device, dtype=out_dtype)
-    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-    # The weight tile is dequantized through registers: 64-wide K blocks, 2 stages keep the
-    # shared memory under sm_90's 227 KB (128-wide blocks asked for 420 KB).
-    tiles = _tiles(M, N, K, 64 if K >= 64 else None)
-    gn, mn, gk, sr, sc = scale_index
-    if M:
-        _dequant_gemm_kernel[_grid(M, N, tiles)](
-            x,
-            input_scale if input_scale is not None else _placeholder(x),
-            x_scale if x_scale is not None else _placeholder(x),
-            x_zero if x_zero is not None else _placeholder(x),
-            weight,
-            w_scale,
-            w_zero if w_zero is not None else _placeholder(x),
-            bias if bias is not None else _placeholder(x),
-            lowrank_t if lowrank_t is not None else _placeholder(x),
-            lowrank_up if lowrank_up is not None else _placeholder(x),
-            out,
-            M,
-            N,
-            K,
-            x.stride(0),
-            weight.stride(0),
-            out.stride(0),
-            gn,
-            mn,
-            gk,
-            sr,
-            sc,
-            PACKED=packed,
-            A_INT=x_scale is not None,
-            HAS_S=input_scale is not None,
-            HAS_WZP=w_zero is not None,
-            HAS_BIAS=bias is not None,
-            R=rank,
-            RP=_rank_padding(rank),
-            DOT=_DOT_DTYPE,
-            **tiles,
-            **_launch_options(tiles, num_stages=2),
-        )
-    return out
-
-
-@dequant_gemm.register_fake
-def _(x, input_scale, x_scale, x_zero, weight, w_scale, w_zero, scale_index, bias, lowrank_t,
-      lowrank_up, in_features, packed, out_dtype):  # fmt: skip
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
