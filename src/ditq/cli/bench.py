@@ -185,6 +185,9 @@ def build_variant(
     base: DiT, variant: str, device: str, compile_models: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it."""
+    # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
+    # graphs would otherwise pile up to Dynamo's cache limit and leave later variants eager.
+    torch._dynamo.reset()
     model = copy.deepcopy(base).to(device)
     info: dict[str, Any] = {
         "compiled": variant == BASELINE or (compile_models and variant != "bf16")
