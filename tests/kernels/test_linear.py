@@ -62,3 +62,33 @@ def test_backend_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(DitqError, match="needs a CUDA GPU"):
             resolve_backend("cuda", "cpu", quantized=True)
+
+
+@pytest.mark.parametrize("name", ["w4a8 group", "w4a8 channel", "w8a8 sym/static"])
+def test_int8_weight_codes_dequantize_to_the_simulated_weight(name):
+    layer, _ = packed_layer(*FORMATS[name], online_scale=False, rank=0)
+    real = RealQuantLinear.from_quant_linear(layer)
+    codes = real._int8_weight()
+    assert codes.dtype == torch.int8 and codes.shape == (real.out_features, real.in_features)
+    zero = 0 if real.w_zero is None else real._expand(real.w_zero.float())
+    weight = (codes.double() - zero) * real._expand(real.w_scale).double()
+    torch.testing.assert_close(weight.float(), layer.quantized_weight())
+
+
+@pytest.mark.parametrize(
+    ("name", "needs"),
+    [("w8a8 sym/static", False), ("w8a8 asym/token", True), ("w4a8 group", False)],
+)
+def test_code_sums_only_where_weight_zero_points_need_them(name, needs):
+    from ditq.kernels import quantize_activation
+
+    layer, x = packed_layer(*FORMATS[name], online_scale=False, rank=0)
+    real = RealQuantLinear.from_quant_linear(layer)
+    assert real.needs_code_sums is needs  # grouped weights sum their codes per K block
+    rows = x.reshape(-1, real.in_features)
+    with_sums = quantize_activation(rows, real.act, None, real.static_qparams)
+    without = quantize_activation(rows, real.act, None, real.static_qparams, code_sums=False)
+    assert without[3] is None
+    torch.testing.assert_close(with_sums[3], with_sums[0].sum(-1, dtype=torch.int32))
+    for a, b in zip(with_sums[:3], without[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
