@@ -83,3 +83,26 @@ def test_kernel_category(name, category):
     from ditq.cli.bench import kernel_category
 
     assert kernel_category(name) == category
+
+
+def test_state_bytes_counts_what_a_tensor_subclass_holds():
+    from ditq.cli.bench import state_bytes, tensor_bytes
+
+    class Packed(torch.Tensor):  # a wrapper subclass holding int8 data and fp32 scales
+        @staticmethod
+        def __new__(cls, data, scale):
+            return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=torch.bfloat16)
+
+        def __init__(self, data, scale):
+            self.data_, self.scale = data, scale
+
+        def __tensor_flatten__(self):
+            return ["data_", "scale"], None
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise NotImplementedError(func)
+
+    packed = Packed(torch.zeros(64, 32, dtype=torch.int8), torch.ones(64))
+    assert tensor_bytes(packed) == 64 * 32 + 64 * 4  # not 64 * 32 * 2 (bf16)
+    assert state_bytes(torch.nn.Linear(32, 64)) == (64 * 32 + 64) * 4

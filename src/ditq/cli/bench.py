@@ -159,9 +159,18 @@ def quant_config(variant: str, hidden: int) -> QuantConfig:
     return QuantConfig(**QUANT_CONFIGS[variant], w_group_size=group)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; tensor subclasses (torchao's quantized weights) are counted
+    through the inner tensors they flatten to, not their logical dtype."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (what a checkpoint of this module holds)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return sum(tensor_bytes(t) for t in model.state_dict().values())
 
 
 def _torchao_apply(model: DiT, variant: str) -> None:
