@@ -1,5 +1,7 @@
 """The CPU path of ``RealQuantLinear`` equals the simulated ``QuantLinear``, for every format."""
 
+import warnings
+
 import pytest
 import torch
 from kernel_cases import FORMATS, packed_layer
@@ -92,3 +94,21 @@ def test_code_sums_only_where_weight_zero_points_need_them(name, needs):
     torch.testing.assert_close(with_sums[3], with_sums[0].sum(-1, dtype=torch.int32))
     for a, b in zip(with_sums[:3], without[:3], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_convert_model_warns_about_formats_without_a_kernel():
+    from ditq.cli.bench import denoiser_inputs, quantize_random
+    from ditq.quant.config import QuantConfig
+
+    model = tiny_dit()
+    inputs = denoiser_inputs(model, 1, "cpu", torch.float32)
+    slow = QuantConfig(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3", w_granularity="group",
+                       w_group_size=32)  # fmt: skip
+    quantize_random(model, slow, inputs)
+    with pytest.warns(UserWarning, match=r"8 layers have a format without a fast kernel"):
+        convert_model(model)
+    fast = tiny_dit()
+    quantize_random(fast, QuantConfig(wbits=8, abits=8), inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_model(fast)

@@ -47,6 +47,7 @@ the attention matmul quantizers stay simulated.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -410,10 +411,24 @@ def _dynamic_tensor_qparams(
 def convert_model(model: nn.Module) -> nn.Module:
     """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
     ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
-    simulated, as do the attention matmul quantizers."""
+    simulated, as do the attention matmul quantizers. Warns when some layers have a
+    format without a GPU kernel (``reference``: they dequantize, then matmul)."""
+    slow = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, RealQuantLinear.from_quant_linear(module))
+            real = RealQuantLinear.from_quant_linear(module)
+            setattr(owner, child, real)
+            if real.kind == "reference":
+                activations = real.act.spec.describe() if real.act.spec else "float"
+                slow.append(f"{name} ({real.weight_spec.describe()} / {activations})")
+    if slow:
+        warnings.warn(
+            f"{len(slow)} layers have a format without a fast kernel and run as dequantize + "
+            f"matmul, e.g. {slow[0]}; the kernels take int weights per channel/tensor or in "
+            f"groups of {'/'.join(map(str, INT_GROUP_SIZES))} with int activations, and FP8 "
+            "weights per channel/tensor with FP8 activations (ditq.kernels.linear)",
+            stacklevel=2,
+        )
     return model
