@@ -4,7 +4,8 @@
 
 For each format: random layers of DiT-XL/2 sizes (and the same with DiTAS' online input
 scale and rank-32 low-rank branch), then whole models (a tiny random DiT, and the testbed
-when ``../shared/models/dit_s2_cifar10.pt`` exists), comparing the real kernels (BF16)
+when ``../shared/models/dit_s2_cifar10.pt`` exists; for static int formats also with the
+fused MLP of ``convert_model(..., fuse_mlp=True)``), comparing the real kernels (BF16)
 with the simulated layer (fp32) on the same inputs: relative error ‖out − ref‖ / ‖ref‖
 and a NaN check, with the allocator's memory poisoned with NaN first so that an output
 the kernel forgets to write shows up. Also the ``model.safetensors`` sizes of DiT-XL/2
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ditq.cli.bench import denoiser_inputs, quantize_random
-from ditq.kernels import RealQuantLinear, convert_model
+from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
 from ditq.models import load_model
 from ditq.models.dit import DiT, DiTConfig, config_for
 from ditq.quant.checkpoint import WEIGHTS, save_quantized
@@ -49,6 +50,8 @@ FORMATS = {
     "w4a16-group128": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
     "w8a16-channel": dict(wbits=8, abits=16),
 }
+FUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
+"""Formats whose MLPs ``convert_model(..., fuse_mlp=True)`` fuses (static int inputs)."""
 XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 TOKENS = 2 * 256  # one guided DiT-XL/2 256 px sample
 
@@ -96,7 +99,7 @@ def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> di
 
 
 @torch.no_grad()
-def check_model(fmt: str, base: DiT, device: str) -> dict:
+def check_model(fmt: str, base: DiT, device: str, fuse_mlp: bool = False) -> dict:
     simulated = quantize_random(
         _copy(base, device),
         QuantConfig(**FORMATS[fmt]),
@@ -104,10 +107,12 @@ def check_model(fmt: str, base: DiT, device: str) -> dict:
     )
     inputs = denoiser_inputs(base, 4, device, torch.float32)
     ref = simulated(inputs[0].bfloat16().float(), *inputs[1:])
-    real = convert_model(_copy(simulated, device)).to(torch.bfloat16)
+    real = convert_model(_copy(simulated, device), fuse_mlp=fuse_mlp).to(torch.bfloat16)
     poison(device)
     out = real(inputs[0].bfloat16(), *inputs[1:])
     kinds = sorted({m.kind for m in real.modules() if isinstance(m, RealQuantLinear)})
+    if any(isinstance(m, FusedQuantMlp) for m in real.modules()):
+        kinds.append("fused-mlp")
     return {"kind": ",".join(kinds), **rel_error(out, ref)}
 
 
@@ -168,6 +173,12 @@ def main(out_path: str) -> None:
         base.eval()
         for fmt in FORMATS:
             record(f"model {name}", fmt, lambda f=fmt, b=base: check_model(f, b, device))
+        for fmt in FUSED_MLP_FORMATS:
+            record(
+                f"model {name} +fused MLP",
+                fmt,
+                lambda f=fmt, b=base: check_model(f, b, device, fuse_mlp=True),
+            )
     try:
         results["checkpoint_bytes_dit_xl2_256"] = checkpoint_sizes(device)
     except Exception as err:  # noqa: BLE001

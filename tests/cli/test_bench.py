@@ -106,3 +106,16 @@ def test_state_bytes_counts_what_a_tensor_subclass_holds():
     packed = Packed(torch.zeros(64, 32, dtype=torch.int8), torch.ones(64))
     assert tensor_bytes(packed) == 64 * 32 + 64 * 4  # not 64 * 32 * 2 (bf16)
     assert state_bytes(torch.nn.Linear(32, 64)) == (64 * 32 + 64) * 4
+
+
+def test_bench_fuse_mlp_reports_the_fused_blocks(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_dit().state_dict(), path)
+    args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
+    args += ["--steps", "0", "--variants", "w8a8-static,w8a8-fp8", "--device", "cpu"]
+    assert main(args + ["--fuse-mlp", "--out", str(tmp_path / "out")]) == 0
+    rows = {
+        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    }
+    assert rows["w8a8-static"]["kernels"] == {"int": 8, "fused-mlp": 2}
+    assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP

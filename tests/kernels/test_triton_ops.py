@@ -18,6 +18,7 @@ if os.environ["TRITON_INTERPRET"] == "1" and np.lib.NumpyVersion(np.__version__)
 from kernel_cases import FORMATS, packed_layer  # noqa: E402
 
 from ditq.kernels import RealQuantLinear, quantize_activation, triton_ops  # noqa: E402
+from ditq.quant.spec import PerChannel, PerGroup, QuantSpec  # noqa: E402
 
 KERNEL_FORMATS = [name for name in FORMATS if name not in ("fp8", "w8 int, a fp8")]
 
@@ -63,3 +64,74 @@ def test_activation_codes_equal_torch_twin(name):
     )
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0):
+    """A DiT ``Mlp`` with packed fc1/fc2 (static asymmetric int8 inputs, fc2's range
+    calibrated on the GELU output) and an input."""
+    import copy
+
+    from kernel_cases import STATIC_ASYM
+
+    from ditq.models.dit import Mlp
+    from ditq.quant.layers import QuantLinear
+
+    torch.manual_seed(seed)
+    mlp, x = Mlp(K, H), 2 * torch.randn(3, 5, K)
+    fc1 = QuantLinear.from_linear(mlp.fc1, w_spec, STATIC_ASYM)
+    fc1.calibrate_weight()
+    fc1.act_quantizer.find_params(x)
+    hidden = mlp.act(fc1(x))
+    fc2 = QuantLinear.from_linear(mlp.fc2, w_spec, STATIC_ASYM)
+    if fc2_scale:
+        fc2.input_scale = torch.rand(H) + 0.5
+        hidden = hidden / fc2.input_scale
+    fc2.calibrate_weight()
+    fc2.act_quantizer.find_params(hidden)
+    fc1.pack()
+    fc2.pack()
+    mlp.fc1, mlp.fc2 = fc1, fc2
+    return mlp.requires_grad_(False), copy.deepcopy(mlp), x
+
+
+@pytest.mark.parametrize(
+    "w_spec",
+    [
+        QuantSpec(8, True, PerChannel()),
+        QuantSpec(8, False, PerChannel()),
+        QuantSpec(4, False, PerGroup(32)),
+    ],
+    ids=["w8-sym-channel", "w8-asym-channel", "w4-asym-group32"],
+)
+@pytest.mark.parametrize("fc2_scale", [False, True], ids=["plain", "fc2-input-scale"])
+def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(w_spec, fc2_scale):
+    from ditq.kernels import FusedQuantMlp, convert_model
+
+    mlp, simulated, x = fused_mlp_case(w_spec, fc2_scale)
+    convert_model(mlp)
+    assert FusedQuantMlp.fusable(mlp)
+    fused = FusedQuantMlp(mlp.fc1, mlp.fc2)
+    rows = x.reshape(-1, 64)
+    unfused = mlp.fc2._forward_cuda(mlp.act(mlp.fc1._forward_cuda(rows)))
+    out = fused._forward_fused(rows)
+    torch.testing.assert_close(out, unfused, rtol=1e-5, atol=1e-5)
+    ref = simulated(x).reshape(-1, simulated.fc2.out_features)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_convert_model_fuses_only_fusable_mlps():
+    from ditq.cli.bench import denoiser_inputs, quantize_random
+    from ditq.kernels import FusedQuantMlp, convert_model
+    from ditq.quant.config import QuantConfig
+
+    from conftest import tiny_dit
+
+    inputs = denoiser_inputs(tiny_dit(), 1, "cpu", torch.float32)
+    static = quantize_random(tiny_dit(), QuantConfig(wbits=8, abits=8), inputs)
+    reference = static(*inputs)
+    fused = convert_model(static, fuse_mlp=True)
+    assert sum(isinstance(m, FusedQuantMlp) for m in fused.modules()) == len(fused.blocks)
+    torch.testing.assert_close(fused(*inputs), reference, rtol=1e-4, atol=1e-5)  # CPU: unfused
+    dynamic = QuantConfig(wbits=8, abits=8, a_dynamic=True)  # no static range for fc2
+    model = convert_model(quantize_random(tiny_dit(), dynamic, inputs), fuse_mlp=True)
+    assert not any(isinstance(m, FusedQuantMlp) for m in model.modules())

@@ -30,7 +30,7 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.cli.common import default_device, parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
-from ditq.kernels import RealQuantLinear, convert_model
+from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
 from ditq.models import load_model
 from ditq.models.dit import DiT, config_for
 from ditq.quant.checkpoint import cast_unquantized
@@ -93,6 +93,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="compile the quantized and torchao variants (default: on CUDA)",
+    )
+    parser.add_argument(
+        "--fuse-mlp",
+        action="store_true",
+        help="run each fusable MLP of the int variants as one fc1 kernel writing fc2's int8 "
+        "input (GELU and quantization in the epilogue; experimental: not yet the default)",
     )
     parser.add_argument(
         "--profile",
@@ -191,7 +197,7 @@ def _torchao_apply(model: DiT, variant: str) -> None:
 
 
 def build_variant(
-    base: DiT, variant: str, device: str, compile_models: bool
+    base: DiT, variant: str, device: str, compile_models: bool, fuse_mlp: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it."""
     # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
@@ -206,9 +212,12 @@ def build_variant(
         quantize_random(model, quant_config(variant, model.config.hidden_size), example)
         info["disk_bytes"] = state_bytes(model)
         if variant != "sim-w8a8":
-            convert_model(model)
+            convert_model(model, fuse_mlp=fuse_mlp)
             kinds = Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear))
             info["kernels"] = dict(kinds)
+            fused = sum(isinstance(m, FusedQuantMlp) for m in model.modules())
+            if fused:
+                info["kernels"]["fused-mlp"] = fused
         cast_unquantized(model, torch.bfloat16)
     else:
         model.to(torch.bfloat16)
@@ -339,7 +348,7 @@ def bench_variant(
     """Rows of one variant (one per batch size); a failure is recorded, not raised."""
     cuda = torch.device(args.device).type == "cuda"
     try:
-        model, info = build_variant(base, variant, args.device, compile_models)
+        model, info = build_variant(base, variant, args.device, compile_models, args.fuse_mlp)
     except Exception as err:  # noqa: BLE001 - recorded for the report, the run goes on
         return [
             {"variant": variant, "batch": b, "error": f"{type(err).__name__}: {err}"}

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from ditq.errors import DitqError
-from ditq.kernels.linear import RealQuantLinear, convert_model, layer_kind, quantize_activation
+from ditq.kernels.linear import (
+    FusedQuantMlp,
+    RealQuantLinear,
+    convert_model,
+    layer_kind,
+    quantize_activation,
+)
 
 BACKENDS = ("simulated", "cuda")
 
@@ -45,6 +51,7 @@ def apply_backend(model: nn.Module, backend: str) -> nn.Module:
 
 __all__ = [
     "BACKENDS",
+    "FusedQuantMlp",
     "RealQuantLinear",
     "apply_backend",
     "convert_model",

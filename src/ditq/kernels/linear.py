@@ -319,11 +319,30 @@ class RealQuantLinear(nn.Module):
         if not rows.is_contiguous():
             rows = rows.contiguous()
         codes, scale, zero, sums = self._quantize_cuda(rows)
-        return triton_ops.int_gemm(
+        args = self._int_gemm_args(codes, scale, zero, sums, self._lowrank_t(rows))
+        return triton_ops.int_gemm(*args, rows.dtype)
+
+    def _int_gemm_args(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        sums: torch.Tensor | None,
+        lowrank_t: torch.Tensor | None,
+    ) -> tuple:
+        """The arguments of ``triton_ops.int_gemm`` before ``out_dtype``, for input codes."""
+        return (
             codes, scale, zero, sums, self._int8_weight(), self.w_scale, self.w_zero,
-            self.w_sum, self.bias, self._lowrank_t(rows), self.lowrank_up, self.group_size,
-            not self.act.symmetric, rows.dtype,
+            self.w_sum, self.bias, lowrank_t, self.lowrank_up, self.group_size,
+            not self.act.symmetric,
         )  # fmt: skip
+
+    def _static_row_qparams(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row scale (fp32) and shifted zero point (int32) of the static input range, as
+        ``quantize_activation`` returns them."""
+        shift = 0 if self.act.symmetric else ASYM_SHIFT
+        scale = self.static_qparams[0].expand(rows).contiguous()
+        return scale, (self.static_qparams[1] - shift).to(torch.int32).expand(rows).contiguous()
 
     def _quantize_cuda(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Activation codes: the Triton kernel, or its torch twin while compiling (fused by
@@ -408,11 +427,66 @@ def _dynamic_tensor_qparams(
     return torch.cat([scale, zero])
 
 
-def convert_model(model: nn.Module) -> nn.Module:
+class FusedQuantMlp(nn.Module):
+    """``fc2(GELU(fc1(x)))`` of a DiT block whose fc1 epilogue writes fc2's int8 input codes
+    (``triton_ops.int_gemm_gelu_quantize``: GELU, fc2's online input scale and static
+    quantization in the epilogue), so the 4×-wide hidden activation never goes through
+    memory in 16 bits, nor through a separate quantization kernel. Same arithmetic as the
+    unfused ``RealQuantLinear`` pair up to the last bit of GELU's tanh; off CUDA it runs
+    them unfused. Built by ``convert_model(..., fuse_mlp=True)`` where :meth:`fusable`."""
+
+    def __init__(self, fc1: RealQuantLinear, fc2: RealQuantLinear) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+        self.act = nn.GELU(approximate="tanh")
+
+    @staticmethod
+    def fusable(mlp: nn.Module) -> bool:
+        """int kernels on both layers, GELU (tanh) between them, a static int input range and
+        no low-rank branch on fc2."""
+        fc1, fc2, act = (getattr(mlp, name, None) for name in ("fc1", "fc2", "act"))
+        return (
+            isinstance(fc1, RealQuantLinear)
+            and isinstance(fc2, RealQuantLinear)
+            and fc1.kind == fc2.kind == "int"
+            and isinstance(act, nn.GELU)
+            and act.approximate == "tanh"
+            and fc2.act.fmt == "int"
+            and fc2.static_qparams is not None
+            and fc2.lowrank_down is None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return self.fc2(self.act(self.fc1(x)))
+        shape = x.shape
+        y = self._forward_fused(x.reshape(-1, shape[-1]))
+        return y.reshape(*shape[:-1], self.fc2.out_features)
+
+    def _forward_fused(self, rows: torch.Tensor) -> torch.Tensor:
+        from ditq.kernels import triton_ops
+
+        fc1, fc2 = self.fc1, self.fc2
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        codes, scale, zero, sums = fc1._quantize_cuda(rows)
+        hidden = triton_ops.int_gemm_gelu_quantize(
+            *fc1._int_gemm_args(codes, scale, zero, sums, fc1._lowrank_t(rows)), rows.dtype,
+            fc2.static_qparams, fc2.input_scale, fc2.act.qmin, fc2.act.qmax, fc2.act.symmetric,
+        )  # fmt: skip
+        h_scale, h_zero = fc2._static_row_qparams(len(rows))
+        h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
+        return triton_ops.int_gemm(*fc2._int_gemm_args(hidden, h_scale, h_zero, h_sums, None),
+                                   rows.dtype)  # fmt: skip
+
+
+def convert_model(model: nn.Module, fuse_mlp: bool = False) -> nn.Module:
     """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
     ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
     simulated, as do the attention matmul quantizers. Warns when some layers have a
-    format without a GPU kernel (``reference``: they dequantize, then matmul)."""
+    format without a GPU kernel (``reference``: they dequantize, then matmul).
+    ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (not yet the
+    default: its speed has not been measured on a GPU)."""
     slow = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:
@@ -431,4 +505,10 @@ def convert_model(model: nn.Module) -> nn.Module:
             "weights per channel/tensor with FP8 activations (ditq.kernels.linear)",
             stacklevel=2,
         )
+    if fuse_mlp:
+        for name, module in list(model.named_modules()):
+            if name and FusedQuantMlp.fusable(module):
+                parent, _, child = name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                setattr(owner, child, FusedQuantMlp(module.fc1, module.fc2))
     return model

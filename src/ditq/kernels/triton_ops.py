@@ -110,12 +110,23 @@ def _epilogue(
     l_ptr,
     out_ptr,
     stride_om,
+    oq_ptr,
+    os_ptr,
     HAS_BIAS: tl.constexpr,
     R: tl.constexpr,
     RP: tl.constexpr,
     DOT: tl.constexpr,
+    GELU_QUANT: tl.constexpr,
+    HAS_OS: tl.constexpr,
+    ACT: tl.constexpr,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
-    """``acc (+ bias) (+ T Lᵀ)`` stored in the output's dtype."""
+    """``y = acc (+ bias) (+ T Lᵀ)`` stored in the output's dtype, or with ``GELU_QUANT``
+    the next layer's int8 input codes: ``y`` rounded to the activation dtype ``ACT``, GELU
+    (tanh) as PyTorch computes it, optionally divided by that layer's online input scale,
+    then quantized with its static ``[scale, zero point]`` (``quantize_act``'s arithmetic)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if R > 0:
@@ -133,7 +144,18 @@ def _epilogue(
         acc += tl.dot(t.to(DOT), lt.to(DOT))
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if GELU_QUANT:
+        y = acc.to(ACT).to(tl.float32)
+        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+        y = (0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))).to(ACT).to(tl.float32)
+        if HAS_OS:
+            s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
+            y = tl.math.div_rn(y, s[None, :]).to(ACT).to(tl.float32)
+        codes = _round_half_even(tl.math.div_rn(y, tl.load(oq_ptr))) + tl.load(oq_ptr + 1)
+        codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
+        tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -150,6 +172,8 @@ def _int_gemm_kernel(
     t_ptr,
     l_ptr,
     out_ptr,
+    oq_ptr,
+    os_ptr,
     M,
     N,
     K,
@@ -163,6 +187,12 @@ def _int_gemm_kernel(
     R: tl.constexpr,
     RP: tl.constexpr,
     DOT: tl.constexpr,
+    GELU_QUANT: tl.constexpr,
+    HAS_OS: tl.constexpr,
+    ACT: tl.constexpr,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    SHIFT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -221,8 +251,9 @@ def _int_gemm_kernel(
         ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
         acc = acc_i.to(tl.float32) * (xs[:, None] * ws[None, :])
     _epilogue(
-        acc, offs_m, offs_n, M, N, bias_ptr, t_ptr, l_ptr, out_ptr, stride_om, HAS_BIAS, R, RP, DOT
-    )
+        acc, offs_m, offs_n, M, N, bias_ptr, t_ptr, l_ptr, out_ptr, stride_om, oq_ptr, os_ptr,
+        HAS_BIAS, R, RP, DOT, GELU_QUANT, HAS_OS, ACT, QMIN, QMAX, SHIFT,
+    )  # fmt: skip
 
 
 def _rank_padding(rank: int) -> int:
@@ -324,6 +355,57 @@ def _(x, input_scale, static_qparams, qmin, qmax, symmetric):
     return (x.new_empty((M, K), dtype=torch.int8), *rows)
 
 
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _launch_int_gemm(
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    x_sum: torch.Tensor | None,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    w_sum: torch.Tensor,
+    bias: torch.Tensor | None,
+    lowrank_t: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    group_size: int,
+    has_x_zero: bool,
+    act_dtype: torch.dtype,
+    gelu_quant: tuple[torch.Tensor, torch.Tensor | None, int, int, int] | None = None,
+) -> None:
+    """Run ``_int_gemm_kernel`` into ``out``; ``gelu_quant`` = (static [scale, zero point],
+    online input scale or None, q_min, q_max, shift) of the next layer's input."""
+    M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
+    if not M:
+        return
+    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
+    if INTERPRETED:
+        meta = _interpreter_tiles(M, N, K, group_size)
+        kernel = _int_gemm_kernel[(triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)]
+    else:
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+        kernel = _TUNED_INT_GEMM[bool(group_size)][grid]
+        meta = {"BK": group_size} if group_size else {}
+    out_qparams, out_input_scale, qmin, qmax, shift = gelu_quant or (None, None, 0, 0, 0)
+    optional = lambda t: t if t is not None else _placeholder(codes)  # noqa: E731
+    kernel(
+        codes, weight, x_scale, x_zero, optional(x_sum), w_scale, optional(w_zero), w_sum,
+        optional(bias), optional(lowrank_t), optional(lowrank_up), out, optional(out_qparams),
+        optional(out_input_scale), M, N, K, max(1, K // group_size) if group_size else 1,
+        weight.stride(0), out.stride(0),
+        GROUPED=bool(group_size), HAS_XZP=has_x_zero, HAS_WZP=w_zero is not None,
+        HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank), DOT=_DOT_DTYPE,
+        GELU_QUANT=gelu_quant is not None, HAS_OS=out_input_scale is not None,
+        ACT=_TL_DTYPES[act_dtype], QMIN=qmin, QMAX=qmax, SHIFT=shift, **meta,
+    )  # fmt: skip
+
+
 @torch.library.custom_op("ditq::int_gemm", mutates_args=())
 def int_gemm(
     codes: torch.Tensor,
@@ -345,48 +427,11 @@ def int_gemm(
     ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the input-channel
     group size (w_scale (N, K / g)). ``x_sum`` is read only for per-channel weights with
     zero points."""
-    M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
-    out = torch.empty((M, N), device=codes.device, dtype=out_dtype)
-    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-    if INTERPRETED:
-        meta = _interpreter_tiles(M, N, K, group_size)
-        kernel = _int_gemm_kernel[(triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)]
-    else:
-
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-        kernel = _TUNED_INT_GEMM[bool(group_size)][grid]
-        meta = {"BK": group_size} if group_size else {}
-    if M:
-        kernel(
-            codes,
-            weight,
-            x_scale,
-            x_zero,
-            x_sum if x_sum is not None else _placeholder(codes),
-            w_scale,
-            w_zero if w_zero is not None else _placeholder(codes),
-            w_sum,
-            bias if bias is not None else _placeholder(codes),
-            lowrank_t if lowrank_t is not None else _placeholder(codes),
-            lowrank_up if lowrank_up is not None else _placeholder(codes),
-            out,
-            M,
-            N,
-            K,
-            max(1, K // group_size) if group_size else 1,
-            weight.stride(0),
-            out.stride(0),
-            GROUPED=bool(group_size),
-            HAS_XZP=has_x_zero,
-            HAS_WZP=w_zero is not None,
-            HAS_BIAS=bias is not None,
-            R=rank,
-            RP=_rank_padding(rank),
-            DOT=_DOT_DTYPE,
-            **meta,
-        )
+    out = torch.empty((codes.shape[0], weight.shape[0]), device=codes.device, dtype=out_dtype)
+    _launch_int_gemm(
+        out, codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
+        lowrank_up, group_size, has_x_zero, out_dtype,
+    )  # fmt: skip
     return out
 
 
@@ -394,3 +439,45 @@ def int_gemm(
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
       lowrank_up, group_size, has_x_zero, out_dtype):  # fmt: skip
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("ditq::int_gemm_gelu_quantize", mutates_args=())
+def int_gemm_gelu_quantize(
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    x_sum: torch.Tensor | None,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    w_sum: torch.Tensor,
+    bias: torch.Tensor | None,
+    lowrank_t: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    group_size: int,
+    has_x_zero: bool,
+    act_dtype: torch.dtype,
+    out_qparams: torch.Tensor,
+    out_input_scale: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """``int_gemm`` whose epilogue applies GELU (tanh) and quantizes the result for the next
+    layer: int8 codes (M, N) of ``gelu(y)`` (``/ out_input_scale``) with the static
+    ``out_qparams`` = [scale, zero point], asymmetric codes shifted by -128 as
+    ``quantize_act``'s. The GELU output itself is never written."""
+    out = torch.empty((codes.shape[0], weight.shape[0]), device=codes.device, dtype=torch.int8)
+    quant = (out_qparams, out_input_scale, qmin, qmax, 0 if symmetric else _SHIFT)
+    _launch_int_gemm(
+        out, codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
+        lowrank_up, group_size, has_x_zero, act_dtype, quant,
+    )  # fmt: skip
+    return out
+
+
+@int_gemm_gelu_quantize.register_fake
+def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
+      lowrank_up, group_size, has_x_zero, act_dtype, out_qparams, out_input_scale, qmin, qmax,
+      symmetric):  # fmt: skip
+    return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=torch.int8)
