@@ -119,3 +119,16 @@ def test_bench_fuse_mlp_reports_the_fused_blocks(tmp_path):
     }
     assert rows["w8a8-static"]["kernels"] == {"int": 8, "fused-mlp": 2}
     assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP
+
+
+def test_testbed_shape_is_the_shared_checkpoint_architecture():
+    from ditq.cli.bench import shape_model
+    from ditq.models import load_model
+
+    from conftest import TESTBED
+
+    if not TESTBED.is_file():
+        pytest.skip("../shared/models/dit_s2_cifar10.pt is not there")
+    model = shape_model("testbed")
+    assert model.config == load_model(TESTBED, progress=False).config
+    assert model.x_embedder.num_patches == 256

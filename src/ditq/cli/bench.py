@@ -64,7 +64,10 @@ does not divide the width). Weights are asymmetric per output channel unless not
 per tensor unless noted; ``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128."""
 TORCHAO = ("torchao-int8dyn", "torchao-fp8row")
 VARIANTS = ("bf16", BASELINE, *QUANT_CONFIGS, *TORCHAO)
-DEFAULT_SHAPES = "DiT-XL/2@256,DiT-XL/2@512"
+NAMED_SHAPES = {"testbed": ("DiT-S/2", {"input_size": 32, "in_channels": 3, "num_classes": 10})}
+"""Shapes by name: ``testbed`` is the architecture of ``../shared``'s DiT-S/2 on CIFAR-10
+(32×32×3 pixels, patch 2: 256 tokens like DiT-XL/2 at 256 px; 10 classes)."""
+DEFAULT_SHAPES = "DiT-XL/2@256,DiT-XL/2@512,testbed"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shapes",
         default=None,
-        help=f"comma-separated ARCH@PIXELS with random weights (default {DEFAULT_SHAPES}; "
+        help="comma-separated ARCH@PIXELS or 'testbed', random weights (default "
+        f"{DEFAULT_SHAPES}; "
         "none when --model is given)",
     )
     parser.add_argument("--model", action="append", default=[], help="checkpoint (repeatable)")
@@ -122,12 +126,20 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def shape_model(shape: str) -> DiT:
-    """A random fp32 DiT for ``ARCH@PIXELS`` (latent side PIXELS / 8, 4 channels)."""
-    arch, _, pixels = shape.partition("@")
-    if not pixels.isdigit() or int(pixels) % 8:
-        raise DitqError(f"shape {shape!r}: write ARCH@PIXELS with PIXELS a multiple of 8")
+    """A random fp32 DiT for ``ARCH@PIXELS`` (latent side PIXELS / 8, 4 channels) or a name
+    of :data:`NAMED_SHAPES`."""
+    if shape in NAMED_SHAPES:
+        arch, overrides = NAMED_SHAPES[shape]
+    else:
+        arch, _, pixels = shape.partition("@")
+        if not pixels.isdigit() or int(pixels) % 8:
+            raise DitqError(
+                f"shape {shape!r}: write ARCH@PIXELS with PIXELS a multiple of 8, or one of "
+                f"{', '.join(NAMED_SHAPES)}"
+            )
+        overrides = {"input_size": int(pixels) // 8}
     torch.manual_seed(0)
-    return DiT(config_for(arch, input_size=int(pixels) // 8)).eval()
+    return DiT(config_for(arch, **overrides)).eval()
 
 
 def denoiser_inputs(
