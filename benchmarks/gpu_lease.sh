@@ -11,6 +11,11 @@
 #   stage ref    (carry .carry2: Inception weights) reference statistics of CIFAR-10 train
 #   stage wait   sleep, then show progress (and copy the profile results to $OUT, once)
 #   stage finish evaluate what was sampled, write the report, copy results to $OUT
+#   stage kernels (carry .whl: the torchao wheel, see the device README) the issue-7 suite,
+#                one job per GPU: kernel check; bench at batch 64 with and without
+#                --fuse-mlp (profiled, torchao peers included); batch 1/16 with and without
+#                --cuda-graphs, with the testbed shape
+#   stage kcollect copy the suite's results to $OUT
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -53,6 +58,24 @@ wait)
   [ -f $D/prof.done ] && [ ! -f $D/prof.copied ] && touch $D/prof.copied && \
     cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/
   ;;
+kernels)
+  rm -rf $D/code $D/k && mkdir -p $D/code $D/k && cp -r src benchmarks $D/code/
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $D/site .whl/*.whl
+  export PYTHONPATH=$D/code/src:$D/site
+  cd $D/code
+  B="python -m ditq bench --iters 10 --warmup 3 --steps 50"
+  V64=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w8a8-dynamic,w4a8,w4a8-channel,w4a16,torchao-int8dyn,torchao-fp8row
+  V16=bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel
+  job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k/$3.done" > $D/k/$3.log 2>&1 < /dev/null & }
+  job 0 "timeout 300 python benchmarks/kernels_check.py $D/k/kernels_check.json && timeout 200 python benchmarks/gemm_sweep.py $D/k/gemm.json" check
+  job 1 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --out $D/k/b64" b64
+  job 2 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --fuse-mlp --out $D/k/b64_fused" b64_fused
+  job 3 "$B --shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16 --out $D/k/small && $B --shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16 --cuda-graphs --out $D/k/small_graphs" small
+  sleep "${SLEEP:-30}"; ls $D/k; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
+kcollect)
+  ls $D/k; tail -n 3 $D/k/*.log | cut -c1-300
+  cd $D/k && for f in */bench.md; do cp $f $OUT/$(dirname $f).md; done
+  tar czf $OUT/kernels_suite.tgz --exclude='*.log' -C $D k ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \

@@ -31,6 +31,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     [
         (["--variants", "int3"], "--variants 'int3': choose from"),
         (["--batches", "0"], "positive integers"),
+        (["--cuda-graphs"], "--cuda-graphs replays compiled blocks on a GPU"),
     ],
 )
 def test_bench_bad_options(tmp_path, capsys, extra, message):
@@ -132,3 +133,19 @@ def test_testbed_shape_is_the_shared_checkpoint_architecture():
     model = shape_model("testbed")
     assert model.config == load_model(TESTBED, progress=False).config
     assert model.x_embedder.num_patches == 256
+
+
+def test_cuda_graph_steps_begin_at_every_denoiser_call(monkeypatch):
+    from ditq.cli.bench import denoiser_inputs, mark_cuda_graph_steps
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = tiny_dit()
+    inputs = denoiser_inputs(model, 1, "cpu", torch.float32)
+    expected = model.forward_with_cfg(*inputs, cfg_scale=1.5)
+    mark_cuda_graph_steps(model)
+    torch.testing.assert_close(model.forward_with_cfg(*inputs, cfg_scale=1.5), expected)
+    assert marks  # at least one mark per call, before any block runs
+    count = len(marks)
+    model(*inputs)
+    assert len(marks) == count + 1

@@ -99,6 +99,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="compile the quantized and torchao variants (default: on CUDA)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="compile the blocks with mode='reduce-overhead' (CUDA graphs: no per-kernel "
+        "launch cost, which dominates at batch 1), baseline included",
+    )
+    parser.add_argument(
         "--fuse-mlp",
         action="store_true",
         help="run each fusable MLP of the int variants as one fc1 kernel writing fc2's int8 "
@@ -208,10 +214,30 @@ def _torchao_apply(model: DiT, variant: str) -> None:
     quantize_(model, config, filter_fn=in_blocks)
 
 
+def mark_cuda_graph_steps(model: nn.Module) -> None:
+    """Begin a new CUDA-graph step at every denoiser call of ``model`` (its previous
+    outputs are consumed by then), as ``torch.compile(mode="reduce-overhead")`` asks of
+    inference loops."""
+    for name in ("forward", "forward_with_cfg"):
+        method = getattr(model, name)
+
+        def marked(*args, _method=method, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()
+            return _method(*args, **kwargs)
+
+        setattr(model, name, marked)
+
+
 def build_variant(
-    base: DiT, variant: str, device: str, compile_models: bool, fuse_mlp: bool = False
+    base: DiT,
+    variant: str,
+    device: str,
+    compile_models: bool,
+    fuse_mlp: bool = False,
+    cuda_graphs: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it."""
+    """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it;
+    compiled blocks replay CUDA graphs with ``cuda_graphs``."""
     # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
     # graphs would otherwise pile up to Dynamo's cache limit and leave later variants eager.
     torch._dynamo.reset()
@@ -238,7 +264,10 @@ def build_variant(
             _torchao_apply(model, variant)
     if info["compiled"]:
         for block in model.blocks:
-            block.compile()
+            block.compile(mode="reduce-overhead" if cuda_graphs else None)
+        if cuda_graphs:
+            info["cuda_graphs"] = True
+            mark_cuda_graph_steps(model)
     info["memory_bytes"] = state_bytes(model)
     return model, info
 
@@ -360,7 +389,9 @@ def bench_variant(
     """Rows of one variant (one per batch size); a failure is recorded, not raised."""
     cuda = torch.device(args.device).type == "cuda"
     try:
-        model, info = build_variant(base, variant, args.device, compile_models, args.fuse_mlp)
+        model, info = build_variant(
+            base, variant, args.device, compile_models, args.fuse_mlp, args.cuda_graphs
+        )
     except Exception as err:  # noqa: BLE001 - recorded for the report, the run goes on
         return [
             {"variant": variant, "batch": b, "error": f"{type(err).__name__}: {err}"}
@@ -420,7 +451,8 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
             )
             continue
         kernels = ", ".join(f"{k}×{n}" for k, n in r.get("kernels", {}).items()) or "torch"
-        kernels += " (compiled)" if r.get("compiled") else ""
+        if r.get("compiled"):
+            kernels += " (compiled, CUDA graphs)" if r.get("cuda_graphs") else " (compiled)"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {kernels} | "
             f"{num(r, 'latency_ms', '.2f')} | {num(r, 'speedup', '.2f')} | "
@@ -463,6 +495,9 @@ def run(args: argparse.Namespace) -> None:
     if cuda and not torch.cuda.is_available():
         raise DitqError(f"--device {args.device} needs a CUDA GPU; none is available")
     compile_models = cuda if args.compile is None else args.compile
+    if args.cuda_graphs and not (cuda and compile_models):
+        raise DitqError("--cuda-graphs replays compiled blocks on a GPU: use --device cuda "
+                        "(and leave --no-compile out)")  # fmt: skip
     if not _torchao_available():
         variants = [v for v in variants if v not in TORCHAO]
     shapes = args.shapes if args.shapes is not None else ("" if args.model else DEFAULT_SHAPES)
