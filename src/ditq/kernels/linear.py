@@ -429,7 +429,7 @@ def _dynamic_tensor_qparams(
 
 class FusedQuantMlp(nn.Module):
     """``fc2(GELU(fc1(x)))`` of a DiT block whose fc1 epilogue writes fc2's int8 input codes
-    (``triton_ops.int_gemm_gelu_quantize``: GELU, fc2's online input scale and static
+    (``triton_ops.int_gemm`` with ``next_qparams``: GELU, fc2's online input scale and static
     quantization in the epilogue), so the 4×-wide hidden activation never goes through
     memory in 16 bits, nor through a separate quantization kernel. Same arithmetic as the
     unfused ``RealQuantLinear`` pair up to the last bit of GELU's tanh; off CUDA it runs
@@ -470,7 +470,7 @@ class FusedQuantMlp(nn.Module):
         if not rows.is_contiguous():
             rows = rows.contiguous()
         codes, scale, zero, sums = fc1._quantize_cuda(rows)
-        hidden = triton_ops.int_gemm_gelu_quantize(
+        hidden = triton_ops.int_gemm(
             *fc1._int_gemm_args(codes, scale, zero, sums, fc1._lowrank_t(rows)), rows.dtype,
             fc2.static_qparams, fc2.input_scale, fc2.act.qmin, fc2.act.qmax, fc2.act.symmetric,
         )  # fmt: skip

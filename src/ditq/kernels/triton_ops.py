@@ -24,7 +24,9 @@ them as opaque calls and fuses the BF16 code around them:
 
 ``int_gemm`` adds ``T · Lᵀ`` in its epilogue when given the DiTAS low-rank intermediate
 ``T = x Rᵀ`` (M, r) and ``L`` (N, r): one extra small dot per output tile instead of a
-second GEMM launch and an add.
+second GEMM launch and an add. Given the next layer's static input range it also applies
+GELU and that layer's quantization in the epilogue and writes int8 codes instead of ``y``
+(``FusedQuantMlp``: fc1 writing fc2's input).
 """
 
 from __future__ import annotations
@@ -358,54 +360,6 @@ def _(x, input_scale, static_qparams, qmin, qmax, symmetric):
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def _launch_int_gemm(
-    out: torch.Tensor,
-    codes: torch.Tensor,
-    x_scale: torch.Tensor,
-    x_zero: torch.Tensor,
-    x_sum: torch.Tensor | None,
-    weight: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_zero: torch.Tensor | None,
-    w_sum: torch.Tensor,
-    bias: torch.Tensor | None,
-    lowrank_t: torch.Tensor | None,
-    lowrank_up: torch.Tensor | None,
-    group_size: int,
-    has_x_zero: bool,
-    act_dtype: torch.dtype,
-    gelu_quant: tuple[torch.Tensor, torch.Tensor | None, int, int, int] | None = None,
-) -> None:
-    """Run ``_int_gemm_kernel`` into ``out``; ``gelu_quant`` = (static [scale, zero point],
-    online input scale or None, q_min, q_max, shift) of the next layer's input."""
-    M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
-    if not M:
-        return
-    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
-    if INTERPRETED:
-        meta = _interpreter_tiles(M, N, K, group_size)
-        kernel = _int_gemm_kernel[(triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)]
-    else:
-
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-        kernel = _TUNED_INT_GEMM[bool(group_size)][grid]
-        meta = {"BK": group_size} if group_size else {}
-    out_qparams, out_input_scale, qmin, qmax, shift = gelu_quant or (None, None, 0, 0, 0)
-    optional = lambda t: t if t is not None else _placeholder(codes)  # noqa: E731
-    kernel(
-        codes, weight, x_scale, x_zero, optional(x_sum), w_scale, optional(w_zero), w_sum,
-        optional(bias), optional(lowrank_t), optional(lowrank_up), out, optional(out_qparams),
-        optional(out_input_scale), M, N, K, max(1, K // group_size) if group_size else 1,
-        weight.stride(0), out.stride(0),
-        GROUPED=bool(group_size), HAS_XZP=has_x_zero, HAS_WZP=w_zero is not None,
-        HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank), DOT=_DOT_DTYPE,
-        GELU_QUANT=gelu_quant is not None, HAS_OS=out_input_scale is not None,
-        ACT=_TL_DTYPES[act_dtype], QMIN=qmin, QMAX=qmax, SHIFT=shift, **meta,
-    )  # fmt: skip
-
-
 @torch.library.custom_op("ditq::int_gemm", mutates_args=())
 def int_gemm(
     codes: torch.Tensor,
@@ -422,62 +376,54 @@ def int_gemm(
     group_size: int,
     has_x_zero: bool,
     out_dtype: torch.dtype,
+    next_qparams: torch.Tensor | None = None,
+    next_input_scale: torch.Tensor | None = None,
+    next_qmin: int = 0,
+    next_qmax: int = 0,
+    next_symmetric: bool = True,
 ) -> torch.Tensor:
-    """``y`` (M, N) from int8 activation codes (M, K) and int8 weight codes (N, K);
-    ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the input-channel
-    group size (w_scale (N, K / g)). ``x_sum`` is read only for per-channel weights with
-    zero points."""
-    out = torch.empty((codes.shape[0], weight.shape[0]), device=codes.device, dtype=out_dtype)
-    _launch_int_gemm(
-        out, codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-        lowrank_up, group_size, has_x_zero, out_dtype,
+    """``y`` (M, N) in ``out_dtype`` from int8 activation codes (M, K) and int8 weight codes
+    (N, K); ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the
+    input-channel group size (w_scale (N, K / g)). ``x_sum`` is read only for per-channel
+    weights with zero points.
+
+    With ``next_qparams`` (the next layer's static input [scale, zero point]) the epilogue
+    instead applies GELU (tanh) to ``y`` (rounded to ``out_dtype``), divides by
+    ``next_input_scale`` if given and returns the next layer's int8 input codes (M, N), shifted
+    by -128 when asymmetric as ``quantize_act``'s: ``y`` itself is never written."""
+    M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
+    quantized = next_qparams is not None
+    out = torch.empty((M, N), device=codes.device, dtype=torch.int8 if quantized else out_dtype)
+    if not M:
+        return out
+    rank = 0 if lowrank_t is None else lowrank_t.shape[1]
+    if INTERPRETED:
+        meta = _interpreter_tiles(M, N, K, group_size)
+        kernel = _int_gemm_kernel[(triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)]
+    else:
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+        kernel = _TUNED_INT_GEMM[bool(group_size)][grid]
+        meta = {"BK": group_size} if group_size else {}
+    optional = lambda t: t if t is not None else _placeholder(codes)  # noqa: E731
+    kernel(
+        codes, weight, x_scale, x_zero, optional(x_sum), w_scale, optional(w_zero), w_sum,
+        optional(bias), optional(lowrank_t), optional(lowrank_up), out, optional(next_qparams),
+        optional(next_input_scale), M, N, K, max(1, K // group_size) if group_size else 1,
+        weight.stride(0), out.stride(0),
+        GROUPED=bool(group_size), HAS_XZP=has_x_zero, HAS_WZP=w_zero is not None,
+        HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank), DOT=_DOT_DTYPE,
+        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, ACT=_TL_DTYPES[out_dtype],
+        QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
     )  # fmt: skip
     return out
 
 
 @int_gemm.register_fake
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-      lowrank_up, group_size, has_x_zero, out_dtype):  # fmt: skip
-    return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("ditq::int_gemm_gelu_quantize", mutates_args=())
-def int_gemm_gelu_quantize(
-    codes: torch.Tensor,
-    x_scale: torch.Tensor,
-    x_zero: torch.Tensor,
-    x_sum: torch.Tensor | None,
-    weight: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_zero: torch.Tensor | None,
-    w_sum: torch.Tensor,
-    bias: torch.Tensor | None,
-    lowrank_t: torch.Tensor | None,
-    lowrank_up: torch.Tensor | None,
-    group_size: int,
-    has_x_zero: bool,
-    act_dtype: torch.dtype,
-    out_qparams: torch.Tensor,
-    out_input_scale: torch.Tensor | None,
-    qmin: int,
-    qmax: int,
-    symmetric: bool,
-) -> torch.Tensor:
-    """``int_gemm`` whose epilogue applies GELU (tanh) and quantizes the result for the next
-    layer: int8 codes (M, N) of ``gelu(y)`` (``/ out_input_scale``) with the static
-    ``out_qparams`` = [scale, zero point], asymmetric codes shifted by -128 as
-    ``quantize_act``'s. The GELU output itself is never written."""
-    out = torch.empty((codes.shape[0], weight.shape[0]), device=codes.device, dtype=torch.int8)
-    quant = (out_qparams, out_input_scale, qmin, qmax, 0 if symmetric else _SHIFT)
-    _launch_int_gemm(
-        out, codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-        lowrank_up, group_size, has_x_zero, act_dtype, quant,
-    )  # fmt: skip
-    return out
-
-
-@int_gemm_gelu_quantize.register_fake
-def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-      lowrank_up, group_size, has_x_zero, act_dtype, out_qparams, out_input_scale, qmin, qmax,
-      symmetric):  # fmt: skip
-    return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=torch.int8)
+      lowrank_up, group_size, has_x_zero, out_dtype, next_qparams=None, next_input_scale=None,
+      next_qmin=0, next_qmax=0, next_symmetric=True):  # fmt: skip
+    dtype = torch.int8 if next_qparams is not None else out_dtype
+    return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
