@@ -101,66 +101,6 @@ def _quantize_act_kernel(
 
 
 @triton.jit
-def _epilogue(
-    acc,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    bias_ptr,
-    t_ptr,
-    l_ptr,
-    out_ptr,
-    stride_om,
-    oq_ptr,
-    os_ptr,
-    HAS_BIAS: tl.constexpr,
-    R: tl.constexpr,
-    RP: tl.constexpr,
-    DOT: tl.constexpr,
-    GELU_QUANT: tl.constexpr,
-    HAS_OS: tl.constexpr,
-    ACT: tl.constexpr,
-    QMIN: tl.constexpr,
-    QMAX: tl.constexpr,
-    SHIFT: tl.constexpr,
-):
-    """``y = acc (+ bias) (+ T Lᵀ)`` stored in the output's dtype, or with ``GELU_QUANT``
-    the next layer's int8 input codes: ``y`` rounded to the activation dtype ``ACT``, GELU
-    (tanh) as PyTorch computes it, optionally divided by that layer's online input scale,
-    then quantized with its static ``[scale, zero point]`` (``quantize_act``'s arithmetic)."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if R > 0:
-        offs_r = tl.arange(0, RP)
-        t = tl.load(
-            t_ptr + offs_m[:, None] * R + offs_r[None, :],
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        lt = tl.load(
-            l_ptr + offs_n[None, :] * R + offs_r[:, None],
-            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
-            other=0.0,
-        )
-        acc += tl.dot(t.to(DOT), lt.to(DOT))
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if GELU_QUANT:
-        y = acc.to(ACT).to(tl.float32)
-        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
-        y = (0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))).to(ACT).to(tl.float32)
-        if HAS_OS:
-            s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
-            y = tl.math.div_rn(y, s[None, :]).to(ACT).to(tl.float32)
-        codes = _round_half_even(tl.math.div_rn(y, tl.load(oq_ptr))) + tl.load(oq_ptr + 1)
-        codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
-        tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _int_gemm_kernel(
     a_ptr,
     w_ptr,
@@ -252,10 +192,39 @@ def _int_gemm_kernel(
             acc_i -= xz[:, None] * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
         ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
         acc = acc_i.to(tl.float32) * (xs[:, None] * ws[None, :])
-    _epilogue(
-        acc, offs_m, offs_n, M, N, bias_ptr, t_ptr, l_ptr, out_ptr, stride_om, oq_ptr, os_ptr,
-        HAS_BIAS, R, RP, DOT, GELU_QUANT, HAS_OS, ACT, QMIN, QMAX, SHIFT,
-    )  # fmt: skip
+    # Epilogue: y = acc (+ bias) (+ T Lᵀ) stored in the output's dtype, or with GELU_QUANT
+    # the next layer's int8 input codes: y rounded to the activation dtype ACT, GELU (tanh)
+    # as PyTorch computes it, optionally divided by that layer's online input scale, then
+    # quantized with its static [scale, zero point] (quantize_act's arithmetic).
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if R > 0:
+        offs_r = tl.arange(0, RP)
+        t = tl.load(
+            t_ptr + offs_m[:, None] * R + offs_r[None, :],
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        lt = tl.load(
+            l_ptr + offs_n[None, :] * R + offs_r[:, None],
+            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
+            other=0.0,
+        )
+        acc += tl.dot(t.to(DOT), lt.to(DOT))
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if GELU_QUANT:
+        y = acc.to(ACT).to(tl.float32)
+        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+        y = (0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))).to(ACT).to(tl.float32)
+        if HAS_OS:
+            s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
+            y = tl.math.div_rn(y, s[None, :]).to(ACT).to(tl.float32)
+        codes = _round_half_even(tl.math.div_rn(y, tl.load(oq_ptr))) + tl.load(oq_ptr + 1)
+        codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
+        tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rank_padding(rank: int) -> int:
