@@ -327,8 +327,10 @@ def kernel_category(name: str) -> str:
     kernels (``triton_…_fused_<ops>``) name the ops they fuse, GEMMs included when they fuse
     a GEMM's epilogue, so they are only ever ``quantize`` or ``norm/elementwise``."""
     lowered = name.lower()
-    categories = KERNEL_CATEGORIES[2:] if lowered.startswith("triton_") else KERNEL_CATEGORIES
-    for category, fragments in categories:
+    inductor = lowered.startswith("triton_")
+    for category, fragments in KERNEL_CATEGORIES:
+        if inductor and category in ("attention", "gemm"):
+            continue
         if any(fragment in lowered for fragment in fragments):
             return category
     return "other"

@@ -294,7 +294,9 @@ class RealQuantLinear(nn.Module):
         x = rows if self.input_scale is None else rows / self.input_scale.to(rows.dtype)
         if self.act.fmt is not None:
             qp = self.static_qparams
-            codes, scale, zero, _ = quantize_activation(rows, self.act, self.input_scale, qp)
+            codes, scale, zero, _ = quantize_activation(
+                rows, self.act, self.input_scale, qp, code_sums=False
+            )
             x = ((codes.float() - zero.float()[:, None]) * scale[:, None]).to(rows.dtype)
         weight = self.dequantized_weight().to(rows.dtype)
         t = self._lowrank_t(rows)
@@ -362,7 +364,9 @@ class RealQuantLinear(nn.Module):
 
     def _forward_fp8(self, rows: torch.Tensor) -> torch.Tensor:
         t, up, qp = self._lowrank_t(rows), self.lowrank_up, self.static_qparams
-        codes, scale, _, _ = quantize_activation(rows, self.act, self.input_scale, qp)
+        codes, scale, _, _ = quantize_activation(
+            rows, self.act, self.input_scale, qp, code_sums=False
+        )
         y = torch._scaled_mm(
             codes,
             self.weight.t(),
