@@ -12,9 +12,10 @@
 #   stage wait   sleep, then show progress (and copy the profile results to $OUT, once)
 #   stage finish evaluate what was sampled, write the report, copy results to $OUT
 #   stage kernels (carry .whl: the torchao wheel, see the device README) the issue-7 suite,
-#                one job per GPU: kernel check; bench at batch 64 with and without
-#                --fuse-mlp (profiled, torchao peers included); batch 1/16 with and without
-#                --cuda-graphs, with the testbed shape
+#                one job per GPU: kernel check, GEMM timings, batch 1/16 fused with CUDA
+#                graphs; bench at batch 64 (profiled, torchao peers included); the same
+#                with --fuse-mlp; batch 1/16 with and without --fuse-mlp, testbed shape
+#                included
 #   stage kcollect copy the suite's results to $OUT
 set -uo pipefail
 stage=$1
@@ -54,7 +55,7 @@ ref)
   sleep "${SLEEP:-0}"; progress ;;
 wait)
   sleep "${SLEEP:-500}"; progress
-  tail -n 2 $D/bench/*.log 2>/dev/null
+  tail -n 2 $D/bench/*.log 2>/dev/null; ls $D/k 2>/dev/null
   [ -f $D/prof.done ] && [ ! -f $D/prof.copied ] && touch $D/prof.copied && \
     cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/
   ;;
@@ -64,18 +65,20 @@ kernels)
   export PYTHONPATH=$D/code/src:$D/site
   cd $D/code
   B="python -m ditq bench --iters 10 --warmup 3 --steps 50"
-  V64=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w8a8-dynamic,w4a8,w4a8-channel,w4a16,torchao-int8dyn,torchao-fp8row
+  V64=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w8a8-fp8,w8a8-dynamic,w4a8,w4a8-channel,w4a8-all,w4a16,torchao-int8dyn,torchao-fp8row
+  VF=bf16-compile,w8a8-static,w8a8-static-symw,w4a8,w4a8-channel,w4a8-all
   V16=bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel
+  S="--shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16"
   job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k/$3.done" > $D/k/$3.log 2>&1 < /dev/null & }
-  job 0 "timeout 300 python benchmarks/kernels_check.py $D/k/kernels_check.json && timeout 200 python benchmarks/gemm_sweep.py $D/k/gemm.json" check
+  job 0 "timeout 300 python benchmarks/kernels_check.py $D/k/kernels_check.json; timeout 200 python benchmarks/gemm_sweep.py $D/k/gemm.json; $B --shapes DiT-XL/2@256,testbed --batches 1,16 --variants $V16 --fuse-mlp --cuda-graphs --out $D/k/small_graphs" check
   job 1 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --out $D/k/b64" b64
-  job 2 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --fuse-mlp --out $D/k/b64_fused" b64_fused
-  job 3 "$B --shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16 --out $D/k/small && $B --shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16 --cuda-graphs --out $D/k/small_graphs" small
+  job 2 "$B --shapes DiT-XL/2@256 --batches 64 --variants $VF --profile --fuse-mlp --out $D/k/b64_fused" b64_fused
+  job 3 "$B $S --out $D/k/small; $B $S --fuse-mlp --out $D/k/small_fused" small
   sleep "${SLEEP:-30}"; ls $D/k; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
 kcollect)
   ls $D/k; tail -n 3 $D/k/*.log | cut -c1-300
   cd $D/k && for f in */bench.md; do cp $f $OUT/$(dirname $f).md; done
-  tar czf $OUT/kernels_suite.tgz --exclude='*.log' -C $D k ;;
+  tar czf $OUT/kernels_suite.tgz -C $D k ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \

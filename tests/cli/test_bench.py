@@ -122,6 +122,23 @@ def test_bench_fuse_mlp_reports_the_fused_blocks(tmp_path):
     assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP
 
 
+def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
+    path = tmp_path / "tiny.pt"
+    model = tiny_dit()
+    torch.save(model.state_dict(), path)
+    args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
+    args += ["--steps", "0", "--variants", "w4a8-channel,w4a8-all", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    rows = {
+        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    }
+    blocks = len(model.blocks)
+    assert rows["w4a8-channel"]["kernels"] == {"int": 4 * blocks}
+    # each block's adaLN linear, the final layer's adaLN linear and its projection
+    assert rows["w4a8-all"]["kernels"] == {"int": 5 * blocks + 2}
+    assert rows["w4a8-all"]["memory_bytes"] < rows["w4a8-channel"]["memory_bytes"]
+
+
 def test_testbed_shape_is_the_shared_checkpoint_architecture():
     from ditq.cli.bench import shape_model
     from ditq.models import load_model

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ditq.calib.dataset import CalibrationSet
+from ditq.calib.hooks import LayerSelection
 from ditq.cli.common import default_device, parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
@@ -56,12 +57,15 @@ QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "w8a8-fp8-static": dict(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3"),
     "w4a8": dict(wbits=4, abits=8, w_symmetric=True, w_granularity="group"),
     "w4a8-channel": dict(wbits=4, abits=8),
+    "w4a8-all": dict(wbits=4, abits=8, layers=LayerSelection(adaln=True, final_layer=True)),
     "w4a16": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
 }
 """RTN configurations of the quantized variants (``w_group_size``: 128, or 32 when 128
 does not divide the width). Weights are asymmetric per output channel unless noted
 (``symw``: symmetric, which spares the activation code sums), activations 8-bit static
-per tensor unless noted; ``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128."""
+per tensor unless noted; ``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128.
+Block linears only, except ``w4a8-all``: ``w4a8-channel`` on the adaLN and final linears too
+(a third of DiT-XL/2's parameters are adaLN's)."""
 TORCHAO = ("torchao-int8dyn", "torchao-fp8row")
 VARIANTS = ("bf16", BASELINE, *QUANT_CONFIGS, *TORCHAO)
 NAMED_SHAPES = {"testbed": ("DiT-S/2", {"input_size": 32, "in_channels": 3, "num_classes": 10})}
