@@ -8,8 +8,8 @@ Tokens 32768 is one call at batch 64 with guidance at 256 px (2 x 64 x 256). Eac
 the median of ``triton.testing.do_bench``; the activation quantization kernels (Triton
 ``quantize_act`` and the ``torch.compile``d torch twin) are timed on the same inputs. W4
 rows include the per-call unpacking of the int4 codes to int8. ``--sweep`` also times each
-configuration of ``TILES`` alone (a one-configuration autotuner in place of the tuned one):
-that sweep chose ``triton_ops.TUNED_TILES``.
+configuration of ``TILES`` alone (a one-configuration autotuner in place of the tuned one)
+for per-channel weights: that sweep chose ``triton_ops.TUNED_TILES``.
 """
 
 from __future__ import annotations
@@ -30,16 +30,13 @@ from ditq.quant.packing import unpack_int4
 from ditq.quant.spec import QuantSpec
 
 XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
-TILES = [  # (BM, BN, BK, num_warps, num_stages); BK is the group size for grouped weights
-    (128, 128, 128, 8, 2),
-    (128, 128, 128, 8, 3),
-    (128, 128, 128, 4, 4),
-    (128, 256, 128, 8, 3),
-    (256, 128, 128, 8, 3),
-    (128, 256, 64, 8, 4),
-    (128, 128, 64, 4, 5),
-    (64, 128, 128, 4, 4),
-    (64, 64, 128, 4, 4),
+TILES = [  # (BM, BN, BK, warps, stages, PERSISTENT, TMA); BK: group size if grouped
+    *triton_ops.TUNED_TILES["per_channel"],
+    (128, 128, 128, 8, 3, 0, 0),
+    (128, 128, 128, 4, 4, 0, 0),
+    (128, 256, 64, 8, 4, 0, 0),
+    (128, 256, 128, 8, 3, 1, 1),
+    (128, 128, 128, 8, 4, 1, 1),
 ]
 
 
@@ -51,12 +48,22 @@ def with_tiles(tiles: tuple[int, ...] | None, grouped: bool, fn: Callable[[], ob
     """Time ``fn`` with ``int_gemm`` autotuned (``tiles`` None) or fixed to ``tiles``."""
     if tiles is None:
         return bench(fn)
-    saved = triton_ops._TUNED_INT_GEMM[grouped]
-    triton_ops._TUNED_INT_GEMM[grouped] = triton_ops._autotuned((tiles,))
+    saved = dict(triton_ops._TUNED_INT_GEMM)
+    for tma in (False, True):
+        triton_ops._TUNED_INT_GEMM[grouped, tma] = triton_ops._autotuned((tiles,))
     try:
         return bench(fn)
     finally:
-        triton_ops._TUNED_INT_GEMM[grouped] = saved
+        triton_ops._TUNED_INT_GEMM.update(saved)
+
+
+def autotuner_choices() -> list[dict]:
+    """The configuration each ``int_gemm`` autotuner chose, by (M, N, K)."""
+    return [
+        {"grouped": grouped, "tma": tma, "key": str(key), "config": str(config)}
+        for (grouped, tma), tuner in triton_ops._TUNED_INT_GEMM.items()
+        for key, config in tuner.cache.items()
+    ]
 
 
 def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], object]]:
@@ -137,11 +144,10 @@ def main() -> None:
         for layer, (K, N) in XL_LAYERS.items():
             flops = 2 * M * N * K
             for impl, fn in layer_cases(M, K, N, args.device).items():
-                sweep = [None, *TILES] if args.sweep and impl.startswith("ditq") else [None]
+                swept = args.sweep and impl.startswith("ditq") and "group" not in impl
+                sweep = [None, *TILES] if swept else [None]
                 for tiles in sweep:
                     grouped = "group" in impl
-                    if tiles is not None and grouped:
-                        tiles = (*tiles[:2], 0, *tiles[3:])
                     try:
                         ms = with_tiles(tiles, grouped, fn)
                         record(M=M, layer=layer, impl=impl, tiles=tiles, ms=ms,
@@ -151,7 +157,8 @@ def main() -> None:
                         record(M=M, layer=layer, impl=impl, tiles=tiles, error=str(err)[:300])
             for impl, fn in quantize_cases(M, K, args.device).items():
                 record(M=M, layer=layer, impl=impl, tiles=None, ms=bench(fn))
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    choices = autotuner_choices()
+    Path(args.out).write_text(json.dumps({"rows": rows, "autotuned": choices}, indent=1) + "\n")
     best: dict[tuple, dict] = {}
     for r in rows:
         key = (r["M"], r["layer"], r["impl"])
@@ -160,6 +167,8 @@ def main() -> None:
     print(f"\n{'M':>6} {'layer':<5} {'impl':<30} {'ms':>8} {'TFLOPS':>7} tiles")
     for (M, layer, impl), r in best.items():
         print(f"{M:>6} {layer:<5} {impl:<30} {r['ms']:8.3f} {r.get('tflops', 0):7.0f} {r['tiles']}")
+    for choice in choices:
+        print(choice)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@
 #                graphs; bench at batch 64 (profiled, torchao peers included); the same
 #                with --fuse-mlp; batch 1/16 with and without --fuse-mlp, testbed shape
 #                included
-#   stage kcollect copy the suite's results to $OUT
+#   stage kcollect copy the suite's results to $OUT (K=k2: stage kernels2's)
+#   stage kernels2 the persistent / TMA int8 GEMM: tile sweep at 32,768 tokens, kernel
+#                check, demo + backend agreement; batch 64 with and without --fuse-mlp
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -55,7 +57,7 @@ ref)
   sleep "${SLEEP:-0}"; progress ;;
 wait)
   sleep "${SLEEP:-500}"; progress
-  tail -n 2 $D/bench/*.log 2>/dev/null; ls $D/k 2>/dev/null
+  tail -n 2 $D/bench/*.log 2>/dev/null; ls $D/k $D/k2 2>/dev/null
   [ -f $D/prof.done ] && [ ! -f $D/prof.copied ] && touch $D/prof.copied && \
     cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/
   ;;
@@ -75,10 +77,22 @@ kernels)
   job 2 "$B --shapes DiT-XL/2@256 --batches 64 --variants $VF --profile --fuse-mlp --out $D/k/b64_fused" b64_fused
   job 3 "$B $S --out $D/k/small; $B $S --fuse-mlp --out $D/k/small_fused" small
   sleep "${SLEEP:-30}"; ls $D/k; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
+kernels2)
+  rm -rf $D/code2 $D/k2 && mkdir -p $D/code2 $D/k2 && cp -r src benchmarks $D/code2/
+  export PYTHONPATH=$D/code2/src:$D/site
+  cd $D/code2
+  B="python -m ditq bench --iters 10 --warmup 3 --steps 50 --shapes DiT-XL/2@256 --batches 64 --profile"
+  V=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w4a8-all
+  job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k2/$3.done" > $D/k2/$3.log 2>&1 < /dev/null & }
+  job 0 "timeout 480 python benchmarks/gemm_sweep.py $D/k2/sweep.json --sweep --tokens 32768" sweep
+  job 1 "$B --variants $V --out $D/k2/b64" b64
+  job 2 "$B --variants $V --fuse-mlp --out $D/k2/b64_fused" b64_fused
+  job 3 "timeout 300 python benchmarks/kernels_check.py $D/k2/kernels_check.json; timeout 200 python benchmarks/gemm_sweep.py $D/k2/gemm.json --tokens 32768,8192,512; python -m ditq demo --device cuda --out $D/k2/demo > $D/k2/demo.log 2>&1; python benchmarks/backend_agreement.py $D/k2/demo $D/k2/backend_agreement.json --device cuda" check
+  sleep "${SLEEP:-30}"; ls $D/k2; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
 kcollect)
-  ls $D/k; tail -n 3 $D/k/*.log | cut -c1-300
-  cd $D/k && for f in */bench.md; do cp $f $OUT/$(dirname $f).md; done
-  tar czf $OUT/kernels_suite.tgz -C $D k ;;
+  K=${K:-k}; ls $D/$K; tail -n 3 $D/$K/*.log | cut -c1-300
+  cd $D/$K && for f in */bench.md; do cp $f $OUT/$(dirname $f).md; done
+  tar czf $OUT/kernels_suite${K#k}.tgz --exclude='demo' -C $D $K ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \

@@ -23,6 +23,18 @@ from ditq.quant.spec import PerChannel, PerGroup, QuantSpec  # noqa: E402
 KERNEL_FORMATS = [name for name in FORMATS if name not in ("fp8", "w8 int, a fp8")]
 
 
+@pytest.fixture(
+    params=[(0, False), (2, False), (0, True), (2, True)],
+    ids=["tile-per-program", "persistent", "tma", "tma-persistent"],
+)
+def gemm_schedule(request, monkeypatch):
+    """``int_gemm`` with one program per output tile or two persistent programs striding
+    over the tiles, operands loaded through pointers or TMA tensor descriptors."""
+    persistent, tma = request.param
+    monkeypatch.setitem(triton_ops.INTERPRETER_OPTIONS, "PERSISTENT", persistent)
+    monkeypatch.setitem(triton_ops.INTERPRETER_OPTIONS, "TMA", tma)
+
+
 def reference64(real: RealQuantLinear, rows: torch.Tensor) -> torch.Tensor:
     """``x̂ Ŵᵀ + b + (x R'ᵀ) Lᵀ`` in float64 from the layer's prepared tensors."""
     x = rows.double()
@@ -43,7 +55,7 @@ def reference64(real: RealQuantLinear, rows: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale+lowrank"])
-def test_kernels_match_float64(name, extras):
+def test_kernels_match_float64(name, extras, gemm_schedule):
     layer, x = packed_layer(*FORMATS[name], online_scale=extras, rank=4 if extras else 0, K=96)
     real = RealQuantLinear.from_quant_linear(layer)
     rows = x.reshape(-1, 96)
@@ -104,7 +116,9 @@ def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0):
     ids=["w8-sym-channel", "w8-asym-channel", "w4-asym-group32"],
 )
 @pytest.mark.parametrize("fc2_scale", [False, True], ids=["plain", "fc2-input-scale"])
-def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(w_spec, fc2_scale):
+def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
+    w_spec, fc2_scale, gemm_schedule
+):
     from ditq.kernels import FusedQuantMlp, convert_model
 
     mlp, simulated, x = fused_mlp_case(w_spec, fc2_scale)

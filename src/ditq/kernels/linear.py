@@ -367,15 +367,14 @@ class RealQuantLinear(nn.Module):
         codes, scale, _, _ = quantize_activation(
             rows, self.act, self.input_scale, qp, code_sums=False
         )
-        y = torch._scaled_mm(
+        y = torch._scaled_mm(  # bias in the GEMM's epilogue (fp32 sum, one rounding)
             codes,
             self.weight.t(),
             scale_a=scale.reshape(-1, 1),
             scale_b=self.w_scale.reshape(1, -1),
+            bias=None if self.bias is None else self.bias.to(torch.bfloat16),
             out_dtype=torch.bfloat16,
         )
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
         if t is not None:
             y = y + F.linear(t.to(y.dtype), up.to(y.dtype))
         return y.to(rows.dtype)

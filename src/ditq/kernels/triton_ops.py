@@ -31,11 +31,18 @@ GELU and that layer's quantization in the epilogue and writes int8 codes instead
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4: no host-side tensor descriptors, no TMA configurations
+    TensorDescriptor = None
 
 _SHIFT = 128  # asymmetric codes [0, 2^b - 1] are stored shifted by -128 into int8
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -104,6 +111,8 @@ def _quantize_act_kernel(
 def _int_gemm_kernel(
     a_ptr,
     w_ptr,
+    a_desc,
+    w_desc,
     xs_ptr,
     xz_ptr,
     xsum_ptr,
@@ -131,6 +140,7 @@ def _int_gemm_kernel(
     DOT: tl.constexpr,
     GELU_QUANT: tl.constexpr,
     HAS_OS: tl.constexpr,
+    FAST_MATH: tl.constexpr,
     ACT: tl.constexpr,
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
@@ -139,92 +149,114 @@ def _int_gemm_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
-    acc_i = tl.zeros((BM, BN), dtype=tl.int32)
-    acc_f = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BK)):
-        offs_k = kb * BK + tl.arange(0, BK)
-        a = tl.load(
-            a_ptr + offs_m[:, None] * K + offs_k[None, :],
-            mask=m_ok[:, None] & (offs_k[None, :] < K),
-            other=0,
-        )
-        w = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-            mask=(offs_k[:, None] < K) & n_ok[None, :],
-            other=0,
-        )
-        part = tl.dot(a, w, out_dtype=tl.int32)
-        if GROUPED:
-            g_idx = offs_n * NUM_GROUPS + kb
-            if HAS_WZP:
-                wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
-                part -= wz[None, :] * tl.sum(a.to(tl.int32), axis=1)[:, None]
+    # One output tile per program, or (PERSISTENT) a grid of PERSISTENT programs per
+    # multiprocessor striding over the tiles as one flattened loop, so that the compiler
+    # pipelines the next tile's loads under this tile's epilogue.
+    for tile in tl.range(
+        tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT > 0
+    ):
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * num_n)) % size_m
+        pid_n = (tile % (GROUP_M * num_n)) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        m_ok, n_ok = offs_m < M, offs_n < N
+        xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
+        acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+        acc_f = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            if TMA:  # the copy engine; out-of-bounds rows and columns read as zeros
+                a = a_desc.load([pid_m * BM, kb * BK])
+                w = w_desc.load([pid_n * BN, kb * BK]).T
+            else:
+                offs_k = kb * BK + tl.arange(0, BK)
+                a = tl.load(
+                    a_ptr + offs_m[:, None] * K + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k[None, :] < K),
+                    other=0,
+                )
+                w = tl.load(
+                    w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                    mask=(offs_k[:, None] < K) & n_ok[None, :],
+                    other=0,
+                )
+            part = tl.dot(a, w, out_dtype=tl.int32)
+            if GROUPED:
+                g_idx = offs_n * NUM_GROUPS + kb
+                if HAS_WZP:
+                    wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
+                    part -= wz[None, :] * tl.sum(a.to(tl.int32), axis=1)[:, None]
+                    if HAS_XZP:
+                        part += BK * xz[:, None] * wz[None, :]
                 if HAS_XZP:
-                    part += BK * xz[:, None] * wz[None, :]
-            if HAS_XZP:
-                part -= xz[:, None] * tl.load(wsum_ptr + g_idx, mask=n_ok, other=0)[None, :]
-            ws = tl.load(ws_ptr + g_idx, mask=n_ok, other=0.0)
-            acc_f += part.to(tl.float32) * ws[None, :]
+                    part -= xz[:, None] * tl.load(wsum_ptr + g_idx, mask=n_ok, other=0)[None, :]
+                ws = tl.load(ws_ptr + g_idx, mask=n_ok, other=0.0)
+                acc_f += part.to(tl.float32) * ws[None, :]
+            else:
+                acc_i += part
+        xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+        if GROUPED:
+            acc = acc_f * xs[:, None]
         else:
-            acc_i += part
-    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-    if GROUPED:
-        acc = acc_f * xs[:, None]
-    else:
-        if HAS_WZP:
-            wz = tl.load(wz_ptr + offs_n, mask=n_ok, other=0)
-            acc_i -= wz[None, :] * tl.load(xsum_ptr + offs_m, mask=m_ok, other=0)[:, None]
+            if HAS_WZP:
+                wz = tl.load(wz_ptr + offs_n, mask=n_ok, other=0)
+                acc_i -= wz[None, :] * tl.load(xsum_ptr + offs_m, mask=m_ok, other=0)[:, None]
+                if HAS_XZP:
+                    acc_i += K * xz[:, None] * wz[None, :]
             if HAS_XZP:
-                acc_i += K * xz[:, None] * wz[None, :]
-        if HAS_XZP:
-            acc_i -= xz[:, None] * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
-        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-        acc = acc_i.to(tl.float32) * (xs[:, None] * ws[None, :])
-    # Epilogue: y = acc (+ bias) (+ T Lᵀ) stored in the output's dtype, or with GELU_QUANT
-    # the next layer's int8 input codes: y rounded to the activation dtype ACT, GELU (tanh)
-    # as PyTorch computes it, optionally divided by that layer's online input scale, then
-    # quantized with its static [scale, zero point] (quantize_act's arithmetic).
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if R > 0:
-        offs_r = tl.arange(0, RP)
-        t = tl.load(
-            t_ptr + offs_m[:, None] * R + offs_r[None, :],
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        lt = tl.load(
-            l_ptr + offs_n[None, :] * R + offs_r[:, None],
-            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
-            other=0.0,
-        )
-        acc += tl.dot(t.to(DOT), lt.to(DOT))
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if GELU_QUANT:
-        y = acc.to(ACT).to(tl.float32)
-        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
-        y = (0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))).to(ACT).to(tl.float32)
-        if HAS_OS:
-            s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
-            y = tl.math.div_rn(y, s[None, :]).to(ACT).to(tl.float32)
-        codes = _round_half_even(tl.math.div_rn(y, tl.load(oq_ptr))) + tl.load(oq_ptr + 1)
-        codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
-        tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                acc_i -= xz[:, None] * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
+            ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+            acc = acc_i.to(tl.float32) * (xs[:, None] * ws[None, :])
+        # Epilogue: y = acc (+ bias) (+ T Lᵀ) stored in the output's dtype, or with GELU_QUANT
+        # the next layer's int8 input codes: y rounded to the activation dtype ACT, GELU
+        # (tanh), optionally divided by that layer's online input scale, then quantized with
+        # its static [scale, zero point], rounding half to even. Cheap arithmetic, as the
+        # epilogue runs at the GEMM's low occupancy: products by reciprocals instead of
+        # divisions (a code may differ by one from quantize_act's where y / s lies within
+        # an ulp of a rounding tie) and, with FAST_MATH (on the GPU), the hardware tanh and
+        # rint instead of their arithmetic forms.
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if R > 0:
+            offs_r = tl.arange(0, RP)
+            t = tl.load(
+                t_ptr + offs_m[:, None] * R + offs_r[None, :],
+                mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+                other=0.0,
+            )
+            lt = tl.load(
+                l_ptr + offs_n[None, :] * R + offs_r[:, None],
+                mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
+                other=0.0,
+            )
+            acc += tl.dot(t.to(DOT), lt.to(DOT))
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        if GELU_QUANT:
+            y = acc.to(ACT).to(tl.float32)
+            inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+            if FAST_MATH:  # one MUFU op (|error| ~ 2^-11, below ACT's rounding)
+                tanh = tl.inline_asm_elementwise(
+                    "tanh.approx.f32 $0, $1;", "=f,f", [inner], tl.float32, True, 1
+                )
+            else:
+                tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+            y = (0.5 * y * (1.0 + tanh)).to(ACT).to(tl.float32)
+            if HAS_OS:  # reciprocals once per tile, products per element
+                s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
+                y = (y * (1.0 / s)[None, :]).to(ACT).to(tl.float32)
+            v = y * (1.0 / tl.load(oq_ptr))
+            v = libdevice.rint(v) if FAST_MATH else _round_half_even(v)
+            codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
+            tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rank_padding(rank: int) -> int:
@@ -233,45 +265,98 @@ def _rank_padding(rank: int) -> int:
 
 TUNED_TILES = {
     "per_channel": (
-        (128, 128, 64, 4, 5),
-        (256, 128, 128, 8, 3),
-        (128, 256, 128, 8, 3),
-        (64, 128, 128, 4, 4),
-        (64, 64, 128, 4, 4),
+        (128, 128, 64, 4, 5, 0, 0),
+        (256, 128, 128, 8, 3, 0, 0),
+        (128, 256, 128, 8, 3, 0, 0),
+        (64, 128, 128, 4, 4, 0, 0),
+        (64, 64, 128, 4, 4, 0, 0),
+        (128, 128, 64, 4, 5, 1, 0),
+        (128, 128, 64, 4, 4, 2, 0),
+        (128, 256, 64, 8, 4, 1, 0),
+        (128, 128, 64, 4, 5, 0, 1),
+        (128, 128, 128, 4, 4, 0, 1),
+        (128, 128, 64, 4, 4, 2, 1),
+        (128, 256, 64, 8, 4, 1, 1),
+        (256, 128, 64, 8, 4, 1, 1),
     ),
-    "grouped": ((64, 128, 0, 4, 4), (64, 64, 0, 4, 4), (128, 128, 0, 8, 3)),
+    "grouped": (
+        (64, 128, 0, 4, 4, 0, 0),
+        (64, 64, 0, 4, 4, 0, 0),
+        (128, 128, 0, 8, 3, 0, 0),
+        (64, 128, 0, 4, 4, 1, 0),
+    ),
 }
-"""``(BM, BN, BK, num_warps, num_stages)`` the autotuner tries for ``int_gemm``: the
-winners of ``benchmarks/gemm_sweep.py`` on an H200 at DiT-XL/2 sizes and 512-32768 tokens
-(BK 0: the weight group size)."""
+"""``(BM, BN, BK, num_warps, num_stages, PERSISTENT, TMA)`` the autotuner tries for
+``int_gemm`` (BK 0: the weight group size; PERSISTENT: programs per multiprocessor, 0 for
+one program per tile; TMA: operands loaded by the copy engine through tensor descriptors,
+per-channel weights only): the winners of ``benchmarks/gemm_sweep.py`` on an H200 at
+DiT-XL/2 sizes and 512-32768 tokens, and the persistent / TMA candidates."""
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotuner pre-hook of TMA configurations: the descriptors' boxes are the tiles."""
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
 
 
 def _autotuned(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
     configs = [
         triton.Config(
-            {"BM": bm, "BN": bn, "GROUP_M": 8, **({"BK": bk} if bk else {})},
+            {"BM": bm, "BN": bn, "GROUP_M": 8, "PERSISTENT": persistent, "TMA": bool(tma)}
+            | ({"BK": bk} if bk else {}),
             num_warps=warps,
             num_stages=stages,
+            pre_hook=_set_block_shapes if tma else None,
         )
-        for bm, bn, bk, warps, stages in tiles
+        for bm, bn, bk, warps, stages, persistent, tma in tiles
     ]
     return triton.autotune(configs, key=["M", "N", "K"])(_int_gemm_kernel)
 
 
+def _tuner_tiles(grouped: bool, tma: bool) -> tuple[tuple[int, ...], ...]:
+    tiles = TUNED_TILES["grouped" if grouped else "per_channel"]
+    return tiles if tma else tuple(t for t in tiles if not t[6])
+
+
 _TUNED_INT_GEMM = {
-    grouped: _autotuned(TUNED_TILES["grouped" if grouped else "per_channel"])
+    (grouped, tma): _autotuned(_tuner_tiles(grouped, tma))
     for grouped in (False, True)
+    for tma in (False, True)
 }
+"""Autotuners by (grouped weights, TMA usable): TMA needs Triton's host-side tensor
+descriptors and 16-byte aligned operands and rows."""
+
+INTERPRETER_OPTIONS = {"PERSISTENT": 0, "TMA": False}
+"""The persistent-grid and TMA options the interpreter runs (one tile size, no
+autotuning without a GPU; the tests run each combination; TMA for per-channel weights
+only, as on the GPU)."""
 
 
-def _interpreter_tiles(M: int, N: int, K: int, group_size: int) -> dict:
-    """One small tile for the interpreter (no autotuning without a GPU)."""
+def _interpreter_meta(M: int, N: int, K: int, group_size: int) -> dict:
+    """One small tile for the interpreter."""
     return {
         "BM": max(16, min(64, triton.next_power_of_2(M))),
         "BN": max(16, min(64, triton.next_power_of_2(N))),
         "BK": group_size or max(32, min(64, triton.next_power_of_2(K))),
         "GROUP_M": 8,
+        **INTERPRETER_OPTIONS,
     }
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Programs per PERSISTENT unit: the multiprocessor count (1 in the interpreter)."""
+    if INTERPRETED:
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    """2-D row-major operands whose base and row stride are 16-byte aligned."""
+    return TensorDescriptor is not None and all(
+        t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+        for t in tensors
+    )
 
 
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
@@ -367,24 +452,36 @@ def int_gemm(
         return out
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
     if INTERPRETED:
-        meta = _interpreter_tiles(M, N, K, group_size)
-        kernel = _int_gemm_kernel[(triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)]
+        meta = _interpreter_meta(M, N, K, group_size)
+        tma = meta["TMA"] = meta["TMA"] and not group_size
+        launcher = _int_gemm_kernel
     else:
-
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-        kernel = _TUNED_INT_GEMM[bool(group_size)][grid]
+        tma = not group_size and _tma_usable(codes, weight)
+        launcher = _TUNED_INT_GEMM[bool(group_size), tma]
         meta = {"BK": group_size} if group_size else {}
+    a_desc = w_desc = _placeholder(codes)
+    if tma:  # boxes set per configuration (_set_block_shapes); the interpreter's here
+        box_k = meta.get("BK", 64)
+        a_desc = TensorDescriptor.from_tensor(codes, [meta.get("BM", 64), box_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [meta.get("BN", 64), box_k])
+
+    def grid(config: dict) -> tuple[int]:
+        tiles = triton.cdiv(M, config["BM"]) * triton.cdiv(N, config["BN"])
+        if config["PERSISTENT"]:
+            return (min(tiles, config["PERSISTENT"] * _multiprocessors(codes.device)),)
+        return (tiles,)
+
+    kernel = launcher[grid]
     optional = lambda t: t if t is not None else _placeholder(codes)  # noqa: E731
     kernel(
-        codes, weight, x_scale, x_zero, optional(x_sum), w_scale, optional(w_zero), w_sum,
-        optional(bias), optional(lowrank_t), optional(lowrank_up), out, optional(next_qparams),
-        optional(next_input_scale), M, N, K, max(1, K // group_size) if group_size else 1,
-        weight.stride(0), out.stride(0),
+        codes, weight, a_desc, w_desc, x_scale, x_zero, optional(x_sum), w_scale,
+        optional(w_zero), w_sum, optional(bias), optional(lowrank_t), optional(lowrank_up), out,
+        optional(next_qparams), optional(next_input_scale), M, N, K,
+        max(1, K // group_size) if group_size else 1, weight.stride(0), out.stride(0),
         GROUPED=bool(group_size), HAS_XZP=has_x_zero, HAS_WZP=w_zero is not None,
         HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank), DOT=_DOT_DTYPE,
-        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, ACT=_TL_DTYPES[out_dtype],
+        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None,
+        FAST_MATH=not INTERPRETED, ACT=_TL_DTYPES[out_dtype],
         QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
     )  # fmt: skip
     return out
