@@ -17,6 +17,8 @@
 #                with --fuse-mlp; batch 1/16 with and without --fuse-mlp, testbed shape
 #                included
 #   stage kcollect copy the suite's results to $OUT (K=k2: stage kernels2's)
+#   stage kernels3 (carry .whl) the final tables: batch 64 (profiled), torchao peers, batch
+#                1/16 with and without CUDA graphs, XL 256/512 and testbed
 #   stage kernels2 the persistent / TMA int8 GEMM: tile sweep at 32,768 tokens, kernel
 #                check, demo + backend agreement; batch 64 with and without --fuse-mlp
 set -uo pipefail
@@ -89,6 +91,21 @@ kernels2)
   job 2 "$B --variants $V --fuse-mlp --out $D/k2/b64_fused" b64_fused
   job 3 "timeout 300 python benchmarks/kernels_check.py $D/k2/kernels_check.json; timeout 200 python benchmarks/gemm_sweep.py $D/k2/gemm.json --tokens 32768,8192,512; python -m ditq demo --device cuda --out $D/k2/demo > $D/k2/demo.log 2>&1; python benchmarks/backend_agreement.py $D/k2/demo $D/k2/backend_agreement.json --device cuda" check
   sleep "${SLEEP:-30}"; ls $D/k2; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
+kernels3)
+  rm -rf $D/code3 $D/k3 && mkdir -p $D/code3 $D/k3 && cp -r src benchmarks $D/code3/
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $D/site .whl/*.whl
+  export PYTHONPATH=$D/code3/src:$D/site
+  cd $D/code3
+  B="python -m ditq bench --iters 10 --warmup 3 --steps 50"
+  V64=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w8a8-fp8,w8a8-dynamic,w4a8,w4a8-channel,w4a8-all,w4a16
+  V16=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w4a8-channel
+  S="--shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16"
+  job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k3/$3.done" > $D/k3/$3.log 2>&1 < /dev/null & }
+  job 0 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --out $D/k3/b64" b64
+  job 1 "$B --shapes DiT-XL/2@256 --batches 64 --variants bf16-compile,torchao-int8dyn,torchao-fp8row,w8a8-fp8-static --out $D/k3/b64_torchao" torchao
+  job 2 "$B $S --cuda-graphs --out $D/k3/small_graphs" graphs
+  job 3 "$B $S --out $D/k3/small" small
+  sleep "${SLEEP:-10}"; ls $D/k3 ;;
 kcollect)
   K=${K:-k}; ls $D/$K; tail -n 3 $D/$K/*.log | cut -c1-300
   cd $D/$K && for f in */bench.md; do cp $f $OUT/$(dirname $f).md; done

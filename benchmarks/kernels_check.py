@@ -5,7 +5,7 @@
 For each format: random layers of DiT-XL/2 sizes (and the same with DiTAS' online input
 scale and rank-32 low-rank branch), then whole models (a tiny random DiT, and the testbed
 when ``../shared/models/dit_s2_cifar10.pt`` exists; for static int formats also with the
-fused MLP of ``convert_model(..., fuse_mlp=True)``), comparing the real kernels (BF16)
+unfused MLP of ``convert_model(..., fuse_mlp=False)``), comparing the real kernels (BF16)
 with the simulated layer (fp32) on the same inputs: relative error ‖out − ref‖ / ‖ref‖
 and a NaN check, with the allocator's memory poisoned with NaN first so that an output
 the kernel forgets to write shows up. Also the ``model.safetensors`` sizes of DiT-XL/2
@@ -50,8 +50,8 @@ FORMATS = {
     "w4a16-group128": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
     "w8a16-channel": dict(wbits=8, abits=16),
 }
-FUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
-"""Formats whose MLPs ``convert_model(..., fuse_mlp=True)`` fuses (static int inputs)."""
+UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
+"""Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
 XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 TOKENS = 2 * 256  # one guided DiT-XL/2 256 px sample
 
@@ -99,7 +99,7 @@ def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> di
 
 
 @torch.no_grad()
-def check_model(fmt: str, base: DiT, device: str, fuse_mlp: bool = False) -> dict:
+def check_model(fmt: str, base: DiT, device: str, fuse_mlp: bool = True) -> dict:
     simulated = quantize_random(
         _copy(base, device),
         QuantConfig(**FORMATS[fmt]),
@@ -173,11 +173,11 @@ def main(out_path: str) -> None:
         base.eval()
         for fmt in FORMATS:
             record(f"model {name}", fmt, lambda f=fmt, b=base: check_model(f, b, device))
-        for fmt in FUSED_MLP_FORMATS:
+        for fmt in UNFUSED_MLP_FORMATS:
             record(
-                f"model {name} +fused MLP",
+                f"model {name} unfused MLP",
                 fmt,
-                lambda f=fmt, b=base: check_model(f, b, device, fuse_mlp=True),
+                lambda f=fmt, b=base: check_model(f, b, device, fuse_mlp=False),
             )
     try:
         results["checkpoint_bytes_dit_xl2_256"] = checkpoint_sizes(device)

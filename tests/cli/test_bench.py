@@ -20,7 +20,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     rows = {r["variant"]: r for r in report["rows"]}
     assert set(rows) == {"bf16", "w8a8-static", "w4a16"}
     assert all("error" not in r and r["latency_ms"] > 0 and r["e2e_s"] > 0 for r in rows.values())
-    assert rows["w8a8-static"]["kernels"] == {"int": 8}
+    assert rows["w8a8-static"]["kernels"] == {"int": 8, "fused-mlp": 2}  # the default
     assert rows["w4a16"]["memory_bytes"] < rows["bf16"]["memory_bytes"]
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| w4a16 |" in table.replace(f"| {path} | 1 ", "")
@@ -109,17 +109,17 @@ def test_state_bytes_counts_what_a_tensor_subclass_holds():
     assert state_bytes(torch.nn.Linear(32, 64)) == (64 * 32 + 64) * 4
 
 
-def test_bench_fuse_mlp_reports_the_fused_blocks(tmp_path):
+def test_bench_no_fuse_mlp_times_the_unfused_kernels(tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(tiny_dit().state_dict(), path)
     args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
     args += ["--steps", "0", "--variants", "w8a8-static,w8a8-fp8", "--device", "cpu"]
-    assert main(args + ["--fuse-mlp", "--out", str(tmp_path / "out")]) == 0
-    rows = {
-        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    }
-    assert rows["w8a8-static"]["kernels"] == {"int": 8, "fused-mlp": 2}
-    assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP
+    for flag, fused in (("--fuse-mlp", {"fused-mlp": 2}), ("--no-fuse-mlp", {})):
+        assert main(args + [flag, "--out", str(tmp_path / flag)]) == 0
+        report = json.loads((tmp_path / flag / "bench.json").read_text())
+        rows = {r["variant"]: r for r in report["rows"]}
+        assert rows["w8a8-static"]["kernels"] == {"int": 8, **fused}
+        assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP
 
 
 def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
@@ -133,9 +133,9 @@ def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
         r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     }
     blocks = len(model.blocks)
-    assert rows["w4a8-channel"]["kernels"] == {"int": 4 * blocks}
+    assert rows["w4a8-channel"]["kernels"] == {"int": 4 * blocks, "fused-mlp": blocks}
     # each block's adaLN linear, the final layer's adaLN linear and its projection
-    assert rows["w4a8-all"]["kernels"] == {"int": 5 * blocks + 2}
+    assert rows["w4a8-all"]["kernels"] == {"int": 5 * blocks + 2, "fused-mlp": blocks}
     assert rows["w4a8-all"]["memory_bytes"] < rows["w4a8-channel"]["memory_bytes"]
 
 

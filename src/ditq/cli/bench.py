@@ -110,9 +110,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--fuse-mlp",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="run each fusable MLP of the int variants as one fc1 kernel writing fc2's int8 "
-        "input (GELU and quantization in the epilogue; experimental: not yet the default)",
+        "input (GELU and quantization in the epilogue), as the cuda backend does; "
+        "--no-fuse-mlp times the unfused kernels",
     )
     parser.add_argument(
         "--profile",
@@ -237,7 +239,7 @@ def build_variant(
     variant: str,
     device: str,
     compile_models: bool,
-    fuse_mlp: bool = False,
+    fuse_mlp: bool = True,
     cuda_graphs: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it;

@@ -483,13 +483,13 @@ class FusedQuantMlp(nn.Module):
                                    rows.dtype)  # fmt: skip
 
 
-def convert_model(model: nn.Module, fuse_mlp: bool = False) -> nn.Module:
+def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
     """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
     ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
     simulated, as do the attention matmul quantizers. Warns when some layers have a
     format without a GPU kernel (``reference``: they dequantize, then matmul).
-    ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (not yet the
-    default: its speed has not been measured on a GPU)."""
+    ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (on an H200 at
+    DiT-XL/2 batch 64: 1.14x BF16 instead of 1.03x for PTQ4DiT's W8A8 format)."""
     slow = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:

@@ -265,19 +265,15 @@ def _rank_padding(rank: int) -> int:
 
 TUNED_TILES = {
     "per_channel": (
+        (128, 128, 64, 4, 5, 0, 1),
+        (128, 128, 64, 4, 4, 2, 1),
+        (128, 256, 128, 8, 3, 1, 1),
         (128, 128, 64, 4, 5, 0, 0),
+        (128, 128, 64, 4, 4, 2, 0),
         (256, 128, 128, 8, 3, 0, 0),
         (128, 256, 128, 8, 3, 0, 0),
         (64, 128, 128, 4, 4, 0, 0),
         (64, 64, 128, 4, 4, 0, 0),
-        (128, 128, 64, 4, 5, 1, 0),
-        (128, 128, 64, 4, 4, 2, 0),
-        (128, 256, 64, 8, 4, 1, 0),
-        (128, 128, 64, 4, 5, 0, 1),
-        (128, 128, 128, 4, 4, 0, 1),
-        (128, 128, 64, 4, 4, 2, 1),
-        (128, 256, 64, 8, 4, 1, 1),
-        (256, 128, 64, 8, 4, 1, 1),
     ),
     "grouped": (
         (64, 128, 0, 4, 4, 0, 0),
@@ -289,8 +285,10 @@ TUNED_TILES = {
 """``(BM, BN, BK, num_warps, num_stages, PERSISTENT, TMA)`` the autotuner tries for
 ``int_gemm`` (BK 0: the weight group size; PERSISTENT: programs per multiprocessor, 0 for
 one program per tile; TMA: operands loaded by the copy engine through tensor descriptors,
-per-channel weights only): the winners of ``benchmarks/gemm_sweep.py`` on an H200 at
-DiT-XL/2 sizes and 512-32768 tokens, and the persistent / TMA candidates."""
+per-channel weights only): the winners of ``benchmarks/gemm_sweep.py --sweep`` on an H200
+at DiT-XL/2 sizes and 512-32768 tokens. At 32,768 tokens TMA loads with 5 stages, or two
+persistent programs per multiprocessor, ran 5-12 % faster than the best pointer-loaded
+tile; one persistent program per multiprocessor ran 1.7x slower (``benchmarks/RESULTS.md``)."""
 
 
 def _set_block_shapes(nargs: dict) -> None:
