@@ -11,16 +11,12 @@
 #   stage ref    (carry .carry2: Inception weights) reference statistics of CIFAR-10 train
 #   stage wait   sleep, then show progress (and copy the profile results to $OUT, once)
 #   stage finish evaluate what was sampled, write the report, copy results to $OUT
-#   stage kernels (carry .whl: the torchao wheel, see the device README) the issue-7 suite,
-#                one job per GPU: kernel check, GEMM timings, batch 1/16 fused with CUDA
-#                graphs; bench at batch 64 (profiled, torchao peers included); the same
-#                with --fuse-mlp; batch 1/16 with and without --fuse-mlp, testbed shape
-#                included
-#   stage kcollect copy the suite's results to $OUT (K=k2: stage kernels2's)
-#   stage kernels3 (carry .whl) the final tables: batch 64 (profiled), torchao peers, batch
-#                1/16 with and without CUDA graphs, XL 256/512 and testbed
-#   stage kernels2 the persistent / TMA int8 GEMM: tile sweep at 32,768 tokens, kernel
-#                check, demo + backend agreement; batch 64 with and without --fuse-mlp
+#   stage kernels (carry .whl for the kernels stages: the torchao wheel, see the device
+#                README) the issue-7 tables, one job per GPU: batch 64 (profiled), torchao
+#                peers, batch 1/16 with and without CUDA graphs (DiT-XL/2 256/512, testbed)
+#   stage kernels2 the int8 GEMM: tile sweep at 32,768 tokens, kernel check, demo + backend
+#                agreement; batch 64 with and without --fuse-mlp
+#   stage kcollect copy a suite's results to $OUT (K=k2: stage kernels2's)
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -31,6 +27,15 @@ queue() {
     --out $D/matrix --gpus "$1" --ref $D/ref.npz --inception $D/inception.pth "${@:2}" \
     >> $D/queue.log 2>&1 < /dev/null &
 }
+suite() {  # a kernel suite: fresh code copy in $D/code_$1, results in $K=$D/$1, torchao
+  K=$D/$1                  # from the carried wheel, job GPU "command" NAME (NAME.log/.done)
+  rm -rf $D/code_$1 $K && mkdir -p $D/code_$1 $K && cp -r src benchmarks $D/code_$1/
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $D/site .whl/*.whl
+  export PYTHONPATH=$D/code_$1/src:$D/site
+  cd $D/code_$1
+  B="python -m ditq bench --iters 10 --warmup 3 --steps 50"
+}
+job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $K/$3.done" > $K/$3.log 2>&1 < /dev/null & }
 progress() {
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   python - <<'EOF'
@@ -63,49 +68,25 @@ wait)
   [ -f $D/prof.done ] && [ ! -f $D/prof.copied ] && touch $D/prof.copied && \
     cp $D/bench/gemm_sweep.json $D/bench/gemm_sweep.log $D/bench/profile/bench.* $OUT/
   ;;
-kernels)
-  rm -rf $D/code $D/k && mkdir -p $D/code $D/k && cp -r src benchmarks $D/code/
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $D/site .whl/*.whl
-  export PYTHONPATH=$D/code/src:$D/site
-  cd $D/code
-  B="python -m ditq bench --iters 10 --warmup 3 --steps 50"
-  V64=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w8a8-fp8,w8a8-dynamic,w4a8,w4a8-channel,w4a8-all,w4a16,torchao-int8dyn,torchao-fp8row
-  VF=bf16-compile,w8a8-static,w8a8-static-symw,w4a8,w4a8-channel,w4a8-all
-  V16=bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel
-  S="--shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16"
-  job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k/$3.done" > $D/k/$3.log 2>&1 < /dev/null & }
-  job 0 "timeout 300 python benchmarks/kernels_check.py $D/k/kernels_check.json; timeout 200 python benchmarks/gemm_sweep.py $D/k/gemm.json; $B --shapes DiT-XL/2@256,testbed --batches 1,16 --variants $V16 --fuse-mlp --cuda-graphs --out $D/k/small_graphs" check
-  job 1 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --out $D/k/b64" b64
-  job 2 "$B --shapes DiT-XL/2@256 --batches 64 --variants $VF --profile --fuse-mlp --out $D/k/b64_fused" b64_fused
-  job 3 "$B $S --out $D/k/small; $B $S --fuse-mlp --out $D/k/small_fused" small
-  sleep "${SLEEP:-30}"; ls $D/k; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
 kernels2)
-  rm -rf $D/code2 $D/k2 && mkdir -p $D/code2 $D/k2 && cp -r src benchmarks $D/code2/
-  export PYTHONPATH=$D/code2/src:$D/site
-  cd $D/code2
-  B="python -m ditq bench --iters 10 --warmup 3 --steps 50 --shapes DiT-XL/2@256 --batches 64 --profile"
+  suite k2
+  B="$B --shapes DiT-XL/2@256 --batches 64 --profile"
   V=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w4a8-all
-  job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k2/$3.done" > $D/k2/$3.log 2>&1 < /dev/null & }
-  job 0 "timeout 480 python benchmarks/gemm_sweep.py $D/k2/sweep.json --sweep --tokens 32768" sweep
-  job 1 "$B --variants $V --out $D/k2/b64" b64
-  job 2 "$B --variants $V --fuse-mlp --out $D/k2/b64_fused" b64_fused
-  job 3 "timeout 300 python benchmarks/kernels_check.py $D/k2/kernels_check.json; timeout 200 python benchmarks/gemm_sweep.py $D/k2/gemm.json --tokens 32768,8192,512; python -m ditq demo --device cuda --out $D/k2/demo > $D/k2/demo.log 2>&1; python benchmarks/backend_agreement.py $D/k2/demo $D/k2/backend_agreement.json --device cuda" check
-  sleep "${SLEEP:-30}"; ls $D/k2; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
-kernels3)
-  rm -rf $D/code3 $D/k3 && mkdir -p $D/code3 $D/k3 && cp -r src benchmarks $D/code3/
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $D/site .whl/*.whl
-  export PYTHONPATH=$D/code3/src:$D/site
-  cd $D/code3
-  B="python -m ditq bench --iters 10 --warmup 3 --steps 50"
+  job 0 "timeout 480 python benchmarks/gemm_sweep.py $K/sweep.json --sweep --tokens 32768" sweep
+  job 1 "$B --variants $V --no-fuse-mlp --out $K/b64" b64
+  job 2 "$B --variants $V --fuse-mlp --out $K/b64_fused" b64_fused
+  job 3 "timeout 300 python benchmarks/kernels_check.py $K/kernels_check.json; timeout 200 python benchmarks/gemm_sweep.py $K/gemm.json --tokens 32768,8192,512; python -m ditq demo --device cuda --out $K/demo > $K/demo.log 2>&1; python benchmarks/backend_agreement.py $K/demo $K/backend_agreement.json --device cuda" check
+  sleep "${SLEEP:-30}"; ls $K ;;
+kernels)
+  suite k
   V64=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w8a8-fp8,w8a8-dynamic,w4a8,w4a8-channel,w4a8-all,w4a16
   V16=bf16-compile,w8a8-static,w8a8-static-symw,w8a8-fp8-static,w4a8-channel
   S="--shapes DiT-XL/2@256,DiT-XL/2@512,testbed --batches 1,16 --variants $V16"
-  job() { CUDA_VISIBLE_DEVICES=$1 setsid nohup bash -c "$2; touch $D/k3/$3.done" > $D/k3/$3.log 2>&1 < /dev/null & }
-  job 0 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --out $D/k3/b64" b64
-  job 1 "$B --shapes DiT-XL/2@256 --batches 64 --variants bf16-compile,torchao-int8dyn,torchao-fp8row,w8a8-fp8-static --out $D/k3/b64_torchao" torchao
-  job 2 "$B $S --cuda-graphs --out $D/k3/small_graphs" graphs
-  job 3 "$B $S --out $D/k3/small" small
-  sleep "${SLEEP:-10}"; ls $D/k3 ;;
+  job 0 "$B --shapes DiT-XL/2@256 --batches 64 --variants $V64 --profile --out $K/b64" b64
+  job 1 "$B --shapes DiT-XL/2@256 --batches 64 --variants bf16-compile,torchao-int8dyn,torchao-fp8row,w8a8-fp8-static --out $K/b64_torchao" torchao
+  job 2 "$B $S --cuda-graphs --out $K/small_graphs" graphs
+  job 3 "$B $S --out $K/small" small
+  sleep "${SLEEP:-10}"; ls $K ;;
 kcollect)
   K=${K:-k}; ls $D/$K; tail -n 3 $D/$K/*.log | cut -c1-300
   cd $D/$K && for f in */bench.md; do cp $f $OUT/$(dirname $f).md; done
