@@ -435,8 +435,9 @@ class FusedQuantMlp(nn.Module):
     (``triton_ops.int_gemm`` with ``next_qparams``: GELU, fc2's online input scale and static
     quantization in the epilogue), so the 4×-wide hidden activation never goes through
     memory in 16 bits, nor through a separate quantization kernel. Same arithmetic as the
-    unfused ``RealQuantLinear`` pair up to the last bit of GELU's tanh; off CUDA it runs
-    them unfused. Built by ``convert_model(..., fuse_mlp=True)`` where :meth:`fusable`."""
+    unfused ``RealQuantLinear`` pair up to the hardware tanh and products by reciprocals
+    (a hidden code may differ by one at a rounding tie); off CUDA it runs them unfused.
+    Built by ``convert_model`` (``fuse_mlp``, the default) where :meth:`fusable`."""
 
     def __init__(self, fc1: RealQuantLinear, fc2: RealQuantLinear) -> None:
         super().__init__()
