@@ -184,7 +184,9 @@ def test_grid_rows_are_the_samples_of_each_run(runs):
 
 def test_different_labels_are_reported_and_not_compared(runs):
     fp, _, w4 = runs
-    save_samples_npz(w4 / "samples_DDPM-250.npz", _images(2, count=10), (LABELS[:10] + 1) % 4)
+    save_samples_npz(
+        w4 / "samples_DDPM-250.npz", _images(2, count=10), (LABELS[:10] + 1) % 4, overwrite=True
+    )
     report = build_report([fp, w4])
     assert _rows(report)["w4", "ddpm250"]["psnr"] is None
     assert not report.grids[0]["labels_match"]
@@ -220,17 +222,37 @@ def test_written_files_links_and_json(runs, tmp_path):
 
 def test_output_is_atomic_on_error(runs, tmp_path, monkeypatch):
     out = tmp_path / "report"
-    out.mkdir()
-    (out / "old.txt").write_text("previous report")
+    make_report([*runs], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
     def broken(*args, **kwargs):
         raise DitqError("plot failed")
 
     monkeypatch.setattr(report_module, "bar_plot", broken)
     with pytest.raises(DitqError, match="plot failed"):
-        make_report([*runs], out)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]  # previous output untouched
+        make_report([*runs], out, overwrite=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # previous report untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
+
+
+def test_existing_output_is_replaced_only_when_it_is_a_report_and_asked(runs, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(DitqError, match="is not a ditq report directory"):
+            make_report([*runs], out, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    make_report([*runs], out)
+    with pytest.raises(DitqError, match="already holds a ditq report directory"):
+        make_report([*runs], out)
+    make_report([*runs], out, overwrite=True)
+    with pytest.raises(DitqError, match="would replace the input"):
+        make_report([*runs], runs[0].parent, overwrite=True)
+    with pytest.raises(DitqError, match="inside the input directory"):
+        make_report([*runs], runs[0] / "report")
 
 
 def test_errors(runs, tmp_path):
@@ -243,7 +265,7 @@ def test_errors(runs, tmp_path):
         build_report([])
     with pytest.raises(DitqError, match="does not exist"):
         build_report([tmp_path / "missing"])
-    save_samples_npz(w4 / "samples_DDPM-250.npz", _images(2, side=16), LABELS)
+    save_samples_npz(w4 / "samples_DDPM-250.npz", _images(2, side=16), LABELS, overwrite=True)
     with pytest.raises(DitqError, match="16x16x3 images but .* 8x8x3"):
         make_report([fp, w4], tmp_path / "out")
     assert not (tmp_path / "out").exists()

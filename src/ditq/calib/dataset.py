@@ -24,9 +24,21 @@ from ditq import __version__
 from ditq.diffusion.pipeline import SamplingSettings, trajectories
 from ditq.diffusion.respace import create_diffusion, respacing_for
 from ditq.errors import DitqError
-from ditq.io import atomic_path
+from ditq.io import OutputKind, write_output
 
 METADATA_KEY = "ditq.calibration"
+
+
+def is_calibration_set(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file written by :meth:`CalibrationSet.save`."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except (OSError, safetensors.SafetensorError):
+        return False
+
+
+CALIBRATION_SET_FILE = OutputKind("ditq calibration set", False, is_calibration_set)
 """The safetensors metadata entry that holds a set's JSON metadata."""
 TENSOR_NAMES = ("x", "t", "y", "step")
 MATCHED_CONFIG_FIELDS = ("in_channels", "input_size", "num_classes")
@@ -94,10 +106,11 @@ class CalibrationSet:
         for index in self.index_batches(batch_size, by_timestep):
             yield self.x[index], self.t[index], self.y[index]
 
-    def save(self, path: str | Path) -> None:
-        """Write a safetensors file (metadata as JSON in its header), atomically."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write a safetensors file (metadata as JSON in its header), atomically; an existing
+        calibration set is replaced only with ``overwrite`` (:func:`ditq.io.check_output`)."""
         tensors = {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
-        with atomic_path(path) as tmp:
+        with write_output(path, CALIBRATION_SET_FILE, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(self.meta)})
 
     @classmethod

@@ -11,12 +11,13 @@ from ditq.cli.common import add_model_args, model_kwargs
 from ditq.errors import DitqError
 from ditq.eval.sqnr import (
     REPORT_FILES,
+    STUDY_DIR,
     check_study_config,
     format_summary,
     save_study,
     sqnr_study,
 )
-from ditq.io import atomic_path
+from ditq.io import check_output, write_output
 from ditq.methods.base import CalibSettings
 from ditq.models import load_model
 from ditq.quant.config import W_GRANULARITIES, QuantConfig
@@ -54,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-seed", type=int, default=CalibSettings.seed)
     parser.add_argument("--batch-size", type=int, default=64, help="forward batch size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds an earlier study"
+    )
     parser.set_defaults(run=run)
 
 
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> None:
         cfg_scale=args.calib_cfg_scale,
         seed=args.calib_seed,
     )
+    check_output(args.out, STUDY_DIR, overwrite=args.overwrite, inputs=[args.model])
     progress = not args.quiet
     model = load_model(args.model, progress=progress, **model_kwargs(args))
     check_study_config(model, config)
@@ -98,6 +103,6 @@ def run(args: argparse.Namespace) -> None:
     )
     result["settings"]["calibration_settings"] = settings.to_dict()
     result["settings"]["wall_time_s"] = time.perf_counter() - start
-    with atomic_path(args.out, directory=True) as tmp:
+    with write_output(args.out, STUDY_DIR, overwrite=args.overwrite) as tmp:
         save_study(result, tmp)
     print(f"{format_summary(result)}\n-> {args.out}")

@@ -31,6 +31,7 @@ from ditq.calib.hooks import LayerSelection
 from ditq.cli.common import default_device, parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
+from ditq.io import OutputKind, atomic_path, check_output
 from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
 from ditq.models import load_model
 from ditq.models.dit import DiT, config_for
@@ -123,8 +124,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "kernels (GPU kernels on CUDA, operators on the CPU)",
     )
     parser.add_argument("--device", default=default_device())
-    parser.add_argument("--out", required=True, help="directory for bench.json and bench.md")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="directory for bench.json (rewritten after every measured row, so an "
+        "interrupted run keeps its rows) and bench.md",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the bench.json/bench.md of an earlier bench in --out",
+    )
     parser.set_defaults(run=run)
+
+
+BENCH_DIR = OutputKind("ditq bench directory", True, lambda path: (path / "bench.json").is_file())
+
+
+def write_bench_json(out: Path, meta: dict[str, Any], rows: list[dict], complete: bool) -> None:
+    """``out/bench.json``, replaced atomically: the rows so far and whether the run ended."""
+    with atomic_path(out / "bench.json") as tmp:
+        tmp.write_text(json.dumps({**meta, "complete": complete, "rows": rows}, indent=2) + "\n")
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -515,6 +535,11 @@ def run(args: argparse.Namespace) -> None:
     sources += [(m, partial(load_model, m, progress=False)) for m in args.model]
     if not sources:
         raise DitqError("nothing to time: pass --shapes ARCH@PIXELS and/or --model PATH")
+    check_output(args.out, BENCH_DIR, overwrite=args.overwrite, inputs=args.model)
+    device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
+    meta = {"device": device_name, "torch": torch.__version__, "steps": args.steps}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, make in sources:
         base = make()
@@ -522,11 +547,9 @@ def run(args: argparse.Namespace) -> None:
             for row in bench_variant(base, variant, batches, args, compile_models):
                 rows.append({"shape": name, **row})
                 print(json.dumps(rows[-1]), flush=True)
+                write_bench_json(out, meta, rows, complete=False)
     add_ratios(rows)
-    device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name, "torch": torch.__version__, "steps": args.steps}
-    (out / "bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(rows, device_name))
+    write_bench_json(out, meta, rows, complete=True)
+    with atomic_path(out / "bench.md") as tmp:
+        tmp.write_text(markdown(rows, device_name))
     print(markdown(rows, device_name))

@@ -34,9 +34,9 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.cli.common import parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
-from ditq.eval.report import make_report, markdown_table
+from ditq.eval.report import is_report_dir, make_report, markdown_table
 from ditq.eval.sqnr import model_output_sqnr_db, save_study, sqnr_study
-from ditq.io import atomic_path, save_samples_npz
+from ditq.io import OutputKind, check_output, save_samples_npz, write_output
 from ditq.methods import METHODS, CalibSettings
 from ditq.methods.base import quantize_and_save
 from ditq.models import DiT, load_model
@@ -55,7 +55,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="runs/demo", help="output directory (replaced)")
+    parser.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output directory: new, empty, or an earlier demo with --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds an earlier demo (nothing else is ever replaced)",
+    )
     parser.add_argument("--model", default="demo", help="the model (default: the bundled one)")
     parser.add_argument("--num-samples", type=int, default=10)
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
@@ -107,6 +116,14 @@ def fp_size_mb(model: DiT) -> float:
     return sum(p.numel() * 4 for p in model.state_dict().values()) / BYTES_PER_MB
 
 
+def is_demo_dir(path: Path) -> bool:
+    """An earlier ``ditq demo`` output: its FP run and its report."""
+    return (path / "fp" / "run.json").is_file() and is_report_dir(path / "report")
+
+
+DEMO_DIR = OutputKind("ditq demo directory", True, is_demo_dir)
+
+
 def write_run_json(directory: Path, **values) -> None:
     (directory / "run.json").write_text(json.dumps(values, indent=2) + "\n")
 
@@ -115,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
     if args.num_samples < 1 or args.calib_samples < 1 or args.steps < 2:
         raise DitqError("--num-samples and --calib-samples must be >= 1 and --steps >= 2")
     methods, bits = parse_names(args.methods, METHODS, "--methods"), parse_bits(args.bits)
+    check_output(args.out, DEMO_DIR, overwrite=args.overwrite, inputs=[args.model])
     start = time.perf_counter()
     model = load_model(args.model, progress=False, device=args.device)
     classes = list(range(model.num_classes))
@@ -148,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
         )
         save_samples_npz(run_dir / f"samples_{setting}.npz", images, labels)
 
-    with atomic_path(args.out, directory=True) as out:
+    with write_output(args.out, DEMO_DIR, overwrite=args.overwrite) as out:
         bar.set_description("demo: FP samples")
         fp_dir = out / "fp"
         fp_dir.mkdir()

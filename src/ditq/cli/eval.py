@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ditq.cli.common import default_device
 from ditq.errors import DitqError
-from ditq.eval import build_reference, evaluate, format_table
-from ditq.io import atomic_path
+from ditq.eval import build_reference, evaluate, format_table, save_evaluation
+from ditq.eval.features import STATISTICS_FILE
+from ditq.eval.metrics import EVALUATION_FILE
+from ditq.io import check_output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out of the same kind"
+    )
     parser.set_defaults(run=run)
 
 
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> None:
     if args.build_ref:
         if not args.out:
             raise DitqError("--build-ref needs --out STATS.npz")
+        check_output(args.out, STATISTICS_FILE, overwrite=args.overwrite, inputs=[args.build_ref])
         stats = build_reference(
             args.build_ref,
             args.out,
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             limit=args.limit,
             progress=progress,
+            overwrite=args.overwrite,
         )
         count = len(stats.pool3) if stats.pool3 is not None else "?"
         print(f"statistics of {count} images -> {args.out}")
@@ -58,6 +64,9 @@ def run(args: argparse.Namespace) -> None:
         raise DitqError("pass --samples S.npz (and --ref REF and/or --vs FP.npz), or --build-ref")
     if not (args.ref or args.vs):
         raise DitqError("nothing to compare with: pass --ref REF and/or --vs FP.npz")
+    if args.out:
+        inputs = [p for p in (args.samples, args.ref, args.vs) if p]
+        check_output(args.out, EVALUATION_FILE, overwrite=args.overwrite, inputs=inputs)
     result = evaluate(
         args.samples,
         ref_path=args.ref,
@@ -69,5 +78,4 @@ def run(args: argparse.Namespace) -> None:
     )
     print(format_table(result))
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        save_evaluation(result, args.out, overwrite=args.overwrite)

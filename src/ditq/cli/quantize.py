@@ -9,14 +9,16 @@ import time
 from dataclasses import MISSING, fields
 from typing import Any
 
-from ditq.calib.dataset import CalibrationSet
+from ditq.calib.dataset import CALIBRATION_SET_FILE, CalibrationSet
 from ditq.calib.hooks import LayerSelection
 from ditq.cli.common import add_model_args, model_kwargs
 from ditq.diffusion.pipeline import parse_classes
 from ditq.errors import DitqError
+from ditq.io import check_output
 from ditq.methods import METHODS, CalibSettings, Method
 from ditq.methods.base import quantize_and_save
 from ditq.models import load_model
+from ditq.quant.checkpoint import QUANTIZED_DIR
 from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
 from ditq.quant.model import quantized_layers
 
@@ -118,6 +120,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-classes", help="labels cycled over the calibration samples")
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds an earlier ditq quantized directory (nothing else is "
+        "ever replaced)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -193,6 +201,16 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     method = METHODS[args.method]
     config = method_config(method, args)
+    inputs = [p for p in (args.model, args.calib_set) if p]
+    check_output(args.out, QUANTIZED_DIR, overwrite=args.overwrite, inputs=inputs)
+    if args.save_calib_set:
+        check_output(
+            args.save_calib_set,
+            CALIBRATION_SET_FILE,
+            overwrite=args.overwrite,
+            inputs=inputs,
+            flag="--save-calib-set",
+        )
     progress = not args.quiet
     model = load_model(args.model, progress=progress, **model_kwargs(args))
     _check_overrides_match(config, config.layers.names(model))
@@ -207,7 +225,7 @@ def run(args: argparse.Namespace) -> None:
         )
         calib_meta = {**calib.meta, "settings": settings.to_dict()}
         if args.save_calib_set:
-            calib.save(args.save_calib_set)
+            calib.save(args.save_calib_set, overwrite=args.overwrite)
     calib_seconds = time.perf_counter() - start
     report = quantize_and_save(
         model,
@@ -221,6 +239,7 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         progress=progress,
         command=" ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
+        overwrite=args.overwrite,
     )
     weight_sqnr, total = report["weight_sqnr_db"], report["wall_time_s"]["total"]
     sqnr_text = (

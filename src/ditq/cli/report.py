@@ -17,7 +17,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, empty, or an earlier report with --overwrite",
+    )
     parser.add_argument(
         "--fp", metavar="DIR", help="the FP baseline run (default: the run whose method is fp)"
     )
@@ -33,6 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="do not compute PSNR/SSIM vs FP from the samples where the eval files lack them",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds an earlier ditq report (nothing else is ever replaced)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -43,6 +52,7 @@ def run(args: argparse.Namespace) -> None:
         fp=args.fp,
         grid_samples=args.grid_samples,
         distance=args.distance,
+        overwrite=args.overwrite,
     )
     print(markdown_table(result.rows))
     print(f"-> {args.out}/report.md, report.html, report.json")

@@ -13,8 +13,8 @@ from ditq.cli.common import add_model_args, add_sampling_args, model_kwargs, sam
 from ditq.diffusion.pipeline import generate, parse_classes
 from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
-from ditq.eval.grid import save_grid
-from ditq.io import save_samples_npz
+from ditq.eval.grid import GRID_FILE, save_grid
+from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
 from ditq.models import load_model
 from ditq.models.vae import load_vae
 
@@ -43,6 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="TF32 matmuls on CUDA (on, as the official sample.py; --no-tf32 for exact fp32)",
     )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out npz / --grid PNG (nothing else is ever replaced)",
+    )
     group.add_argument(
         "--compile",
         action="store_true",
@@ -76,6 +81,12 @@ def run(args: argparse.Namespace) -> None:
         raise DitqError("nothing to write: pass --out FILE.npz and/or --grid FILE.png")
     if args.num_samples < 1 or args.batch_size < 1:
         raise DitqError("--num-samples and --batch-size must be at least 1")
+    if args.out and args.grid and Path(args.out).resolve() == Path(args.grid).resolve():
+        raise DitqError("--out and --grid name the same file; give them different paths")
+    inputs = [p for p in (args.model, args.init_noise) if p]
+    for flag, path, kind in (("--out", args.out, SAMPLES_FILE), ("--grid", args.grid, GRID_FILE)):
+        if path:
+            check_output(path, kind, overwrite=args.overwrite, inputs=inputs, flag=flag)
     init_noise = load_init_noise(args.init_noise)
     ranks = init_from_env(args.device)
     args.device = ranks.device
@@ -109,9 +120,9 @@ def run(args: argparse.Namespace) -> None:
     if not ranks.is_main:
         return
     if args.out:
-        save_samples_npz(args.out, images, labels)
+        save_samples_npz(args.out, images, labels, overwrite=args.overwrite)
     if args.grid:
-        save_grid(args.grid, images)
+        save_grid(args.grid, images, overwrite=args.overwrite)
     written = " and ".join(p for p in (args.out, args.grid) if p)
     processes = f" on {ranks.world_size} processes" if ranks.world_size > 1 else ""
     print(f"{len(images)} samples in {elapsed:.1f} s{processes} -> {written}")

@@ -33,6 +33,7 @@ from ditq.eval.metrics import (
     inception_score,
     precision_recall,
     psnr,
+    save_evaluation,
     ssim,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "psnr",
     "reference_statistics",
     "resolve_inception_weights",
+    "save_evaluation",
     "save_statistics",
     "ssim",
 ]

@@ -30,9 +30,15 @@ import torch
 from tqdm import tqdm
 
 from ditq.errors import DitqError
-from ditq.eval.images import image_layout, iterate_batches, load_images, npz_keys
+from ditq.eval.images import (
+    image_layout,
+    iterate_batches,
+    load_images,
+    npz_keys,
+    read_npz_array,
+)
 from ditq.eval.inception import InceptionFeatureExtractor, load_inception
-from ditq.io import atomic_path
+from ditq.io import OutputKind, check_output, write_output
 
 STATISTICS_FORMAT = "ditq-inception-statistics/1"
 STATISTICS_KEYS = ("mu", "sigma")
@@ -115,14 +121,30 @@ def _meta(source: str | os.PathLike, extractor: InceptionFeatureExtractor, count
     }
 
 
-def save_statistics(stats: InceptionStatistics, path: str | os.PathLike) -> None:
-    """Write ``stats`` to ``path`` atomically (:func:`ditq.io.atomic_path`)."""
+def _is_statistics_file(path: os.PathLike) -> bool:
+    try:
+        return all(key in npz_keys(path) for key in STATISTICS_KEYS)
+    except DitqError:
+        return False
+
+
+STATISTICS_FILE = OutputKind("statistics npz", False, _is_statistics_file)
+
+
+def save_statistics(
+    stats: InceptionStatistics, path: str | os.PathLike, *, overwrite: bool = False
+) -> None:
+    """Write ``stats`` to ``path`` atomically; an existing statistics file is replaced only
+    with ``overwrite`` (:func:`ditq.io.check_output`)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "meta": np.array(json.dumps(stats.meta))}
     if stats.mu_s is not None:
         arrays.update(mu_s=stats.mu_s, sigma_s=stats.sigma_s)
     if stats.pool3 is not None:
         arrays["pool3"] = stats.pool3.astype(np.float16)
-    with atomic_path(path) as temporary, open(temporary, "wb") as out:
+    with (
+        write_output(path, STATISTICS_FILE, overwrite=overwrite) as temporary,
+        open(temporary, "wb") as out,
+    ):
         np.savez(out, **arrays)
 
 
@@ -132,13 +154,17 @@ def load_statistics(path: str | os.PathLike) -> InceptionStatistics:
     if not all(key in keys for key in STATISTICS_KEYS):
         raise DitqError(f"{path} is not a statistics file: keys {keys}, expected mu and sigma")
     with np.load(path) as archive:
-        stats = InceptionStatistics(archive["mu"], archive["sigma"])
+
+        def read(key: str) -> np.ndarray:
+            return read_npz_array(archive, key, path)
+
+        stats = InceptionStatistics(read("mu"), read("sigma"))
         if "mu_s" in keys and "sigma_s" in keys:
-            stats.mu_s, stats.sigma_s = archive["mu_s"], archive["sigma_s"]
+            stats.mu_s, stats.sigma_s = read("mu_s"), read("sigma_s")
         if "pool3" in keys:
-            stats.pool3 = archive["pool3"].astype(np.float32)
+            stats.pool3 = read("pool3").astype(np.float32)
         if "meta" in keys:
-            stats.meta = json.loads(str(archive["meta"]))
+            stats.meta = json.loads(str(read("meta")))
     return stats
 
 
@@ -173,10 +199,12 @@ def build_reference(
     batch_size: int = 50,
     limit: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> InceptionStatistics:
     """Compute the statistics of an image npz (first ``limit`` images) and cache them."""
+    check_output(out_path, STATISTICS_FILE, overwrite=overwrite, inputs=[images_path])
     images = load_images(images_path, limit)
     extractor = load_inception(inception_weights, device)
     stats = _image_statistics(images, images_path, extractor, batch_size, progress)
-    save_statistics(stats, out_path)
+    save_statistics(stats, out_path, overwrite=overwrite)
     return stats

@@ -8,7 +8,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ditq.io import atomic_path
+from ditq.io import OutputKind, write_output
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+GRID_FILE = OutputKind("PNG image", False, _is_png)
 
 
 def make_grid(
@@ -30,9 +43,15 @@ def make_grid(
 
 
 def save_grid(
-    path: str | Path, images: np.ndarray, ncols: int | None = None, scale: int | None = None
+    path: str | Path,
+    images: np.ndarray,
+    ncols: int | None = None,
+    scale: int | None = None,
+    *,
+    overwrite: bool = False,
 ) -> None:
-    """Write a PNG grid; small images (CIFAR-sized) are enlarged so that a person can see them."""
+    """Write a PNG grid; small images (CIFAR-sized) are enlarged so that a person can see them.
+    An existing PNG is replaced only with ``overwrite`` (:func:`ditq.io.check_output`)."""
     scale = scale if scale is not None else max(1, 128 // images.shape[1])
-    with atomic_path(path) as tmp:
+    with write_output(path, GRID_FILE, overwrite=overwrite) as tmp:
         make_grid(images, ncols=ncols, scale=scale).save(tmp, format="PNG")

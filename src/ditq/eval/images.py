@@ -41,9 +41,25 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise DitqError(f"file not found: {path}")
     if not zipfile.is_zipfile(path):
-        raise DitqError(f"{path} is not an .npz archive")
-    with np.load(path) as archive:
-        return list(archive.files)
+        raise DitqError(f"{path} is not an .npz archive (a .npy or a truncated file?)")
+    try:
+        with np.load(path) as archive:
+            return list(archive.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DitqError(f"{path} is not a readable .npz archive: {err}") from err
+
+
+def read_npz_array(archive: np.lib.npyio.NpzFile, key: str, path: str | os.PathLike) -> np.ndarray:
+    """``archive[key]`` with one clear error for arrays numpy cannot read safely (Python
+    objects need pickle, which is never enabled) or truncated members."""
+    try:
+        return archive[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = "it holds Python objects" if "Object arrays" in str(err) else str(err)
+        raise DitqError(
+            f"{path}: cannot read the array {key!r} ({reason}); it must be a plain numeric "
+            "array, as ditq sample / np.savez of a uint8 array write"
+        ) from err
 
 
 def _decode_jpeg_blob(blob: np.ndarray, offsets: np.ndarray, count: int, path: Path) -> np.ndarray:
@@ -75,10 +91,10 @@ def load_images(path: str | os.PathLike, limit: int | None = None) -> np.ndarray
         )
     with np.load(path) as archive:
         if layout == "jpeg":
-            offsets = archive["offsets"]
+            offsets = read_npz_array(archive, "offsets", path)
             count = _image_count(len(offsets) - 1, limit, path)
-            return _decode_jpeg_blob(archive["blob"], offsets, count, path)
-        images = archive["arr_0"]
+            return _decode_jpeg_blob(read_npz_array(archive, "blob", path), offsets, count, path)
+        images = read_npz_array(archive, "arr_0", path)
     images = images[: _image_count(len(images), limit, path)]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DitqError(

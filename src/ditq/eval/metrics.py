@@ -26,9 +26,11 @@ pytorch-fid, with these differences:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ from ditq.eval.features import (
 )
 from ditq.eval.images import load_images
 from ditq.eval.inception import load_inception
+from ditq.io import OutputKind, write_output
 
 PR_NEIGHBOURHOOD = 3
 INCEPTION_SCORE_SPLITS = 10
@@ -340,6 +343,24 @@ def evaluate(
         result["vs"] = str(vs_path)
         result["vs_num_samples"] = compared
     return result
+
+
+def _is_evaluation_file(path: Path) -> bool:
+    try:
+        result = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(result, dict) and isinstance(result.get("metrics"), dict)
+
+
+EVALUATION_FILE = OutputKind("ditq eval result (JSON)", False, _is_evaluation_file)
+
+
+def save_evaluation(result: dict, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write :func:`evaluate`'s result as JSON, atomically; an existing result is replaced
+    only with ``overwrite`` (:func:`ditq.io.check_output`)."""
+    with write_output(path, EVALUATION_FILE, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def format_table(result: dict) -> str:

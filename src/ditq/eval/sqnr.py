@@ -35,6 +35,7 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import collect_input_stats
 from ditq.errors import DitqError
 from ditq.eval.plots import heatmap, line_plot
+from ditq.io import OutputKind
 from ditq.quant.config import QuantConfig
 from ditq.quant.layers import QuantLinear
 from ditq.quant.model import calibrate_activations, calibrate_weights, quantized_layers, wrap_layers
@@ -54,6 +55,10 @@ REPORT_FILES = {
     "all_steps": "sqnr_heatmap_all.png",
 }
 """The files :func:`save_study` writes."""
+STUDY_DIR = OutputKind(
+    "ditq SQNR study directory", True, lambda path: (path / REPORT_FILES["json"]).is_file()
+)
+"""``ditq analyze --out``: recognized by its ``sqnr.json``."""
 FIRST_STEP = 0
 INPUT, OUTPUT = 0, 1
 MIN_ENERGY = 1e-30

@@ -129,9 +129,11 @@ def quantize_and_save(
     batch_size: int = 64,
     progress: bool = True,
     command: str = "",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Apply ``method`` to ``model`` in place, pack it and write the quantized directory
-    ``out`` (``ditq.quant.checkpoint``); returns the calibration report written with it.
+    ``out`` (``ditq.quant.checkpoint``; an existing one is replaced only with ``overwrite``);
+    returns the calibration report written with it.
     ``calib_seconds`` (the time spent building ``calib``) counts in the total wall time."""
     start = time.perf_counter()
     method_report = method.run(
@@ -153,5 +155,7 @@ def quantize_and_save(
         "weight_sqnr_db": weight_sqnr,
         "method": method_report,
     }
-    save_quantized(model, out, method.name, config.to_dict(), calib_meta, report)
+    save_quantized(
+        model, out, method.name, config.to_dict(), calib_meta, report, overwrite=overwrite
+    )
     return report

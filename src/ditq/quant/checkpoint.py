@@ -33,7 +33,7 @@ from torch import nn
 
 from ditq import __version__
 from ditq.errors import DitqError
-from ditq.io import atomic_path
+from ditq.io import OutputKind, write_output
 from ditq.models.dit import DiT, DiTConfig
 from ditq.quant.layers import QuantLinear
 from ditq.quant.model import MATMUL_INPUTS, quantized_layers
@@ -48,7 +48,15 @@ REPORT = "calibration_report.json"
 
 
 def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """Whether ``path`` holds a manifest written by :func:`save_quantized` (any version)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+QUANTIZED_DIR = OutputKind("ditq quantized directory", True, is_quantized_dir)
 
 
 def layer_manifest(model: DiT) -> dict[str, dict[str, Any]]:
@@ -76,8 +84,12 @@ def save_quantized(
     method_config: dict[str, Any],
     calibration: dict[str, Any],
     report: dict[str, Any],
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (packed) with its manifest and report to ``out_dir`` atomically."""
+    """Write ``model`` (packed) with its manifest and report to ``out_dir`` atomically; an
+    existing quantized directory is replaced only with ``overwrite``
+    (:func:`ditq.io.check_output`)."""
     unpacked = [n for n, layer in quantized_layers(model).items() if not layer.packed]
     for name in unpacked:
         if model.get_submodule(name).weight_quantizer.spec.needs_calibration:
@@ -94,7 +106,7 @@ def save_quantized(
         "calibration": calibration,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir, directory=True) as tmp:
+    with write_output(out_dir, QUANTIZED_DIR, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
