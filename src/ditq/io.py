@@ -187,6 +187,34 @@ def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (and, for a directory, everything in it) the modes a plain ``open`` or
+    ``mkdir`` would have given: libraries writing through private temporary files (0600)
+    must not leak their modes into the user's output."""
+    mask = current_umask()
+    entries = [path]
+    if path.is_dir() and not path.is_symlink():
+        entries += list(path.rglob("*"))
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+
+
 def _hidden_name(target: Path, tag: str) -> Path:
     return target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -210,6 +238,7 @@ def atomic_path(target: str | Path, directory: bool = False) -> Iterator[Path]:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
+        apply_umask(tmp)
         if directory and (target.exists() or target.is_symlink()):
             aside = _hidden_name(target, ASIDE_TAG)
             os.replace(target, aside)

@@ -337,7 +337,7 @@ def test_usage_errors_are_helpful():
     with pytest.raises(DitqError, match=r"scales of shape \(6, 1\)"):
         per_channel(torch.randn(5, 32))
     grouped = Quantizer(QuantSpec(granularity=PerGroup(12)))
-    with pytest.raises(DitqError, match="group size 12 does not divide 32"):
+    with pytest.raises(DitqError, match=r"group size 12 \(--w-group-size\) does not divide 32"):
         grouped.find_params(torch.randn(6, 32))
     with pytest.raises(DitqError, match="takes a QuantSpec"):
         Quantizer({"bits": 8})  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ def test_check_divides_names_layer_and_suggests_divisor():
     with pytest.raises(DitqError) as info:
         spec.check_divides(384, layer="blocks.0.mlp.fc1")
     message = str(info.value)
-    for text in ("group size 256", "384", "blocks.0.mlp.fc1", "192", "PerChannel()"):
+    for text in ("group size 256", "384", "blocks.0.mlp.fc1", "192", "--w-granularity channel"):
         assert text in message
     QuantSpec(granularity=PerChannel()).check_divides(383)  # not grouped: nothing to check
 

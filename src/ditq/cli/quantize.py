@@ -20,7 +20,7 @@ from ditq.methods.base import quantize_and_save
 from ditq.models import load_model
 from ditq.quant.checkpoint import QUANTIZED_DIR
 from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
-from ditq.quant.model import quantized_layers
+from ditq.quant.model import layers_to_wrap, quantized_layers
 
 LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
 
@@ -109,6 +109,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             help=f"[{method}] {help_text} (default {default!r})".strip(),
         )
     c = parser.add_argument_group("calibration set (defaults: the method's)")
+    c.add_argument(
+        "--calib-preset",
+        choices=tuple(CALIB_PRESETS),
+        default="published",
+        help="published: the method's own calibration set (e.g. PTQ4DiT: 32 trajectories of "
+        "250 DDPM steps; minutes to hours on a CPU); cpu: "
+        + CALIB_PRESETS["cpu"]["description"]
+        + " (the --calib-* flags override either)",
+    )
     c.add_argument("--calib-set", help="reuse a saved calibration set (.safetensors)")
     c.add_argument("--save-calib-set", help="also save the generated calibration set here")
     c.add_argument("--calib-samples", type=int, help="samples (trajectories)")
@@ -139,8 +148,22 @@ def _parse_calib_steps(text: str) -> str | int | list[int]:
     return values[0] if "," not in text else values
 
 
+CALIB_PRESETS: dict[str, dict[str, Any]] = {
+    "published": {"description": "the method's published calibration set", "settings": {}},
+    "cpu": {
+        "description": "8 trajectories of 25 DDIM steps, the method's recorded steps among them",
+        "settings": {"num_samples": 8, "sampler": "ddim", "num_steps": 25},
+    },
+}
+"""Calibration-set presets: the method's own (default) or a CPU-friendly one with fewer,
+shorter trajectories (``--calib-preset``); explicit ``--calib-*`` flags override both."""
+SLOW_ON_CPU_EVALUATIONS = 2_000
+"""Image-evaluations of the denoiser beyond which a CPU user is pointed to the cpu preset."""
+
+
 def calib_settings(method: Method, args: argparse.Namespace, num_classes: int) -> CalibSettings:
     settings = method.default_calib.to_dict()
+    settings.update(CALIB_PRESETS[args.calib_preset]["settings"])
     given = {
         "num_samples": args.calib_samples,
         "steps": _parse_calib_steps(args.calib_steps) if args.calib_steps else None,
@@ -197,6 +220,35 @@ def _check_overrides_match(config: QuantConfig, layer_names: list[str]) -> None:
             raise DitqError(f"layer pattern {pattern!r} matches no selected layer")
 
 
+def _say(text: str) -> None:
+    print(f"ditq quantize: {text}", file=sys.stderr, flush=True)
+
+
+def calibration_cost(settings: CalibSettings) -> int:
+    """Image-evaluations of the denoiser that generating the set takes (x2 with guidance)."""
+    guided = 2 if settings.cfg_scale != 1 else 1
+    return settings.num_samples * settings.num_steps * guided
+
+
+def describe_calibration(settings: CalibSettings, preset: str, device: str) -> list[str]:
+    """What generating the calibration set will cost, said before it starts."""
+    evaluations = calibration_cost(settings)
+    guidance = f", guidance {settings.cfg_scale:g}" if settings.cfg_scale != 1 else ""
+    lines = [
+        f"calibration set ({preset} preset): {settings.num_samples} FP trajectories x "
+        f"{settings.num_steps} {settings.sampler.upper()} steps{guidance} = {evaluations:,} "
+        f"image-evaluations of the model, recording steps {settings.steps}"
+    ]
+    if str(device) == "cpu" and preset != "cpu" and evaluations > SLOW_ON_CPU_EVALUATIONS:
+        fast = CalibSettings(**{**settings.to_dict(), **CALIB_PRESETS["cpu"]["settings"]})
+        lines.append(
+            f"on a CPU this is the slow part (minutes or more); --calib-preset cpu ("
+            f"{CALIB_PRESETS['cpu']['description']}) costs "
+            f"{evaluations / calibration_cost(fast):.0f}x less"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     method = METHODS[args.method]
@@ -214,16 +266,27 @@ def run(args: argparse.Namespace) -> None:
     progress = not args.quiet
     model = load_model(args.model, progress=progress, **model_kwargs(args))
     _check_overrides_match(config, config.layers.names(model))
+    layers_to_wrap(model, config)  # shapes vs group sizes, before any work
+    note = method.unpublished_setting(config)
+    if note:
+        _say(f"note: {note}")
     settings = calib_settings(method, args, model.num_classes)
     if args.calib_set:
         calib = CalibrationSet.load(args.calib_set)
         calib.check_matches(model)
         calib_meta = calib.meta
     else:
+        if progress:
+            for line in describe_calibration(settings, args.calib_preset, args.device):
+                _say(line)
         calib = settings.build(
             model, batch_size=args.batch_size, device=args.device, progress=progress
         )
-        calib_meta = {**calib.meta, "settings": settings.to_dict()}
+        calib_meta = {
+            **calib.meta,
+            "settings": settings.to_dict(),
+            "preset": args.calib_preset,
+        }
         if args.save_calib_set:
             calib.save(args.save_calib_set, overwrite=args.overwrite)
     calib_seconds = time.perf_counter() - start
@@ -247,8 +310,9 @@ def run(args: argparse.Namespace) -> None:
         if weight_sqnr
         else "weight SQNR n/a (rounding learned by reconstruction)"
     )
+    attention = f"A{config.attn_bits}" if config.attn_bits < 16 else "float"
     print(
         f"{method.name} W{config.wbits}A{config.abits}: {len(quantized_layers(model))} layers, "
-        f"calibration {len(calib)} entries at {len(calib.timesteps())} timesteps, "
-        f"{sqnr_text}, {total:.1f} s -> {args.out}"
+        f"attention matmuls {attention}, calibration {len(calib)} entries at "
+        f"{len(calib.timesteps())} timesteps, {sqnr_text}, {total:.1f} s -> {args.out}"
     )

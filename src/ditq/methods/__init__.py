@@ -14,6 +14,7 @@ METHODS: dict[str, Method] = {
         SmoothQuantConfig,
         apply_smoothquant,
         summary="SmoothQuant channel smoothing folded into adaLN / V rows",
+        published_bits=((8, 8),),
     ),
     "single-step": Method(
         "single-step",
@@ -21,6 +22,7 @@ METHODS: dict[str, Method] = {
         apply_rtn,
         default_calib=CalibSettings(steps="first"),
         summary="Yang et al.: activation ranges from the first sampling step, group-wise weights",
+        published_bits=((8, 8), (4, 8)),  # "8A8W" and "8A4W"
     ),
     "ptq4dit": Method(
         "ptq4dit",
@@ -31,6 +33,7 @@ METHODS: dict[str, Method] = {
         ),
         summary="Wu et al.: Spearman-guided channel salience balancing folded offline, "
         "static W/A quantization, block reconstruction",
+        published_bits=((8, 8), (4, 8)),
     ),
     "ditas": Method(
         "ditas",
@@ -43,6 +46,7 @@ METHODS: dict[str, Method] = {
         ),
         summary="Dong & Zhang: temporal-aggregated smoothing with per-layer α search and a "
         "training-free low-rank weight branch, W4A8 dynamic activations",
+        published_bits=((8, 8), (4, 8)),
     ),
 }
 

@@ -66,7 +66,8 @@ ApplyFn = Callable[..., dict[str, Any]]
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: name, configuration class, apply function, default calibration."""
+    """A registry entry: name, configuration class, apply function, default calibration,
+    and the (wbits, abits) settings its paper measured (``None``: no paper, any setting)."""
 
     name: str
     config_class: type[QuantConfig]
@@ -74,6 +75,19 @@ class Method:
     default_calib: CalibSettings = field(default_factory=CalibSettings)
     needs_calibration: bool = True
     summary: str = ""
+    published_bits: tuple[tuple[int, int], ...] | None = None
+
+    def unpublished_setting(self, config: QuantConfig) -> str | None:
+        """A sentence when ``config``'s bits lie outside the paper's settings, else None
+        (W16A16, the float sanity check, is never flagged)."""
+        bits = (config.wbits, config.abits)
+        if self.published_bits is None or bits in self.published_bits or min(bits) >= 16:
+            return None
+        published = ", ".join(f"W{w}A{a}" for w, a in self.published_bits)
+        return (
+            f"W{bits[0]}A{bits[1]} is outside {self.name}'s published settings ({published}): "
+            "allowed, but its paper did not measure it"
+        )
 
     def run(
         self,

@@ -41,6 +41,7 @@ the honest thing for other granularities.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,8 +259,10 @@ def _plan_layer(
     smooth: bool,
     row_scale: torch.Tensor | None,
     device: str | torch.device,
+    advance: Callable[[int], object] = lambda _: None,
 ) -> _LayerPlan:
-    """Low-rank branch, TAS factors and the α search for one layer (module docstring)."""
+    """Low-rank branch, TAS factors and the α search for one layer (module docstring);
+    ``advance(1)`` after each evaluated candidate (the progress bar)."""
     weight = model.get_submodule(name).weight.detach().float().to(device)
     w_spec, a_spec = config.weight_spec(name), config.act_spec(name)
     quantizer = Quantizer(w_spec)
@@ -283,7 +286,9 @@ def _plan_layer(
 
     def mse(reference: torch.Tensor, s: torch.Tensor, rows_scale: torch.Tensor | None) -> float:
         quantized = _quantized_weight(reference, s, w_spec, rows_scale)
-        return inputs.squared_error(reference, quantized, s, a_spec) / count
+        error = inputs.squared_error(reference, quantized, s, a_spec) / count
+        advance(1)
+        return error
 
     output_mse = {"rtn": mse(weight, ones, None)}
     if rank:
@@ -340,7 +345,12 @@ def apply_ditas(
     )
     plans: dict[str, _LayerPlan] = {}
     captured: dict[str, torch.Tensor] = {}
-    for name in tqdm(names, desc="DiTAS α search", unit="layer", disable=not progress):
+    evaluations = len(config.alpha_grid) + 2  # RTN, low-rank only, each α
+    bar = tqdm(
+        total=len(names) * evaluations, desc="DiTAS α search", unit="eval", disable=not progress
+    )
+    for name in names:
+        bar.set_postfix_str(name)
         block, layer = name.split(".", 2)[1:]
         if name not in captured:  # the block's selected linears, captured in one pass
             in_block = [n for n in names if n.split(".", 2)[1] == block]
@@ -352,9 +362,12 @@ def apply_ditas(
             qkv_rows = model.get_submodule(name).out_features
             row_scale = _value_row_scale(qkv_rows, proj.smoothing if proj else None)
         smooth = layer != "mlp.fc2" or config.smooth_fc2
+        done = bar.n
         plans[name] = _plan_layer(
-            model, name, config, salience[name], inputs, smooth, row_scale, device
+            model, name, config, salience[name], inputs, smooth, row_scale, device, bar.update
         )
+        bar.update(done + evaluations - bar.n)  # layers without smoothing skip the α grid
+    bar.close()
     layers = wrap_layers(model, config)
     for name, plan in plans.items():
         if plan.up is not None:
@@ -367,7 +380,7 @@ def apply_ditas(
             block, layer = name.split(".", 2)[1:]
             online = layer == "attn.proj" and not config.fold_proj
             smooth_layer(model.blocks[int(block)], layer, plan.smoothing, online=online)
-    calibrate_weights(model)
+    calibrate_weights(model, progress)
     ranges = {}
     if any(q.spec.needs_calibration for q in activation_quantizers(model).values()):
         ranges = calibrate_activations(model, calib, batch_size, device, progress)

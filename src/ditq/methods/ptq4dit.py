@@ -270,7 +270,7 @@ def apply_ptq4dit(
         )
     wrap_layers(model, config)
     balanced = {name: balance_layer(model, name, rows[name]) for name in names}
-    calibrate_weights(model)
+    calibrate_weights(model, progress)
     ranges = calibrate_activations(model, calib, batch_size, device, progress)
     report: dict[str, Any] = {
         "balance": config.balance,

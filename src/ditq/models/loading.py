@@ -58,13 +58,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"official names {', '.join(OFFICIAL_CHECKPOINTS)}"
         )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise DitqError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        raise DitqError(
+            f"{path} is not a checkpoint ditq can read ({type(err).__name__}): expected a "
+            "state dict of tensors or a training checkpoint saved with torch.save (e.g. "
+            "torch.save(model.state_dict(), path)), or a .safetensors file"
+        ) from err
     if isinstance(obj, dict):
         for key in ("ema", "model", "state_dict"):
             if isinstance(obj.get(key), dict):
@@ -78,15 +80,43 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _unreadable_safetensors(path: Path, err: Exception) -> DitqError:
+    return DitqError(
+        f"{path} is not a readable safetensors file ({err}); it may be truncated or not a "
+        "safetensors file: download or write it again"
+    )
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """All tensors of a safetensors file, with one clear error for a damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable_safetensors(Path(path), err) from err
+
+
 def stored_config(path: str | Path) -> DiTConfig | None:
     """The ``DiTConfig`` saved in a safetensors file's metadata, if any."""
     if Path(path).suffix != ".safetensors":
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
-    return None if text is None else DiTConfig(**json.loads(text))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except (SafetensorError, OSError) as err:
+        raise _unreadable_safetensors(Path(path), err) from err
+    if text is None:
+        return None
+    try:
+        return DiTConfig(**json.loads(text))
+    except (TypeError, ValueError) as err:
+        raise DitqError(
+            f"{path}: its {CONFIG_METADATA_KEY} metadata is not a DiT configuration ({err})"
+        ) from err
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> DiTConfig:

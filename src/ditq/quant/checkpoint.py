@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -160,15 +161,38 @@ def load_quantized(
                 for point in MATMUL_INPUTS:
                     setattr(block.attn, point, Quantizer(spec))
                 block.attn.explicit_matmuls = True
-    tensors = load_file(str(path / WEIGHTS), device=str(device))
-    for name, layer in quantized_layers(model).items():
-        _prepare_layer_for_state(layer, name, tensors)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    tensors = _read_weights(path, device)
+    try:
+        for name, layer in quantized_layers(model).items():
+            _prepare_layer_for_state(layer, name, tensors)
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except (KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise DitqError(
+            f"{path / WEIGHTS} does not match {path / MANIFEST} ({first}); the directory is "
+            "damaged or was edited: quantize the model again"
+        ) from err
     model.eval()
     cast_unquantized(model, dtype)
     from ditq.kernels import apply_backend, resolve_backend
 
     return apply_backend(model, resolve_backend(backend, device, quantized=True))
+
+
+def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise DitqError(
+            f"{path} has a manifest but no {WEIGHTS}: the directory is incomplete; quantize "
+            "the model again"
+        )
+    try:
+        return load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DitqError(
+            f"{weights} is not a readable safetensors file ({err}); it may be truncated: "
+            "quantize the model again"
+        ) from err
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ Every method runs the same steps, adding its own transformation in between::
 from __future__ import annotations
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import ATTENTION_POINTS, collect_input_stats
@@ -28,10 +29,10 @@ MATMUL_INPUTS = tuple(point.rsplit(".", 1)[-1] for point in ATTENTION_POINTS)
 """Attribute names of the attention matmul quantizers on ``Attention`` (q, k, v, softmax)."""
 
 
-def wrap_layers(model: DiT, config: QuantConfig) -> dict[str, QuantLinear]:
-    """Replace the selected linears of ``model`` (in place) by uncalibrated ``QuantLinear``
-    and install the attention matmul quantizers when ``config.attn_bits < 16``."""
-    wrapped = {}
+def layers_to_wrap(model: DiT, config: QuantConfig) -> dict[str, nn.Linear]:
+    """The float linears ``config`` quantizes, checked against their shapes (group sizes,
+    packed 4-bit codes) so that a configuration that cannot work fails before any work."""
+    found = {}
     for name in config.layers.names(model):
         if config.keeps_float(name):
             continue
@@ -41,9 +42,19 @@ def wrap_layers(model: DiT, config: QuantConfig) -> dict[str, QuantLinear]:
                 f"{name} is a {type(module).__name__}; ditq quantizes linear layers only "
                 f"(leave it out of the layer selection)"
             )
-        weight_spec = config.weight_spec(name)
-        weight_spec.check_weight_shape(module.out_features, module.in_features, layer=name)
-        layer = QuantLinear.from_linear(module, weight_spec, config.act_spec(name))
+        config.weight_spec(name).check_weight_shape(
+            module.out_features, module.in_features, layer=name
+        )
+        found[name] = module
+    return found
+
+
+def wrap_layers(model: DiT, config: QuantConfig) -> dict[str, QuantLinear]:
+    """Replace the selected linears of ``model`` (in place) by uncalibrated ``QuantLinear``
+    and install the attention matmul quantizers when ``config.attn_bits < 16``."""
+    wrapped = {}
+    for name, module in layers_to_wrap(model, config).items():
+        layer = QuantLinear.from_linear(module, config.weight_spec(name), config.act_spec(name))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
         wrapped[name] = layer
@@ -69,11 +80,14 @@ def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
     return found
 
 
-def calibrate_weights(model: nn.Module) -> None:
-    """Range search of every quantized weight (the spec's min/max, percentile or MSE)."""
-    for layer in quantized_layers(model).values():
-        if not layer.packed:
-            layer.calibrate_weight()
+def calibrate_weights(model: nn.Module, progress: bool = False) -> None:
+    """Range search of every quantized weight (the spec's min/max, percentile or MSE), with
+    a bar naming the current layer when ``progress``."""
+    layers = {n: q for n, q in quantized_layers(model).items() if not q.packed}
+    bar = tqdm(layers.items(), desc="weight ranges", unit="layer", disable=not progress)
+    for name, layer in bar:
+        bar.set_postfix_str(name, refresh=False)
+        layer.calibrate_weight()
 
 
 def set_activation_bypass(model: nn.Module, bypass: bool) -> None:
@@ -111,7 +125,9 @@ def calibrate_activations(
     finally:
         set_activation_bypass(model, False)
     ranges = {}
-    for name, quantizer in static.items():
+    bar = tqdm(static.items(), desc="activation ranges", unit="tensor", disable=not progress)
+    for name, quantizer in bar:
+        bar.set_postfix_str(name, refresh=False)
         x_min, x_max = range_from_observer(observers[name], quantizer.spec)
         quantizer.set_range(x_min, x_max)
         ranges[name] = {"min": float(x_min.min()), "max": float(x_max.max())}
@@ -135,7 +151,7 @@ def quantize_model(
     """Round-to-nearest quantization of ``model`` in place: wrap, calibrate weights and
     (static) activations on ``calib``. Returns the activation ranges."""
     wrap_layers(model, config)
-    calibrate_weights(model)
+    calibrate_weights(model, progress)
     needs_data = any(q.spec.needs_calibration for q in activation_quantizers(model).values())
     if needs_data and calib is None:
         raise DitqError(

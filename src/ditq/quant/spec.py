@@ -76,9 +76,9 @@ class _GroupSize:
         divisor = max(d for d in range(1, self.group_size + 1) if num_channels % d == 0)
         where = f"layer {layer!r} with " if layer else ""
         raise DitqError(
-            f"group size {self.group_size} does not divide {where}{num_channels} "
-            f"{self.grouped_axis} channels; use a divisor of {num_channels} such as {divisor}, "
-            "or PerChannel()"
+            f"weight group size {self.group_size} (--w-group-size) does not divide "
+            f"{where}{num_channels} {self.grouped_axis} channels; use a divisor of "
+            f"{num_channels} such as {divisor}, or per-channel weights (--w-granularity channel)"
         )
 
 
