@@ -44,8 +44,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--vae",
-        default="ema",
-        help="none (pixel-space model), ema or mse (sd-vae-ft-*), or a diffusers directory",
+        default="auto",
+        help="auto (none for a 3-channel pixel-space model, else ema), none, ema or mse "
+        "(sd-vae-ft-*), or a diffusers directory",
     )
     group.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1, ...")
     group.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))

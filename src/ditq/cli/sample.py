@@ -99,8 +99,14 @@ def run(args: argparse.Namespace) -> None:
     if args.compile:
         model.compile()
     classes = parse_classes(args.classes, model.num_classes)
-    if args.vae != "none" and model.config.in_channels == 3:
-        raise DitqError("this model has 3 input channels (pixel space): pass --vae none")
+    pixels = model.config.in_channels == 3
+    if args.vae == "auto":
+        args.vae = "none" if pixels else "ema"
+    if args.vae != "none" and pixels:
+        raise DitqError(
+            f"this model has 3 input channels (pixel space) and no VAE: drop --vae {args.vae} "
+            "(or pass --vae none)"
+        )
     vae = load_vae(args.vae, args.device)
     start = time.perf_counter()
     images, labels = generate(
