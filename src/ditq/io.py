@@ -21,6 +21,7 @@ The rules every command that writes follows (a user's files are never lost):
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -267,9 +268,21 @@ def write_output(
         yield tmp
 
 
+SAMPLES_META_KEY = "ditq_meta"
+"""Optional npz entry of a samples file: a JSON object (as a 0-d string array) saying which
+model made the samples (``method``: ``fp`` or the quantization method) and how."""
+
+
 def save_samples_npz(
-    path: str | Path, images: np.ndarray, labels: np.ndarray, *, overwrite: bool = False
+    path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    meta: dict | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Samples in the ADM evaluator layout: ``arr_0`` uint8 NHWC, ``arr_1`` int labels."""
+    """Samples in the ADM evaluator layout: ``arr_0`` uint8 NHWC, ``arr_1`` int labels, and
+    ``meta`` (JSON) under :data:`SAMPLES_META_KEY`, which ADM's evaluator ignores."""
+    extra = {} if meta is None else {SAMPLES_META_KEY: np.array(json.dumps(meta))}
     with write_output(path, SAMPLES_FILE, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images, labels)
+        np.savez(f, images, labels, **extra)

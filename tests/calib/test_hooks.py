@@ -229,9 +229,7 @@ def test_capture_inputs_returns_rows_in_entry_order_and_subsamples(calib):
     fc2 = model.blocks[1].mlp.fc2
     some = capture_inputs(model, calib, fc2, batch_size=5, progress=False, max_tokens=100)
     assert 90 <= len(some) <= 100
-    assert all(
-        torch.isclose(reference, row, atol=1e-6).all(dim=1).any() for row in some[:10]
-    )
+    assert all(torch.isclose(reference, row, atol=1e-6).all(dim=1).any() for row in some[:10])
     again = capture_inputs(model, calib, fc2, batch_size=5, progress=False, max_tokens=100)
     assert torch.equal(some, again)
     assert_no_hooks(model)

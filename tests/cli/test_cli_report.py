@@ -71,3 +71,21 @@ def test_help_defines_a_run_directory(capsys):
         main(["report", "--help"])
     text = capsys.readouterr().out
     assert "run.json" in text and "samples*.npz" in text and "eval*.json" in text
+
+
+def test_a_float_run_of_ditq_sample_is_the_fp_baseline_without_run_json(runs, tmp_path, capsys):
+    fp, quantized = runs
+    plain = tmp_path / "fp-plain"
+    plain.mkdir()
+    (plain / "samples_ddim3.npz").write_bytes((fp / "samples_ddim3.npz").read_bytes())
+    stored = np.load(plain / "samples_ddim3.npz")
+    meta = json.loads(str(stored["ditq_meta"]))
+    assert meta["method"] == "fp" and meta["bits"] == "FP32" and meta["settings"]["steps"] == 3
+    assert json.loads(str(np.load(quantized / "samples_ddim3.npz")["ditq_meta"]))["bits"] == "W4A8"
+    out = tmp_path / "report"
+    assert main(["report", str(plain), str(quantized), "--out", str(out)]) == 0
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["fp"] == "fp-plain"
+    assert not any("no FP run" in note for note in summary["notes"])
+    row = next(r for r in summary["rows"] if r["name"] == "rtn-w4a8")
+    assert row["psnr"] is not None

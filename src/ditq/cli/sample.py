@@ -17,6 +17,7 @@ from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
 from ditq.models import load_model
 from ditq.models.vae import load_vae
+from ditq.quant.checkpoint import is_quantized_dir, read_manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -76,6 +77,17 @@ def load_init_noise(path: str | None) -> np.ndarray | None:
     return noise
 
 
+def model_identity(model: str, dtype: str) -> dict[str, str]:
+    """Which model made the samples, for ``ditq report``: ``fp`` and the dtype for a float
+    model, else the quantization method and its bits."""
+    if is_quantized_dir(model):
+        manifest = read_manifest(model)
+        config = manifest.get("method_config", {})
+        bits = f"W{config.get('wbits')}A{config.get('abits')}"
+        return {"model": str(model), "method": manifest.get("method", "?"), "bits": bits}
+    return {"model": str(model), "method": "fp", "bits": dtype.upper()}
+
+
 def run(args: argparse.Namespace) -> None:
     if not (args.out or args.grid):
         raise DitqError("nothing to write: pass --out FILE.npz and/or --grid FILE.png")
@@ -126,7 +138,8 @@ def run(args: argparse.Namespace) -> None:
     if not ranks.is_main:
         return
     if args.out:
-        save_samples_npz(args.out, images, labels, overwrite=args.overwrite)
+        meta = {**model_identity(args.model, args.dtype), "settings": vars(sampling_settings(args))}
+        save_samples_npz(args.out, images, labels, meta=meta, overwrite=args.overwrite)
     if args.grid:
         save_grid(args.grid, images, overwrite=args.overwrite)
     written = " and ".join(p for p in (args.out, args.grid) if p)

@@ -39,7 +39,7 @@ import math
 import re
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +54,7 @@ from ditq.eval.grid import make_grid
 from ditq.eval.images import load_images, npz_keys, read_npz_array
 from ditq.eval.metrics import psnr, ssim
 from ditq.eval.plots import BACKGROUND, LABEL_SIZE, _put_text, _text_size, bar_plot
-from ditq.io import OutputKind, check_output, write_output
+from ditq.io import SAMPLES_META_KEY, OutputKind, check_output, write_output
 from ditq.quant.checkpoint import MANIFEST, REPORT, WEIGHTS, read_manifest
 from ditq.quant.config import QuantConfig
 
@@ -95,13 +95,15 @@ IDENTITY_COLUMNS = ("name", "method", "bits", "setting")
 
 @dataclass
 class SampleFile:
-    """A ``samples*.npz`` of a run: its setting, count, image shape and labels."""
+    """A ``samples*.npz`` of a run: its setting, count, image shape, labels, and what
+    ``ditq sample`` recorded of the model that made it (``ditq.io.SAMPLES_META_KEY``)."""
 
     path: Path
     setting: str
     count: int
     image_shape: tuple[int, int, int]
     labels: np.ndarray | None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -216,11 +218,18 @@ def read_first_images(path: str | Path, count: int) -> np.ndarray:
 def _sample_file(path: Path) -> SampleFile:
     with _image_stream(path) as (_, shape):
         count, image_shape = shape[0], tuple(shape[1:])
-    labels = None
-    if "arr_1" in npz_keys(path):
-        with np.load(path) as archive:
+    labels, meta = None, {}
+    keys = npz_keys(path)
+    with np.load(path) as archive:
+        if "arr_1" in keys:
             labels = np.asarray(read_npz_array(archive, "arr_1", path))
-    return SampleFile(path, _file_setting(path, SAMPLES_PREFIX), count, image_shape, labels)
+        if SAMPLES_META_KEY in keys:
+            with suppress(ValueError):
+                meta = json.loads(str(read_npz_array(archive, SAMPLES_META_KEY, path)))
+    setting = _file_setting(path, SAMPLES_PREFIX)
+    return SampleFile(
+        path, setting, count, image_shape, labels, meta if isinstance(meta, dict) else {}
+    )
 
 
 def _eval_file(path: Path) -> EvalFile:
@@ -298,6 +307,10 @@ def load_run(path: str | Path) -> Run:
     run.evals = _unique(
         [_eval_file(p) for p in sorted(path.glob(f"{EVAL_PREFIX}*.json"))], "eval", path
     )
+    if run.method is None:  # samples written by `ditq sample` say which model made them
+        made_by = {(s.meta.get("method"), s.meta.get("bits")) for s in run.samples.values()}
+        if len(made_by) == 1 and None not in next(iter(made_by)):
+            run.method, run.bits = next(iter(made_by))
     if not (run.samples or run.evals or (path / MANIFEST).is_file()):
         raise DitqError(
             f"{path} holds nothing to report: expected ditq.json (a `ditq quantize` output), "
@@ -550,7 +563,11 @@ def build_report(
     runs.sort(key=lambda run: run is not fp_run)
     notes: list[tuple[str, str]] = []
     if fp_run is None:
-        message = "no FP run (method 'fp' in run.json, or --fp DIR): no ΔFID or PSNR/SSIM vs FP"
+        message = (
+            "no FP run among the runs (samples from `ditq sample` of a float model, "
+            "method 'fp' in run.json, or --fp DIR): no ΔFID; PSNR/SSIM vs FP only where "
+            "`ditq eval --vs` computed them"
+        )
         notes.append(("", message))
     rows = []
     for run in runs:
