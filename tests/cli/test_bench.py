@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ditq.cli import main
+from ditq.cli import bench, main
 
 from conftest import save_checkpoint, tiny_dit
 
@@ -24,6 +24,27 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert rows["w4a16"]["memory_bytes"] < rows["bf16"]["memory_bytes"]
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| w4a16 |" in table.replace(f"| {path} | 1 ", "")
+    assert report["complete"]
+
+
+def test_an_interrupted_bench_keeps_the_rows_measured_so_far(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_dit().state_dict(), path)
+    measured = bench.bench_variant
+
+    def interrupted_after_bf16(base, variant, *args):
+        if variant != "bf16":
+            raise KeyboardInterrupt
+        return measured(base, variant, *args)
+
+    monkeypatch.setattr(bench, "bench_variant", interrupted_after_bf16)
+    args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
+    args += ["--steps", "1", "--variants", "bf16,w8a8-static", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert not report["complete"] and [r["variant"] for r in report["rows"]] == ["bf16"]
+    assert not (tmp_path / "out" / "bench.md").exists()
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ditq {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ditq {args.command}: interrupted; no output was written", file=sys.stderr)
+        print(f"ditq {args.command}: interrupted; no output was left half-written", file=sys.stderr)
         return 130
     return 0
 
