@@ -102,8 +102,7 @@ def test_layer_selection_names_in_forward_order():
     ]
     assert len(everything) == 3 + 2 * 5 + 2
     layers = linear_layers(model, LayerSelection(embedders=True))
-    assert isinstance(layers["x_embedder.proj"], torch.nn.Conv2d)
-    assert all(isinstance(m, torch.nn.Linear) for n, m in layers.items() if n != "x_embedder.proj")
+    assert all(isinstance(m, torch.nn.Linear) for m in layers.values())
     assert attention_point_names(model)[:2] == ["blocks.0.attn.q_act", "blocks.0.attn.k_act"]
     with pytest.raises(DitqError, match="no layer named 'blocks.7.attn.qkv'"):
         get_layer(model, "blocks.7.attn.qkv")
@@ -164,15 +163,17 @@ def test_per_timestep_stats_are_keyed_by_the_sets_timesteps(calib):
         torch.testing.assert_close(largest, overall[name].value)
 
 
-def test_conv_input_is_observed_as_is(calib):
+def test_patch_embedding_input_is_observed_as_flattened_patches(calib):
     model = tiny_dit()
     stats = collect_input_stats(
         model, calib, lambda name: Recorder(), ["x_embedder.proj"], batch_size=4, progress=False
     )
-    seen = stats["x_embedder.proj"].batches
-    assert all(batch.shape[1:] == (3, 8, 8) for batch in seen)
-    by_timestep = torch.cat(list(calib.index_batches(4)))
-    torch.testing.assert_close(torch.cat(seen), calib.x[by_timestep])
+    seen = torch.cat(stats["x_embedder.proj"].batches)
+    assert seen.shape[1:] == (3 * 2 * 2,)
+    images = calib.x[torch.cat(list(calib.index_batches(4)))]
+    patches = images.unfold(2, 2, 2).unfold(3, 2, 2)  # (N, C, H/p, W/p, p, p), independently
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * 2 * 2)
+    torch.testing.assert_close(seen, patches)
 
 
 def test_hooks_and_attention_flags_are_restored_after_an_observer_fails(calib):

@@ -169,6 +169,11 @@ def test_saved_calibration_set_is_reused_and_checked(model_args, tmp_path, capsy
         (["--method", "rtn", "--a-granularity", "token"], "--a-dynamic"),
         (["--method", "rtn", "--keep-float", "blocks.9.*"], "matches no selected layer"),
         (["--method", "rtn", "--calib-steps", "9"], "9"),
+        (
+            ["--method", "rtn", "--alpha", "0.9"],
+            "--alpha is a setting of smoothquant; --method rtn does not take it",
+        ),
+        (["--method", "rtn", "--recon-iters", "5"], "--recon-iters is a setting of ptq4dit"),
     ],
 )
 def test_bad_settings_are_one_clear_error_and_write_nothing(
@@ -178,3 +183,36 @@ def test_bad_settings_are_one_clear_error_and_write_nothing(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_smoothquant_respects_keep_float(model_args, tmp_path):
+    out = tmp_path / "q"
+    assert _quantize(model_args, out, "--method", "smoothquant", "--keep-float", "blocks.0.*") == 0
+    layers = json.loads((out / "ditq.json").read_text())["layers"]
+    assert not any(name.startswith("blocks.0.") for name in layers)
+    assert "blocks.1.mlp.fc2" in layers
+    report = json.loads((out / "calibration_report.json").read_text())
+    smoothed = report["method"]["smoothing_factors"]
+    assert smoothed and not any(name.startswith("blocks.0.") for name in smoothed)
+
+
+def test_embedders_alone_quantize_the_patch_embedding_and_timestep_mlp(model_args, tmp_path):
+    out = tmp_path / "q"
+    assert _quantize(model_args, out, "--method", "rtn", "--layers", "embedders") == 0
+    layers = json.loads((out / "ditq.json").read_text())["layers"]
+    assert sorted(layers) == ["t_embedder.mlp.0", "t_embedder.mlp.2", "x_embedder.proj"]
+
+
+def test_w16a16_ptq4dit_keeps_attention_in_float_and_reproduces_fp(model_args, tmp_path, capsys):
+    out = tmp_path / "q"
+    bits = ["--wbits", "16", "--abits", "16", "--recon-iters", "0"]
+    assert _quantize(model_args, out, "--method", "ptq4dit", *bits) == 0
+    assert "attention matmuls float" in capsys.readouterr().out
+    assert json.loads((out / "ditq.json").read_text())["attention"] is None
+    sample = ["--sampler", "ddim", "--steps", "3", "--num-samples", "3", "--device", "cpu"]
+    sample += ["--quiet", "--seed", "5"]  # --vae auto: none for this pixel-space model
+    assert main(["sample", "--model", str(out), *sample, "--out", str(tmp_path / "q.npz")]) == 0
+    assert main(["sample", *model_args, *sample, "--out", str(tmp_path / "fp.npz")]) == 0
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "q.npz")["arr_0"], np.load(tmp_path / "fp.npz")["arr_0"]
+    )

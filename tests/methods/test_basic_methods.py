@@ -47,7 +47,7 @@ def test_smoothquant_reduces_activation_outliers(calib):
     model = tiny_dit()
     # plant an outlier channel in the qkv input of block 0 through the adaLN shift
     with torch.no_grad():
-        model.blocks[0].adaLN_modulation[1].bias[5] = 40.0
+        model.blocks[0].adaLN_modulation[1].bias[5] = 400.0
     reference = tiny_dit()
     reference.load_state_dict(model.state_dict())
     plain = tiny_dit()
@@ -56,7 +56,7 @@ def test_smoothquant_reduces_activation_outliers(calib):
     smooth = SmoothQuantConfig(wbits=8, abits=8, alpha=0.5)
     report = METHODS["smoothquant"].run(model, smooth, calib, progress=False)
     assert report["smoothing_factors"]["blocks.0.attn.qkv"]["max"] > 2
-    assert _error(model, reference) < _error(plain, reference)
+    assert _error(model, reference) < 0.5 * _error(plain, reference)
 
 
 def test_single_step_defaults_and_first_step_calibration(calib):

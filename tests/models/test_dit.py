@@ -126,3 +126,19 @@ def test_cfg_on_four_channel_latents_guides_three_channels_by_default():
     torch.testing.assert_close(
         all_channels[:1, 3], uncond[:, 3] + 2.0 * (cond[:, 3] - uncond[:, 3]), rtol=1e-4, atol=1e-5
     )
+
+
+def test_patch_embedding_is_the_official_strided_convolution_in_float64():
+    model = tiny_dit(patch_size=2).double()
+    conv_weight = model.state_dict()["x_embedder.proj.weight"]
+    assert conv_weight.shape == (32, 3, 2, 2)  # saved in the official convolution layout
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    reference = (
+        torch.nn.functional.conv2d(x, conv_weight, model.x_embedder.proj.bias, stride=2)
+        .flatten(2)
+        .transpose(1, 2)
+    )  # the official PatchEmbed
+    torch.testing.assert_close(model.x_embedder(x), reference, rtol=1e-12, atol=1e-12)
+    again = tiny_dit(seed=5).double()
+    again.load_state_dict(model.state_dict())  # loads the 4-d official layout back
+    torch.testing.assert_close(again.x_embedder(x), reference, rtol=1e-12, atol=1e-12)

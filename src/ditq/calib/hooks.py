@@ -45,7 +45,8 @@ class LayerSelection:
     """Which layers a method works on (METHODS.md: each method's published default).
 
     ``blocks``: qkv, proj, fc1, fc2 of every block; ``embedders``: the patch embedding
-    (a Conv2d) and the two timestep-MLP linears; ``adaln``: every adaLN modulation linear
+    (a linear over flattened patches, the official stride-p convolution) and the two
+    timestep-MLP linears; ``adaln``: every adaLN modulation linear
     (blocks' and final layer's); ``final_layer``: the final projection ``final_layer.linear``.
     """
 
@@ -117,7 +118,7 @@ def collect_input_stats(
     """Feed the input of each named layer, over the whole calibration set, to observers.
 
     Inputs reach the observer as rows (tokens, C_in) (``reshape(-1, C_in)``; the softmax
-    output becomes (rows, keys)), a Conv2d's input as is (N, C, H, W). Returns
+    output becomes (rows, keys)). Returns
     ``{name: observer}``, or with ``per_timestep`` ``{name: {t: observer}}`` over
     ``calib.timesteps()`` (PTQ4DiT's SSC and DiTAS' TAS need per-timestep ``s(X^(t))``).
     Observers get the live activation on ``device`` (the model's by default) and must copy
@@ -170,7 +171,7 @@ def capture_inputs(
     seed: int = 0,
 ) -> torch.Tensor:
     """The input of one layer over the calibration set, on the CPU, as rows (tokens, C_in)
-    in the set's entry order (a Conv2d's input as is, (N, C, H, W)).
+    in the set's entry order.
 
     ``max_tokens`` keeps at most that many rows, drawn uniformly (seeded) from every batch
     so that all timesteps stay represented (e.g. DiTAS' α search, METHODS.md). The forward
@@ -293,7 +294,7 @@ class _StopForward(Exception):
 
 
 def _as_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x if isinstance(layer, nn.Conv2d) else x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def _resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:

@@ -21,22 +21,37 @@ from ditq.models import load_model
 from ditq.quant.checkpoint import QUANTIZED_DIR
 from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
 from ditq.quant.model import layers_to_wrap, quantized_layers
+from ditq.quant.spec import UNQUANTIZED_BITS
 
 LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
 
 
 def _method_fields() -> list[tuple[str, Any, str, str]]:
-    """Method-specific configuration fields: (name, default, method, help)."""
+    """Method-specific configuration fields: (name, default, methods taking it, help)."""
     shared = {f.name for f in fields(QuantConfig)}
-    found, seen = [], set()
+    found: dict[str, list] = {}
     for method in METHODS.values():
         for f in fields(method.config_class):
-            if f.name in shared or f.name in seen:
+            if f.name in shared:
                 continue
-            seen.add(f.name)
+            if f.name in found:
+                found[f.name][2] += f", {method.name}"
+                continue
             default = f.default if f.default is not MISSING else f.default_factory()
-            found.append((f.name, default, method.name, f.metadata.get("help", "")))
-    return found
+            found[f.name] = [f.name, default, method.name, f.metadata.get("help", "")]
+    return [tuple(entry) for entry in found.values()]
+
+
+def _check_method_flags(method: Method, args: argparse.Namespace) -> None:
+    """A flag of another method is an error naming the methods that take it."""
+    own = {f.name for f in fields(method.config_class)}
+    for name, _, takers, _ in _method_fields():
+        if name not in own and getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise DitqError(
+                f"{flag} is a setting of {takers}; --method {method.name} does not take it "
+                f"(drop it, or choose --method {takers.split(',')[0]})"
+            )
 
 
 def _parse_field(default: Any):
@@ -211,6 +226,8 @@ def method_config(method: Method, args: argparse.Namespace) -> QuantConfig:
     layers = _layer_selection(args.layers)
     if layers is not None:
         values["layers"] = layers
+    if args.attn_bits is None and values.get("abits", 0) >= UNQUANTIZED_BITS:
+        values["attn_bits"] = UNQUANTIZED_BITS  # float activations: float attention too
     return method.config_class(**values)
 
 
@@ -252,6 +269,7 @@ def describe_calibration(settings: CalibSettings, preset: str, device: str) -> l
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     method = METHODS[args.method]
+    _check_method_flags(method, args)
     config = method_config(method, args)
     inputs = [p for p in (args.model, args.calib_set) if p]
     check_output(args.out, QUANTIZED_DIR, overwrite=args.overwrite, inputs=inputs)

@@ -12,7 +12,12 @@ from ditq.errors import DitqError
 from ditq.models.dit import DiT
 from ditq.quant.config import QuantConfig
 from ditq.quant.folding import LAYERS_IN_BLOCK, smooth_layer
-from ditq.quant.model import calibrate_activations, calibrate_weights, wrap_layers
+from ditq.quant.model import (
+    calibrate_activations,
+    calibrate_weights,
+    layers_to_wrap,
+    wrap_layers,
+)
 from ditq.quant.smoothing import smoothing_factor
 
 
@@ -38,8 +43,12 @@ class SmoothQuantConfig(QuantConfig):
         self.smooth = tuple(self.smooth)
 
 
-def smoothed_layer_names(model: DiT, layers: tuple[str, ...]) -> list[str]:
-    return [f"blocks.{i}.{layer}" for i in range(len(model.blocks)) for layer in layers]
+def smoothed_layer_names(model: DiT, config: SmoothQuantConfig) -> list[str]:
+    """The ``config.smooth`` linears of every block that ``config`` quantizes (a layer kept
+    in float, or left out of the layer selection, is not smoothed)."""
+    quantized = layers_to_wrap(model, config)
+    names = [f"blocks.{i}.{layer}" for i in range(len(model.blocks)) for layer in config.smooth]
+    return [name for name in names if name in quantized]
 
 
 def apply_smoothquant(
@@ -51,7 +60,7 @@ def apply_smoothquant(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    names = smoothed_layer_names(model, config.smooth)
+    names = smoothed_layer_names(model, config)
     salience = activation_salience(
         model, calib, names, batch_size=batch_size, device=device, progress=progress
     )
@@ -63,6 +72,6 @@ def apply_smoothquant(
         s = smoothing_factor(salience[name], weight_salience(target.weight), config.alpha)
         smooth_layer(model.blocks[block_index], layer, s)
         factors[name] = {"min": float(s.min()), "max": float(s.max())}
-    calibrate_weights(model)
+    calibrate_weights(model, progress)
     ranges = calibrate_activations(model, calib, batch_size, device, progress)
     return {"smoothing_factors": factors, "activation_ranges": ranges}

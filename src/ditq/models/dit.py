@@ -76,16 +76,47 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens with a strided convolution (timm ``PatchEmbed`` layout)."""
+    """Image to patch tokens: the official stride-p convolution, run as patches x linear.
+
+    A p x p convolution with stride p is a linear map of each flattened patch, so ``proj``
+    is an ``nn.Linear`` over the (C, p, p)-flattened patch (row-major tokens, as the
+    convolution's ``flatten(2).transpose(1, 2)``): the quantized layers, hooks and real
+    kernels apply to it as to any linear. Its weight loads from and saves to the official
+    ``(hidden, C, p, p)`` convolution layout, so checkpoints stay official.
+    """
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         self.patch_size = patch_size
+        self.in_channels = in_channels
         self.num_patches = (input_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+        self.proj = nn.Linear(in_channels * patch_size**2, hidden_size, bias=True)
+        self._register_load_state_dict_pre_hook(self._weight_from_conv_layout)
+        self._register_state_dict_hook(PatchEmbed._weight_to_conv_layout)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images to (N, H/p · W/p, C·p·p) flattened patches."""
+        n, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n, (h // p) * (w // p), c * p * p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(self.patches(x))
+
+    def _weight_from_conv_layout(self, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + "proj.weight"
+        weight = state_dict.get(key)
+        if weight is not None and weight.dim() == 4:
+            state_dict[key] = weight.reshape(weight.shape[0], -1)
+
+    @staticmethod
+    def _weight_to_conv_layout(module: PatchEmbed, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + "proj.weight"
+        weight = state_dict.get(key)
+        if type(module.proj) is nn.Linear and weight is not None and weight.dim() == 2:
+            p = module.patch_size
+            state_dict[key] = weight.reshape(weight.shape[0], module.in_channels, p, p)
 
 
 class Attention(nn.Module):
@@ -285,8 +316,7 @@ class DiT(nn.Module):
         grid = int(self.x_embedder.num_patches**0.5)
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight)  # the official conv's init
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
