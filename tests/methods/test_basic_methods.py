@@ -40,7 +40,8 @@ def test_w16a16_is_exact_and_w8a8_is_close(name, calib):
     model = tiny_dit()
     method.run(model, method.config_class(wbits=8, abits=8, **kwargs), calib, progress=False)
     assert 0 < _error(model, tiny_dit()) < 0.05
-    assert len(quantized_layers(model)) == 8
+    # the block linears; PTQ4DiT's official coverage adds the adaLN, embedder and final linears
+    assert len(quantized_layers(model)) == (15 if name == "ptq4dit" else 8)
 
 
 def test_smoothquant_reduces_activation_outliers(calib):

@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 
 from ditq.calib.dataset import build_calibration_set
-from ditq.calib.hooks import capture_inputs
+from ditq.calib.hooks import LayerSelection, capture_inputs
 from ditq.calib.stats import spearman_rho
 from ditq.cli import main
 from ditq.diffusion.pipeline import SamplingSettings
@@ -42,7 +42,9 @@ def calib():
 
 
 def _run(model, calib, **settings):
-    config = PTQ4DiTConfig(**{"recon_iters": 0, **settings})
+    """PTQ4DiT without reconstruction on the block linears (``--layers blocks``) unless
+    ``settings`` say otherwise."""
+    config = PTQ4DiTConfig(**{"recon_iters": 0, "layers": LayerSelection(), **settings})
     return METHODS["ptq4dit"].run(model, config, calib, progress=False)
 
 
@@ -187,14 +189,38 @@ def test_defaults_are_the_official_settings():
     config = PTQ4DiTConfig()
     weight, act, attention = config.weight_spec(), config.act_spec(), config.attention_spec()
     assert isinstance(weight.granularity, PerChannel) and not weight.symmetric
-    assert weight.range_method == "mse"
+    assert weight.range_method == act.range_method == "percentile_search"
     assert isinstance(act.granularity, PerTensor) and not act.symmetric and not act.dynamic
     assert attention.bits == 8 and config.balance == "csb+ssc" and not config.ssc_per_sample
     assert (config.recon_iters, config.recon_batch_size) == (20000, 32)
     assert (config.recon_weight_lr, config.recon_act_lr) == (1e-3, 4e-5)
+    assert config.recon_chunks == 10
+    assert config.layers == LayerSelection(
+        blocks=True, embedders=True, adaln=True, final_layer=True
+    )
     calib = METHODS["ptq4dit"].default_calib
-    assert (calib.num_samples, calib.steps, calib.sampler) == (32, 25, "ddpm")
+    assert (calib.num_samples, calib.steps, calib.sampler) == (32, list(range(0, 250, 10)), "ddpm")
     assert (calib.num_steps, calib.cfg_scale) == (250, 1.5)
+    assert calib.steps[-1] == 240 and len(calib.steps) == 25
+    official = [c for c in range(16) for _ in range(2)]  # classes 0..15, two images each
+    assert calib.resolve_classes(1000) == official
+    assert calib.resolve_classes(10) == [c for c in range(10) for _ in range(2)]  # then cycled
+
+
+def test_default_coverage_is_every_linear_and_the_patch_convolution(calib):
+    """The official QuantModel wraps every nn.Linear and nn.Conv2d: enumerated here from the
+    official state-dict layout (every 2-d or 4-d weight but the class embedding table)."""
+    fp = tiny_dit()
+    official = sorted(
+        key.removesuffix(".weight")
+        for key, value in fp.state_dict().items()
+        if key.endswith(".weight") and value.dim() in (2, 4) and "embedding_table" not in key
+    )
+    assert "x_embedder.proj" in official and fp.state_dict()["x_embedder.proj.weight"].dim() == 4
+    model = tiny_dit()
+    METHODS["ptq4dit"].run(model, PTQ4DiTConfig(recon_iters=0), calib, progress=False)
+    assert sorted(quantized_layers(model)) == official
+    assert 0 < _error(model, tiny_dit()) < 0.05
 
 
 @pytest.mark.parametrize("wbits, bound", [(8, 0.01), (4, 0.05)])
@@ -261,7 +287,8 @@ def test_reconstruction_gets_the_untouched_fp_model_and_the_settings(calib, monk
     report = _run(tiny_dit(), calib, **config)
     assert report["reconstruction"] == {"units": {}}
     assert seen["fp_error"] == 0 and seen["layers"] == (8, 0)
-    assert vars(seen["settings"]) == {"iters": 7, "batch_size": 3, "weight_lr": 0.5, "act_lr": 0.25}
+    expected = {"iters": 7, "batch_size": 3, "weight_lr": 0.5, "act_lr": 0.25, "chunks": 10}
+    assert vars(seen["settings"]) == expected
 
 
 def test_reconstruction_runs_end_to_end(calib):
@@ -274,6 +301,25 @@ def test_reconstruction_runs_end_to_end(calib):
     assert not any(layer.packed for layer in quantized_layers(model).values())
 
 
+def test_reconstruction_with_the_official_coverage_has_official_units(calib):
+    """Blocks (each with its adaLN linear), then the linears outside the blocks one by one."""
+    model = tiny_dit()
+    config = PTQ4DiTConfig(wbits=4, abits=8, recon_iters=4, recon_batch_size=4, recon_chunks=2)
+    report = METHODS["ptq4dit"].run(model, config, calib, progress=False)
+    units = list(report["reconstruction"]["units"])
+    assert units == [
+        "x_embedder.proj",
+        "t_embedder.mlp.0",
+        "t_embedder.mlp.2",
+        "blocks.0",
+        "blocks.1",
+        "final_layer.adaLN_modulation.1",
+        "final_layer.linear",
+    ]
+    assert report["reconstruction"]["units"]["blocks.0"]["rounding_layers"] == 5  # adaLN too
+    assert 0 < _error(model, tiny_dit()) < 0.1
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
@@ -282,6 +328,7 @@ def test_reconstruction_runs_end_to_end(calib):
         ({"recon_iters": -1}, "--recon-iters"),
         ({"recon_batch_size": 0}, "--recon-batch-size"),
         ({"recon_act_lr": 0.0}, "--recon-act-lr"),
+        ({"recon_chunks": 0}, "--recon-chunks"),
     ],
 )
 def test_bad_settings_are_clear_errors(settings, message):

@@ -372,3 +372,39 @@ def test_dynamic_per_token_ranges_follow_each_input():
         step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 255
         assert ((quantizer(x) - x).abs() <= step / 2 * (1 + 1e-5)).all()
     assert math.isclose(quantizer(torch.zeros(2, 4)).abs().sum().item(), 0.0)
+
+
+def _numpy_percentile_search(row: np.ndarray, bits: int) -> tuple[float, float]:
+    """The official PTQ4DiT / Q-Diffusion "mse" search, written with numpy in float64:
+    of the ranges [P(100-p), P(p)] (widened to contain 0), p in 99.9, 99.99, 99.999, the
+    one with the smallest squared error of asymmetric rounding to nearest."""
+    best = None
+    for p in (99.9, 99.99, 99.999):
+        low, high = np.percentile(row, [100 - p, p])
+        lo, hi = min(low, 0.0), max(high, 0.0)
+        scale = max((hi - lo) / (2**bits - 1), 1e-8)
+        zero = np.round(-lo / scale)
+        codes = np.clip(np.round(row / scale) + zero, 0, 2**bits - 1)
+        error = np.sum(((codes - zero) * scale - row) ** 2)
+        if best is None or error < best[0]:
+            best = (error, low, high)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_percentile_search_matches_a_numpy_reference(bits):
+    rng = np.random.default_rng(bits)
+    rows = rng.standard_t(2.5, size=(8, 20_000)) * rng.uniform(0.1, 3.0, size=(8, 1))
+    rows[3, :40] *= 50  # a heavy tail: a lower percentile should win for some rows
+    spec = QuantSpec(bits=bits, granularity=PerChannel(), range_method="percentile_search")
+    low, high = find_range(torch.from_numpy(rows), spec)
+    expected = np.array([_numpy_percentile_search(row, bits) for row in rows])
+    np.testing.assert_allclose(low.numpy().ravel(), expected[:, 0], rtol=1e-10)
+    np.testing.assert_allclose(high.numpy().ravel(), expected[:, 1], rtol=1e-10)
+    chosen = {round(float(h), 12) for h in high.ravel()}
+    assert len(chosen) == 8  # one range per channel
+    tensor = QuantSpec(bits=bits, range_method="percentile_search")
+    t_low, t_high = find_range(torch.from_numpy(rows), tensor)
+    np.testing.assert_allclose(
+        [t_low.item(), t_high.item()], _numpy_percentile_search(rows.ravel(), bits), rtol=1e-10
+    )

@@ -15,6 +15,8 @@ from ditq.quant.model import activation_quantizers, pack_model, quantize_model, 
 from ditq.quant.quantizer import Quantizer
 from ditq.quant.reconstruct import (
     ReconSettings,
+    minibatch_pools,
+    pool_of_iteration,
     reconstruct_model,
     reconstruction_loss,
     rounding_beta,
@@ -200,3 +202,19 @@ def test_bad_input_raises_ditq_errors(calib):
 def _specs():
     config = QuantConfig(**W4A8)
     return config.weight_spec(), config.act_spec()
+
+
+def test_official_data_schedule_visits_each_chunk_in_turn():
+    """block_recon.py: the shuffled set in 10 parts, iters // 10 steps on each part."""
+    steps = [pool_of_iteration(i, 20000, 10) for i in range(20000)]
+    assert steps[:2000] == [0] * 2000 and steps[2000] == 1 and steps[-1] == 9
+    assert [steps.count(k) for k in range(10)] == [2000] * 10
+    assert [pool_of_iteration(i, 7, 3) for i in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    generator = torch.Generator().manual_seed(0)
+    pools = minibatch_pools(103, 10, generator)
+    assert len(pools) == 10 and {len(p) for p in pools} == {10, 11}
+    assert sorted(torch.cat(pools).tolist()) == list(range(103))  # a partition
+    assert not torch.equal(torch.cat(pools), torch.arange(103))  # shuffled
+    assert torch.equal(minibatch_pools(103, 1, generator)[0], torch.arange(103))
+    with pytest.raises(DitqError, match="--recon-chunks"):
+        minibatch_pools(5, 10, generator)

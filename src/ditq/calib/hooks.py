@@ -55,6 +55,12 @@ class LayerSelection:
     adaln: bool = False
     final_layer: bool = False
 
+    @classmethod
+    def everything(cls) -> LayerSelection:
+        """Every linear of the model: PTQ4DiT's official coverage (its ``QuantModel`` wraps
+        every ``nn.Linear`` and ``nn.Conv2d``)."""
+        return cls(blocks=True, embedders=True, adaln=True, final_layer=True)
+
     def names(self, model: nn.Module) -> list[str]:
         """Module names of the selected layers, in forward order."""
         names = list(EMBEDDER_LAYERS) if self.embedders else []

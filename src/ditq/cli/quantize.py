@@ -16,12 +16,12 @@ from ditq.diffusion.pipeline import parse_classes
 from ditq.errors import DitqError
 from ditq.io import check_output
 from ditq.methods import METHODS, CalibSettings, Method
-from ditq.methods.base import quantize_and_save
+from ditq.methods.base import PAIRED_CLASSES, quantize_and_save
 from ditq.models import load_model
 from ditq.quant.checkpoint import QUANTIZED_DIR
 from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
 from ditq.quant.model import layers_to_wrap, quantized_layers
-from ditq.quant.spec import UNQUANTIZED_BITS
+from ditq.quant.spec import RANGE_METHODS, UNQUANTIZED_BITS
 
 LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
 
@@ -88,12 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--w-group-size", type=int)
     q.add_argument("--w-symmetric", action="store_true", default=None)
-    q.add_argument("--w-range", choices=("minmax", "percentile", "mse"))
+    q.add_argument("--w-range", choices=RANGE_METHODS)
     q.add_argument("--w-fmt", choices=("int", "fp8_e4m3"))
     q.add_argument("--a-granularity", choices=("tensor", "token"))
     q.add_argument("--a-dynamic", action="store_true", default=None)
     q.add_argument("--a-symmetric", action="store_true", default=None)
-    q.add_argument("--a-range", choices=("minmax", "percentile", "mse"))
+    q.add_argument("--a-range", choices=RANGE_METHODS)
     q.add_argument("--a-fmt", choices=("int", "fp8_e4m3"))
     q.add_argument("--attn-bits", type=int, help="attention matmul inputs (16 = float)")
     q.add_argument(
@@ -141,7 +141,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-num-steps", type=int, help="sampling steps of the trajectories")
     c.add_argument("--calib-cfg-scale", type=float)
     c.add_argument("--calib-seed", type=int)
-    c.add_argument("--calib-classes", help="labels cycled over the calibration samples")
+    c.add_argument(
+        "--calib-classes",
+        help="labels cycled over the calibration samples, e.g. 0,1,2, or 'pairs' (two samples "
+        "per class, classes 0..15 cycled: PTQ4DiT's official set)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
@@ -179,6 +183,12 @@ SLOW_ON_CPU_EVALUATIONS = 2_000
 def calib_settings(method: Method, args: argparse.Namespace, num_classes: int) -> CalibSettings:
     settings = method.default_calib.to_dict()
     settings.update(CALIB_PRESETS[args.calib_preset]["settings"])
+    steps = settings["steps"]
+    if isinstance(steps, list) and max(steps) >= settings["num_steps"]:
+        steps = len(steps)  # the preset's shorter run: as many evenly spaced steps
+    if isinstance(steps, int) and steps > settings["num_steps"]:
+        steps = settings["num_steps"]
+    settings["steps"] = steps
     given = {
         "num_samples": args.calib_samples,
         "steps": _parse_calib_steps(args.calib_steps) if args.calib_steps else None,
@@ -186,7 +196,11 @@ def calib_settings(method: Method, args: argparse.Namespace, num_classes: int) -
         "num_steps": args.calib_num_steps,
         "cfg_scale": args.calib_cfg_scale,
         "seed": args.calib_seed,
-        "classes": parse_classes(args.calib_classes, num_classes),
+        "classes": (
+            PAIRED_CLASSES
+            if args.calib_classes == PAIRED_CLASSES
+            else parse_classes(args.calib_classes, num_classes)
+        ),
     }
     settings.update({k: v for k, v in given.items() if v is not None})
     return CalibSettings(**settings)

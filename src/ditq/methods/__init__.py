@@ -1,6 +1,6 @@
 """PTQ methods: one module each (a configuration dataclass and an apply function)."""
 
-from ditq.methods.base import CalibSettings, Method
+from ditq.methods.base import PAIRED_CLASSES, CalibSettings, Method
 from ditq.methods.ditas import DiTASConfig, apply_ditas
 from ditq.methods.ptq4dit import PTQ4DiTConfig, apply_ptq4dit
 from ditq.methods.rtn import RTNConfig, apply_rtn
@@ -28,8 +28,15 @@ METHODS: dict[str, Method] = {
         "ptq4dit",
         PTQ4DiTConfig,
         apply_ptq4dit,
+        # 32 samples of DDPM 250 with cfg 1.5, recorded at steps 0, 10, ..., 240 (the
+        # official 25), two samples per class for classes 0..15, cond and uncond entries.
         default_calib=CalibSettings(
-            num_samples=32, steps=25, sampler="ddpm", num_steps=250, cfg_scale=1.5
+            num_samples=32,
+            steps=list(range(0, 250, 10)),
+            sampler="ddpm",
+            num_steps=250,
+            cfg_scale=1.5,
+            classes=PAIRED_CLASSES,
         ),
         summary="Wu et al.: Spearman-guided channel salience balancing folded offline, "
         "static W/A quantization, block reconstruction",

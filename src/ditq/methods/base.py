@@ -18,6 +18,9 @@ from ditq.quant.checkpoint import save_quantized
 from ditq.quant.config import QuantConfig
 from ditq.quant.model import pack_model, quantized_layers
 
+PAIRED_CLASSES = "pairs"
+PAIRED_CLASS_COUNT = 16
+
 
 @dataclass
 class CalibSettings:
@@ -25,6 +28,9 @@ class CalibSettings:
 
     ``steps``: ``"first"``, ``"all"``, an int K (K evenly spaced of the ``num_steps``
     sampling steps) or an explicit list of step indices (0 = first, noisiest step).
+    ``classes``: labels cycled over the samples, ``None`` for seeded random labels, or
+    ``"pairs"``: two consecutive samples per class, classes 0..15 (fewer when the model has
+    fewer), cycled (PTQ4DiT's official calibration set).
     """
 
     num_samples: int = 32
@@ -33,7 +39,7 @@ class CalibSettings:
     num_steps: int = 250
     cfg_scale: float = 1.5
     seed: int = 1_000_003
-    classes: list[int] | None = None
+    classes: list[int] | str | None = None
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -42,6 +48,12 @@ class CalibSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolve_classes(self, num_classes: int) -> list[int] | None:
+        """The label list of ``classes`` for a model with ``num_classes`` classes."""
+        if self.classes != PAIRED_CLASSES:
+            return self.classes
+        return [c for c in range(min(PAIRED_CLASS_COUNT, num_classes)) for _ in range(2)]
 
     def build(
         self, model: DiT, *, batch_size: int = 32, device: str = "cpu", progress: bool = True
@@ -52,7 +64,7 @@ class CalibSettings:
             self.num_samples,
             self.sampling(),
             steps=self.steps,
-            classes=self.classes,
+            classes=self.resolve_classes(model.num_classes),
             batch_size=batch_size,
             device=device,
             progress=progress,

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from ditq.calib.dataset import CalibrationSet
-from ditq.calib.hooks import collect_input_stats
+from ditq.calib.hooks import LayerSelection, collect_input_stats
 from ditq.calib.stats import activation_salience, spearman_rho, weight_salience
 from ditq.errors import DitqError
 from ditq.models.dit import DiT
@@ -83,9 +83,10 @@ CSB_ALPHA = 0.5
 class PTQ4DiTConfig(QuantConfig):
     """PTQ4DiT with the official quantizer settings (module docstring)."""
 
-    w_range: str = "mse"
-    a_range: str = "mse"
+    w_range: str = "percentile_search"
+    a_range: str = "percentile_search"
     attn_bits: int = 8
+    layers: LayerSelection = field(default_factory=LayerSelection.everything)
     balance: str = field(
         default="csb+ssc",
         metadata={
@@ -114,6 +115,14 @@ class PTQ4DiTConfig(QuantConfig):
         default=4e-5,
         metadata={"help": "block reconstruction learning rate of the activation step sizes"},
     )
+    recon_chunks: int = field(
+        default=10,
+        metadata={
+            "help": "block reconstruction data schedule: the shuffled calibration set in N "
+            "chunks, iterations/N on each in turn (official 10); 1 = every step draws from "
+            "the whole set"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +139,8 @@ class PTQ4DiTConfig(QuantConfig):
             raise DitqError(f"--recon-iters must be 0 (off) or positive, got {self.recon_iters}")
         if self.recon_batch_size < 1:
             raise DitqError(f"--recon-batch-size must be at least 1, got {self.recon_batch_size}")
+        if self.recon_chunks < 1:
+            raise DitqError(f"--recon-chunks must be at least 1, got {self.recon_chunks}")
         for name in ("recon_weight_lr", "recon_act_lr"):
             if not getattr(self, name) > 0:
                 flag = "--" + name.replace("_", "-")
@@ -286,6 +297,7 @@ def apply_ptq4dit(
             batch_size=config.recon_batch_size,
             weight_lr=config.recon_weight_lr,
             act_lr=config.recon_act_lr,
+            chunks=config.recon_chunks,
         )
         report["reconstruction"] = reconstruct_model(
             model,

@@ -56,9 +56,11 @@ class TimestepEmbedder(nn.Module):
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The embedding of timesteps ``t``, computed in ``dtype`` (default: the first
+        linear's weight dtype; the model passes its own when that linear is quantized)."""
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(t_freq.to(dtype or self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -332,7 +334,8 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Noise (and variance) prediction for images ``x`` at timesteps ``t`` with labels ``y``."""
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        table = self.y_embedder.embedding_table.weight  # never quantized: the model's dtype
+        c = self.t_embedder(t, table.dtype) + self.y_embedder(y)
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))

@@ -37,6 +37,7 @@ from torch import nn
 from ditq.errors import DitqError
 from ditq.quant.packing import code_dtype, pack_codes, unpack_codes
 from ditq.quant.spec import (
+    SEARCHED_PERCENTILES,
     Granularity,
     PerChannel,
     PerColumnGroup,
@@ -222,15 +223,40 @@ def _mse_search(
     return best_min, best_max
 
 
+def _percentile_search(groups: torch.Tensor, spec: QuantSpec) -> TensorPair:
+    """Per range group, of the ranges ``[P(100 - p), P(p)]`` for p in
+    :data:`SEARCHED_PERCENTILES`, the one whose quantization has the smallest squared
+    error (the first one on ties)."""
+    best_error = torch.full(groups.shape[:-1] + (1,), math.inf, dtype=groups.dtype)
+    best_min = best_max = None
+    for percent in SEARCHED_PERCENTILES:
+        low = _percentile_last_dim(groups, 100 - percent)
+        high = _percentile_last_dim(groups, percent)
+        scale, zero_point = qparams_from_range(low, high, spec)
+        error = _fake_quantize_groups(groups, scale, zero_point, spec).sub_(groups)
+        error = error.square_().sum(dim=-1, keepdim=True)
+        if best_min is None:
+            best_error, best_min, best_max = error, low, high
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_min = torch.where(better, low, best_min)
+        best_max = torch.where(better, high, best_max)
+    return best_min, best_max
+
+
 def find_range(x: torch.Tensor, spec: QuantSpec) -> TensorPair:
     """``(x_min, x_max)`` per range group of ``spec.granularity`` (shaped as the scale) by
-    ``spec.range_method``: min/max, percentile, or the L_p-optimal clipping ratio."""
+    ``spec.range_method``: min/max, percentile, the best of the searched percentiles, or
+    the L_p-optimal clipping ratio."""
     groups = to_range_groups(x.detach(), spec.granularity).to(range_dtype(x.dtype))
     if spec.range_method == "percentile":
         return (
             _percentile_last_dim(groups, 100 - spec.percentile),
             _percentile_last_dim(groups, spec.percentile),
         )
+    if spec.range_method == "percentile_search":
+        return _percentile_search(groups, spec)
     x_min, x_max = torch.aminmax(groups, dim=-1, keepdim=True)
     if spec.range_method == "mse":
         return _mse_search(groups, x_min, x_max, spec)

@@ -76,10 +76,13 @@ class ReconSettings:
     AdaRound variables and of the activation step sizes; ``round_reg``: λ of the rounding
     regularizer; ``beta_start``/``beta_end``/``warmup``: its annealing; ``loss_p``: p of
     the L_p reconstruction loss; ``learn_act_scales``: learn static activation step sizes;
-    ``layerwise_extra``: also reconstruct quantized linears outside the blocks; ``seed``:
-    minibatch sampling. ``device_cache_gb``: a unit's cached inputs and targets up to this
-    size stay on an accelerator (no per-step copies); ``host_cache_gb``: larger ones go to
-    ``cache_dir`` on disk when one is given, else stay in host memory.
+    ``layerwise_extra``: also reconstruct quantized linears outside the blocks; ``chunks``:
+    the data schedule of the official code (the calibration entries shuffled once and
+    split in ``chunks`` parts, ``iters / chunks`` steps drawing minibatches from each part
+    in turn; 1: every step draws from all entries); ``seed``: shuffling and minibatches.
+    ``device_cache_gb``: a unit's cached inputs and targets up to this size stay on an
+    accelerator (no per-step copies); ``host_cache_gb``: larger ones go to ``cache_dir`` on
+    disk when one is given, else stay in host memory.
     """
 
     iters: int = 20000
@@ -93,6 +96,7 @@ class ReconSettings:
     loss_p: float = 2.0
     learn_act_scales: bool = True
     layerwise_extra: bool = True
+    chunks: int = 1
     seed: int = 0
     device_cache_gb: float = 4.0
     host_cache_gb: float = 16.0
@@ -103,6 +107,8 @@ class ReconSettings:
             problems.append(f"iters={self.iters} (use 0 to skip reconstruction, e.g. 20000)")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} (at least 1, e.g. 32)")
+        if self.chunks < 1:
+            problems.append(f"chunks={self.chunks} (at least 1; the official code uses 10)")
         for name in ("weight_lr", "act_lr", "loss_p"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} (must be positive)")
@@ -429,6 +435,26 @@ def _evaluate(unit: _Unit, data: _UnitData, settings: ReconSettings) -> float:
     return total / len(data)
 
 
+def minibatch_pools(entries: int, chunks: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The entries each part of the reconstruction draws its minibatches from: all of them
+    for one chunk, else a seeded shuffle split in ``chunks`` near-equal parts (the official
+    schedule: ``iters / chunks`` steps on each part in turn)."""
+    if chunks == 1:
+        return [torch.arange(entries)]
+    if chunks > entries:
+        raise DitqError(
+            f"cannot split {entries} calibration entries into {chunks} reconstruction chunks; "
+            f"use at most {entries} (--recon-chunks)"
+        )
+    return list(torch.randperm(entries, generator=generator).tensor_split(chunks))
+
+
+def pool_of_iteration(iteration: int, iters: int, pools: int) -> int:
+    """Which of ``pools`` minibatch pools step ``iteration`` of ``iters`` draws from: the
+    first ``iters / pools`` steps the first pool, and so on in turn."""
+    return min(iteration * pools // iters, pools - 1)
+
+
 def _optimize(
     unit: _Unit, data: _UnitData, settings: ReconSettings, seed: int, progress: bool
 ) -> dict[str, int]:
@@ -452,9 +478,11 @@ def _optimize(
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, settings.iters)
             optimizers.append(act_optimizer)
             steps += [act_optimizer.step, schedule.step]
+        parts = minibatch_pools(len(data), settings.chunks, generator)
         bar = tqdm(range(settings.iters), desc=unit.name, leave=False, disable=not progress)
         for iteration in bar:
-            index = torch.randperm(len(data), generator=generator)[: settings.batch_size]
+            pool = parts[pool_of_iteration(iteration, settings.iters, len(parts))]
+            index = pool[torch.randperm(len(pool), generator=generator)[: settings.batch_size]]
             batch = data.batch(index.sort().values)
             loss = reconstruction_loss(unit.forward(batch), batch["target"], settings.loss_p)
             beta = rounding_beta(iteration, settings)

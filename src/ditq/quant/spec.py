@@ -23,7 +23,9 @@ from typing import Any, ClassVar
 from ditq.errors import DitqError
 
 FORMATS = ("int", "fp8_e4m3")
-RANGE_METHODS = ("minmax", "percentile", "mse")
+RANGE_METHODS = ("minmax", "percentile", "percentile_search", "mse")
+SEARCHED_PERCENTILES = (99.9, 99.99, 99.999)
+"""The candidates of ``percentile_search`` (PTQ4DiT's and Q-Diffusion's official "mse")."""
 UNQUANTIZED_BITS = 16
 PACKED_BITS = 4
 """Codes of at most this many bits are stored two per byte (``ditq.quant.packing``)."""
@@ -154,9 +156,12 @@ class QuantSpec:
     ``bits == 16`` means not quantized (``enabled`` is False), so W16A8 or W4A16 are
     plain specs. ``fmt="fp8_e4m3"`` is 8-bit floating point with one scale per range
     (amax / 448) and no zero point. ``range_method`` picks the clipping range of static
-    specs: ``"minmax"``, ``"percentile"`` (``percentile`` and ``100 - percentile``) or
-    ``"mse"`` (the ratio among ``mse_grid`` clipping ratios from 1.0 down to 0.2 that
-    minimizes the L_``mse_norm`` error). Dynamic specs take min/max of the live tensor.
+    specs: ``"minmax"``, ``"percentile"`` (``percentile`` and ``100 - percentile``),
+    ``"percentile_search"`` (of the ranges [100 - p, p] for p in
+    :data:`SEARCHED_PERCENTILES`, the one with the smallest L2 error: the official
+    PTQ4DiT/Q-Diffusion "mse" mode) or ``"mse"`` (the ratio among ``mse_grid`` clipping
+    ratios from 1.0 down to 0.2 of min/max that minimizes the L_``mse_norm`` error).
+    Dynamic specs take min/max of the live tensor.
     """
 
     bits: int = 8
@@ -267,6 +272,8 @@ class QuantSpec:
             words.append("dynamic")
         elif self.range_method == "percentile":
             words.append(f"percentile({self.percentile:g})")
+        elif self.range_method == "percentile_search":
+            words.append("best-of-percentiles(" + "/".join(map(str, SEARCHED_PERCENTILES)) + ")")
         elif self.range_method == "mse":
             words.append(f"mse(p={self.mse_norm:g}, grid={self.mse_grid})")
         else:
