@@ -187,3 +187,18 @@ def test_cuda_graph_steps_begin_at_every_denoiser_call(monkeypatch):
     count = len(marks)
     model(*inputs)
     assert len(marks) == count + 1
+
+
+def test_warm_up_runs_until_the_call_time_settles(monkeypatch):
+    durations = iter([5.0] * 4 + [2.0] * 4 + [1.0] * 4 + [1.01] * 4 + [1.0] * 40)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+
+    def call():  # autotuning makes the first rounds slow, then the time settles
+        clock["now"] += next(durations)
+
+    assert bench.warm_up(call, "cpu", 4) == 16  # 5 s, 2 s, 1 s, then 1.01 s: within 3%
+    assert bench.warm_up(call, "cpu", 0) == 0
+    endless = iter(float(n) for n in range(1, 10_000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(endless) ** 2)
+    assert bench.warm_up(lambda: None, "cpu", 2) == 2 * bench.WARMUP_MAX_ROUNDS  # capped

@@ -95,7 +95,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
     )
     parser.add_argument("--iters", type=int, default=20, help="timed denoiser calls")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed calls per warm-up round; rounds repeat until the call time settles "
+        "(compilation and Triton autotuning done; the count is reported); 0 = none",
+    )
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps end to end (0: skip)")
     parser.add_argument(
         "--compile",
@@ -303,16 +309,41 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+WARMUP_TOLERANCE = 0.03
+WARMUP_MAX_ROUNDS = 20
+
+
+def warm_up(call: Callable[[], object], device: str, calls_per_round: int) -> int:
+    """Untimed calls until the call time has settled (compilation and every kernel's
+    autotuning done): rounds of ``calls_per_round`` calls until a round's median time is
+    within ``WARMUP_TOLERANCE`` of the previous round's, at most ``WARMUP_MAX_ROUNDS``
+    rounds. Returns the number of calls made (0 when ``calls_per_round`` is 0)."""
+    previous, calls = None, 0
+    for _ in range(WARMUP_MAX_ROUNDS if calls_per_round else 0):
+        times = []
+        for _ in range(calls_per_round):
+            start = time.perf_counter()
+            call()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        calls += calls_per_round
+        median = statistics.median(times)
+        if previous is not None and abs(median - previous) <= WARMUP_TOLERANCE * previous:
+            break
+        previous = median
+    return calls
+
+
 @torch.no_grad()
 def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) -> dict:
-    """Median and spread of per-call latency (CUDA events on GPU), first call separately."""
+    """Median and spread of per-call latency (CUDA events on GPU), first call separately,
+    after :func:`warm_up` in rounds of ``warmup`` calls."""
     call = lambda: model.forward_with_cfg(*inputs, cfg_scale=1.5)  # noqa: E731
     start = time.perf_counter()
     call()
     _synchronize(device)
     first = time.perf_counter() - start
-    for _ in range(warmup):
-        call()
+    warmup_calls = warm_up(call, device, warmup)
     times = []
     cuda = torch.device(device).type == "cuda"
     for _ in range(iters):
@@ -333,6 +364,7 @@ def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) 
         "latency_p10_ms": times[len(times) // 10],
         "latency_p90_ms": times[(9 * len(times)) // 10],
         "first_call_s": first,
+        "warmup_calls": warmup_calls,
     }
 
 
@@ -467,7 +499,13 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
         "| shape | batch (×2 cfg) | variant | kernels | ms / call | ×BF16c | 50-step s | ×BF16c "
         "| peak GiB | weights MB (mem / disk) |\n|" + " --- |" * 10
     )
-    lines = [f"Device: {device_name}. Ratios: BF16 torch.compile time / variant time.\n", head]
+    warmups = sorted({r["warmup_calls"] for r in rows if "warmup_calls" in r})
+    lines = [
+        f"Device: {device_name}. Ratios: BF16 torch.compile time / variant time. Warm-up "
+        f"calls before timing (until the call time settled): "
+        f"{', '.join(map(str, warmups)) or 'none'}.\n",
+        head,
+    ]
 
     def num(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
         return format(row[key] / scale, fmt) if key in row else "–"

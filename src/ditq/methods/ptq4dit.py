@@ -21,35 +21,51 @@ fc1 of every block (never fc2, whose input comes from GELU):
 ``csb`` (CSB with the salience of one timestep: the median of the sorted calibration
 timesteps, the lower one of the middle two for an even count) and ``csb+ssc`` (the method).
 
-Official defaults (adreamwu/PTQ4DiT ``quant_sample.py``): weights per output channel,
-asymmetric, MSE clipping search; activations per tensor, asymmetric, static, MSE clipping
-search (the official activation quantizers use ``scale_method='mse'``); attention matmul
-inputs (q, k, v, softmax output) at 8 bits; calibration on 25 evenly spaced timesteps of a
-250-step DDPM run with cfg 1.5, 32 samples (cond and uncond halves); then block
-reconstruction (:mod:`ditq.quant.reconstruct`): AdaRound, rounding regularizer 0.01,
-β 20→2, 20% warm-up, weight lr 1e-3, activation step-size lr 4e-5, batch 32, 20k iterations.
+What the official code does (adreamwu/PTQ4DiT, ``models.py`` lines 134-236, ``Mlp`` and
+``Attention``): in the first forward pass, for each of qkv, proj and fc1, ``w_scale`` is the
+per-input-channel max of |W| over the output rows, ``x_scale`` the per-entry max of |X| over
+the tokens (one row per entry of that batch), ρ_i the Spearman correlation of entry i's
+``x_scale`` with ``w_scale``, η = softmax(-ρ) over the entries, ``s_ρ(X) = Σ_i η_i
+x_scale_i``, and the factor ``(s_ρ(X) / (w_scale + 1e-8))^½`` multiplies W's columns once
+while every later forward divides the layer's input by it online.
 
-Choices and deviations:
+Defaults as published (``quant_sample.py``): every ``nn.Linear`` and the patch-embedding
+``nn.Conv2d`` quantized (block linears, adaLN linears, timestep MLP, patch embedding, final
+layer; ``--layers blocks`` for the block linears only); weights per output channel,
+asymmetric, activations per tensor, asymmetric, static, both ranges by the official "mse"
+search (``percentile_search``: the best of the 99.9/99.99/99.999th percentiles by L2 error;
+the 80-ratio clipping sweep is ``--w-range mse --a-range mse``); attention matmul inputs
+(q, k, v, softmax output) at 8 bits; calibration on steps 0, 10, ..., 240 of a 250-step DDPM
+run with cfg 1.5, 32 samples, two per class for classes 0..15 (cycled on models with fewer
+classes), cond and uncond entries; block reconstruction (:mod:`ditq.quant.reconstruct`):
+each block with its adaLN linear as one unit, the linears outside the blocks one by one,
+AdaRound with rounding regularizer 0.01, β 20→2, 20% warm-up, weight lr 1e-3, activation
+step-size lr 4e-5, batch 32, 20k iterations in 10 chunks of the shuffled calibration set
+(2,000 iterations on each in turn).
 
-- ``ssc_per_sample`` is the official code's variant (METHODS.md: ρ per calibration sample).
-  The official ``quant_sample.py`` sets the factors in one FP forward over a single batch
-  of calibration entries (``n_per_t = 4`` per timestep, cond and uncond), so a "sample" is
-  one entry ``(x_t, t, y)`` of that batch: it gets its own salience ``s(X^(i))`` (max over
-  its tokens) and its own ``ρ_i``, and η is the softmax of ``-ρ`` over all entries. (The
-  official layer code that computes this is not public in readable form; this reading
-  follows the calibration loop.) We use every entry of the calibration set, not 4 per
-  timestep, through a per-entry observer that splits each observed batch into its entries
-  (``num_patches`` rows each). Memory: entries × C floats per balanced layer, and the
-  report lists one ρ and one η per entry.
-- Attention: the official code quantizes q, k, v at the activation bits and the softmax
-  output at ``sm_abit = 8``; ditq has one ``attn_bits`` for all four (8 by default, the
-  same at W*A8).
-- Balancing goes per block in the order proj, qkv, fc1: proj's factor rescales the V rows
-  of qkv, so qkv's ``s(W)`` (for ρ and for ``B^X``) is taken from the weight that is
-  actually quantized. Activation saliences are unaffected by the folding order.
+Deviations from the official code:
+
+- Balancing is folded offline, not applied online: ``B^X`` goes into the adaLN shift/scale
+  rows (qkv, fc1) and into the V rows of qkv (proj), which computes the same function
+  (tested) and costs nothing at inference; the official code divides each input by the
+  factor at every forward.
+- Because proj's factor is folded into qkv's V rows, qkv is balanced after proj and its
+  ``s(W)`` is taken from the folded weight (the one that is quantized); the official qkv
+  factor uses the unfolded weight.
+- ρ per calibration timestep (the paper's formula) by default; ``ssc_per_sample`` gives
+  the official ρ per entry, over every entry of the calibration set rather than the first
+  forward's batch (4 entries per timestep). Memory: entries x C floats per balanced layer.
+- The factor is ``smoothing_factor`` with its floor instead of ``+ 1e-8`` in ``w_scale``.
+- One ``attn_bits`` for q, k, v and the softmax output (the official code quantizes q, k, v
+  at the activation bits and the softmax output at ``sm_abit = 8``: the same at W*A8).
+- Activation ranges are searched on the whole calibration set with the weights quantized
+  and every activation quantizer bypassed, before reconstruction; the official code
+  initialises them on 4 entries per timestep with the earlier layers quantized, then
+  learns them.
+- The final layer's two linears are reconstructed one by one; the official code
+  reconstructs the final layer as one unit. The reconstruction shuffles single entries
+  (the official code shuffles groups of 4 entries).
 - A ρ that is undefined (a constant salience vector has no rank order) counts as 0.
-- The official code initialises activation ranges on 4 entries per timestep and then learns
-  them; here static ranges are calibrated on the whole set before reconstruction.
 """
 
 from __future__ import annotations
