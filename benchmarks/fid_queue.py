@@ -13,7 +13,9 @@ again, and ``--results DIR`` drops the jobs whose ``eval_ddpmN.json`` an earlier
 left in DIR; ``status.json`` records each job's command, wall time and outcome, and the logs are
 in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if that fails.
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
-50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50).
+50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
+``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
+the percentile search, DDPM 50/250). ``--gpus 0,0,0`` runs three workers on one GPU.
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ ABLATION = {
     for iters in (0, RECON_ITERS)
     if not (balance == "csb+ssc" and iters)  # that one is the headline ptq4dit-w4a8
 }
+OFFICIAL = {
+    "ptq4dit-official-w8a8": f"--method ptq4dit --wbits 8 --abits 8 --recon-iters {RECON_ITERS}",
+    "ptq4dit-official-w4a8": f"--method ptq4dit --wbits 4 --abits 8 --recon-iters {RECON_ITERS}",
+    "ptq4dit-blocks-pct-w4a8": (
+        f"--method ptq4dit --wbits 4 --abits 8 --layers blocks --recon-iters {RECON_ITERS}"
+    ),
+}
+"""PTQ4DiT with the official defaults of issue 15 (every linear and the patch embedding,
+best-of-percentiles ranges, steps 0..240, paired classes, 10-chunk reconstruction), and the
+block-only coverage with the percentile search, to separate the two changes."""
 
 
 @dataclass(order=True)
@@ -69,6 +81,9 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in HEADLINE.items()]
     if "ablation" in names:
         jobs += [Job(3, r, 50, f) for r, f in ABLATION.items()]
+    if "official" in names:
+        jobs += [Job(1, r, 50, f) for r, f in OFFICIAL.items()]
+        jobs += [Job(2, r, 250, f) for r, f in OFFICIAL.items()]
     if "headline" in names:
         jobs += [Job(4, r, 100, f) for r, f in HEADLINE.items()]
     return sorted(jobs)

@@ -4,7 +4,8 @@ minutes on a CPU), not a substitute for FID.
 
     python benchmarks/output_error.py --model ../shared/models/dit_s2_cifar10.pt --bits W4A8 \
         --variant 'rtn' --variant 'ptq4dit:{"recon_iters": 0}' \
-        --variant 'ptq4dit:{"recon_iters": 0, "balance": "none"}'
+        --variant 'ptq4dit:{"recon_iters": 0, "balance": "none"}' \
+        --variant 'ptq4dit:{"recon_iters": 0, "layers": ["blocks"], "w_range": "mse"}'
 
 Calibration and held-out sets are recorded from different seeds with the same settings
 (``--calib`` JSON overrides, default 4 samples x 5 of 20 DDIM steps, cfg 1.5). The error of
@@ -21,6 +22,8 @@ import time
 import torch
 
 from ditq import load_model
+from ditq.calib.hooks import LayerSelection
+from ditq.cli.quantize import LAYER_GROUPS
 from ditq.methods import METHODS, CalibSettings
 
 
@@ -47,7 +50,11 @@ def main() -> None:
     for variant in args.variant:
         name, _, extra = variant.partition(":")
         method = METHODS[name]
-        config = method.config_class(wbits=wbits, abits=abits, **json.loads(extra or "{}"))
+        options = json.loads(extra or "{}")
+        if "layers" in options:  # a list of layer groups, as --layers takes them
+            groups = options["layers"]
+            options["layers"] = LayerSelection(**{g: g in groups for g in LAYER_GROUPS})
+        config = method.config_class(wbits=wbits, abits=abits, **options)
         model = copy.deepcopy(fp)
         start = time.perf_counter()
         method.run(model, config, calib, device=args.device, progress=False)

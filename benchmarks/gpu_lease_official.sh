@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One single-GPU lease (nvidia-h200) for PTQ4DiT's official-default rows (fid_queue.py
+# --plan official), in stages that each fit one device call. A call carries at most 64 MiB
+# with the working tree, so the testbed checkpoint and the Inception weights travel in two
+# parts each (split -n 2) and CIFAR-10 alone; jobs run detached under /tmp/dq.
+#
+#   stage ship1  (carry .carry:  ckpt.part.aa, inception.part.aa)
+#   stage ship2  (carry .carry2: ckpt.part.ab, inception.part.ab) starts the queue: three
+#                workers on GPU 0 quantize and sample while the reference is missing
+#   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
+#   stage wait   sleep, then show progress
+#   stage finish evaluate what was sampled, write the report, copy the results to $OUT
+set -uo pipefail
+stage=$1
+D=/tmp/dq
+export PYTHONPATH=$D/code/src PYTHONUNBUFFERED=1
+progress() {
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+  python - <<'PY'
+import json, pathlib
+p = pathlib.Path("/tmp/dq/matrix/status.json")
+for k, v in (json.loads(p.read_text()) if p.exists() else {}).items():
+    print(f"{k:45s} rc={v['rc']} {v['seconds']:7.1f} s")
+PY
+  tail -n 2 $D/queue.log
+}
+queue() {
+  setsid nohup python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt \
+    --out $D/matrix --gpus 0,0,0 --plan official --ref $D/ref.npz --inception $D/inception.pth \
+    "$@" >> $D/queue.log 2>&1 < /dev/null &
+}
+case $stage in
+ship1)
+  mkdir -p $D && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks $D/code/
+  cp .carry/ckpt.part.aa .carry/inception.part.aa $D/
+  python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D ;;
+ship2)
+  cat $D/ckpt.part.aa .carry2/ckpt.part.ab > $D/dit_s2_cifar10.pt
+  cat $D/inception.part.aa .carry2/inception.part.ab > $D/inception.pth
+  sha256sum $D/dit_s2_cifar10.pt $D/inception.pth
+  queue; sleep "${SLEEP:-30}"; progress ;;
+ref)
+  cp .carry3/cifar_train.npz $D/
+  python -m ditq eval --build-ref $D/cifar_train.npz --inception-weights $D/inception.pth \
+    --out $D/ref.npz --device cuda --batch-size 500 --quiet
+  ls -la $D; progress ;;
+wait)
+  sleep "${SLEEP:-500}"; progress ;;
+finish)
+  pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
+  python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
+    --gpus 0,0,0 --plan official --ref $D/ref.npz --inception $D/inception.pth --eval-only \
+    >> $D/queue.log 2>&1
+  progress
+  cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
+    python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
+  tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
+  cat $D/report.log | head -n 40 ;;
+esac
