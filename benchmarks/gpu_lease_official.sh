@@ -27,7 +27,7 @@ PY
 queue() {
   setsid nohup python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt \
     --out $D/matrix --gpus 0,0,0 --plan official --ref $D/ref.npz --inception $D/inception.pth \
-    "$@" >> $D/queue.log 2>&1 < /dev/null &
+    --steps "${STEPS:-50,250}" "$@" >> $D/queue.log 2>&1 < /dev/null &
 }
 case $stage in
 ship1)
@@ -50,6 +50,7 @@ finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
     --gpus 0,0,0 --plan official --ref $D/ref.npz --inception $D/inception.pth --eval-only \
+    --steps "${STEPS:-50,250}" \
     >> $D/queue.log 2>&1
   progress
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
