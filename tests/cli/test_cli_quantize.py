@@ -216,3 +216,19 @@ def test_w16a16_ptq4dit_keeps_attention_in_float_and_reproduces_fp(model_args, t
     np.testing.assert_array_equal(
         np.load(tmp_path / "q.npz")["arr_0"], np.load(tmp_path / "fp.npz")["arr_0"]
     )
+
+
+def test_method_help_lists_only_that_methods_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "ptq4dit", "--help"])
+    text = capsys.readouterr().out
+    assert "ptq4dit settings" in text and "--recon-chunks" in text and "(default 10)" in text
+    assert "--alpha-grid" not in text and "--lowrank-rank" not in text
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help", "--method=ditas"])
+    text = capsys.readouterr().out
+    assert "--alpha-grid" in text and "--balance" not in text
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert "--alpha-grid" in text and "--balance" in text  # every method's, each tagged

@@ -12,20 +12,37 @@ from ditq.errors import DitqError
 SUBCOMMANDS = (demo, sample, quantize, analyze, eval, report, bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_method: str | None = None) -> argparse.ArgumentParser:
+    """The ``ditq`` parser; ``help_method`` narrows ``quantize --help`` to one method."""
     parser = argparse.ArgumentParser(
         prog="ditq", description="Post-training quantization of Diffusion Transformers."
     )
     parser.add_argument("--version", action="version", version=f"ditq {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
-        module.add_parser(subparsers)
+        if module is quantize:
+            module.add_parser(subparsers, method=help_method)
+        else:
+            module.add_parser(subparsers)
     return parser
+
+
+def _help_method(argv: list[str]) -> str | None:
+    """M of ``ditq quantize ... --method M ... --help``, else None."""
+    if argv[:1] != ["quantize"] or not {"-h", "--help"} & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ditq`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_help_method(argv))
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -64,7 +64,9 @@ def _parse_field(default: Any):
     return str
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None) -> None:
+    """The ``quantize`` parser; with ``method`` (``ditq quantize --method M --help``) the
+    method-settings group lists only M's flags, with M's defaults."""
     parser = subparsers.add_parser(
         "quantize",
         help="quantize a DiT (rtn, smoothquant, single-step, ...)",
@@ -115,13 +117,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATTERN=WxA",
         help="other bits for matching layers, e.g. '*.fc2=8x8' (repeatable)",
     )
-    m = parser.add_argument_group("method settings")
-    for name, default, method, help_text in _method_fields():
+    own = None
+    if method in METHODS:
+        config_class = METHODS[method].config_class
+        own = {f.name: f for f in fields(config_class)}
+        title = f"{method} settings (--method {method} --help; other methods' flags are errors)"
+    else:
+        title = "method settings (ditq quantize --method M --help lists M's alone)"
+    m = parser.add_argument_group(title)
+    for name, default, takers, help_text in _method_fields():
+        if own is not None and name not in own:
+            m.add_argument("--" + name.replace("_", "-"), dest=name, help=argparse.SUPPRESS)
+            continue
+        if own is not None:
+            f = own[name]
+            default = f.default if f.default is not MISSING else f.default_factory()
+            help_text, takers = f.metadata.get("help", help_text), method
         m.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             type=_parse_field(default),
-            help=f"[{method}] {help_text} (default {default!r})".strip(),
+            help=f"[{takers}] {help_text} (default {default!r})".strip(),
         )
     c = parser.add_argument_group("calibration set (defaults: the method's)")
     c.add_argument(
