@@ -8,6 +8,7 @@ from kernel_cases import FORMATS, packed_layer
 
 from ditq.errors import DitqError
 from ditq.kernels import RealQuantLinear, convert_model, resolve_backend
+from ditq.kernels.linear import layer_kind
 from ditq.quant.layers import QuantLinear
 
 from conftest import tiny_dit
@@ -124,3 +125,11 @@ def test_fp8_scaled_mm_path_equals_simulated(extras):
     out = real._forward_fp8(rows).float()
     ref = layer(x).reshape(out.shape)
     assert float((out - ref).norm() / ref.norm()) < 1e-2  # BF16 output of the FP8 GEMM
+
+
+def test_fp8_layers_narrower_than_scaled_mm_takes_dequantize():
+    """_scaled_mm needs widths divisible by 16: a 2x2x3 patch embedding (12 inputs) falls
+    back to the dequantizing path, a 16-wide one keeps the FP8 GEMM."""
+    narrow, _ = packed_layer(*FORMATS["fp8"], K=12, rank=0)
+    wide, _ = packed_layer(*FORMATS["fp8"], K=16, rank=0)
+    assert layer_kind(narrow) == "reference" and layer_kind(wide) == "fp8"

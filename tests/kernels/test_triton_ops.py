@@ -156,3 +156,17 @@ def test_convert_model_fuses_only_fusable_mlps():
     dynamic = QuantConfig(wbits=8, abits=8, a_dynamic=True)  # no static range for fc2
     model = convert_model(quantize_random(tiny_dit(), dynamic, inputs), fuse_mlp=True)
     assert not any(isinstance(m, FusedQuantMlp) for m in model.modules())
+
+
+@pytest.mark.parametrize("K", [12, 16], ids=["pixel-patch-2x2x3", "latent-patch-2x2x4"])
+@pytest.mark.parametrize("name", ["w8a8 sym/static", "w8a8 asym/token", "w4a8 channel"])
+def test_patch_embedding_widths_run_on_the_kernels(name, K, gemm_schedule):
+    """PTQ4DiT quantizes the patch embedding: a linear over 2x2 patches of 3 or 4 channels,
+    K = 12 or 16 input features, narrower than any GEMM tile and, for 12, not 16-byte
+    aligned (no TMA load)."""
+    layer, x = packed_layer(*FORMATS[name], online_scale=False, rank=0, K=K)
+    real = RealQuantLinear.from_quant_linear(layer)
+    rows = x.reshape(-1, K)
+    out = real._forward_cuda(rows)
+    ref = reference64(real, rows)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5

@@ -108,13 +108,22 @@ def _act_format(spec: QuantSpec) -> ActFormat:
     )
 
 
+SCALED_MM_ALIGNMENT = 16
+"""``torch._scaled_mm`` needs both GEMM dimensions divisible by 16: FP8 layers with other
+widths (e.g. a patch embedding over 2x2x3 pixels, 12 inputs) take the dequantizing path."""
+
+
 def layer_kind(layer: QuantLinear) -> str:
     """``"int"``, ``"dequant"``, ``"fp8"`` or ``"reference"`` for a packed layer (table in
     the module docstring)."""
     w, a = layer.weight_quantizer.spec, layer.act_quantizer.spec
     per_channel = isinstance(w.granularity, (PerTensor, PerChannel))
     if w.fmt == "fp8_e4m3":
-        return "fp8" if a.enabled and a.fmt == "fp8_e4m3" and per_channel else "reference"
+        aligned = not (
+            layer.in_features % SCALED_MM_ALIGNMENT or layer.out_features % SCALED_MM_ALIGNMENT
+        )
+        fast = a.enabled and a.fmt == "fp8_e4m3" and per_channel and aligned
+        return "fp8" if fast else "reference"
     if a.enabled and a.fmt != "int":
         return "reference"
     grouped = isinstance(w.granularity, PerGroup) and w.granularity.group_size in INT_GROUP_SIZES

@@ -451,7 +451,7 @@ def int_gemm(
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
     if INTERPRETED:
         meta = _interpreter_meta(M, N, K, group_size)
-        tma = meta["TMA"] = meta["TMA"] and not group_size
+        tma = meta["TMA"] = meta["TMA"] and not group_size and _tma_usable(codes, weight)
         launcher = _int_gemm_kernel
     else:
         tma = not group_size and _tma_usable(codes, weight)
