@@ -27,6 +27,9 @@ from ditq.errors import DitqError
 from ditq.io import OutputKind, write_output
 
 METADATA_KEY = "ditq.calibration"
+"""The safetensors metadata entry that holds a set's JSON metadata."""
+TENSOR_NAMES = ("x", "t", "y", "step")
+MATCHED_CONFIG_FIELDS = ("in_channels", "input_size", "num_classes")
 
 
 def is_calibration_set(path: str | Path) -> bool:
@@ -39,9 +42,6 @@ def is_calibration_set(path: str | Path) -> bool:
 
 
 CALIBRATION_SET_FILE = OutputKind("ditq calibration set", False, is_calibration_set)
-"""The safetensors metadata entry that holds a set's JSON metadata."""
-TENSOR_NAMES = ("x", "t", "y", "step")
-MATCHED_CONFIG_FIELDS = ("in_channels", "input_size", "num_classes")
 
 
 @dataclass
