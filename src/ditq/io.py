@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -49,9 +50,33 @@ class OutputKind:
     recognize: Callable[[Path], bool]
 
 
-def _is_zip_with(path: Path, member: str) -> bool:
-    import zipfile
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable, not JSON
+    or not an object (what recognizing an earlier output needs)."""
+    try:
+        value = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
+
+def read_safetensors(path: str | Path, fix: str, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file; a damaged file is one :class:`DitqError` whose
+    message ends with ``fix`` (:func:`unreadable_safetensors`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise unreadable_safetensors(path, err, fix) from err
+
+
+def unreadable_safetensors(path: str | Path, err: Exception, fix: str) -> DitqError:
+    return DitqError(f"{path} is not a readable safetensors file ({err}); {fix}")
+
+
+def _is_zip_with(path: Path, member: str) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return member in archive.namelist()
@@ -114,22 +139,16 @@ def check_output(
             )
         if not any(path.iterdir()):
             return
-        if not kind.recognize(path):
-            raise DitqError(
-                f"{flag} {target} exists and is not a {kind.description}; choose another "
-                f"{flag} (--overwrite replaces only a {kind.description})"
-            )
-    else:
-        if path.is_dir():
-            raise DitqError(
-                f"{flag} {target} is a directory; {flag} takes a file path (a "
-                f"{kind.description}), e.g. {flag} {path / 'out'}"
-            )
-        if not kind.recognize(path):
-            raise DitqError(
-                f"{flag} {target} exists and is not a {kind.description}; choose another "
-                f"{flag} (--overwrite replaces only a {kind.description})"
-            )
+    elif path.is_dir():
+        raise DitqError(
+            f"{flag} {target} is a directory; {flag} takes a file path (a "
+            f"{kind.description}), e.g. {flag} {path / 'out'}"
+        )
+    if not kind.recognize(path):
+        raise DitqError(
+            f"{flag} {target} exists and is not a {kind.description}; choose another "
+            f"{flag} (--overwrite replaces only a {kind.description})"
+        )
     if not overwrite:
         raise DitqError(
             f"{flag} {target} already holds a {kind.description}; pass --overwrite to "

@@ -46,7 +46,7 @@ from ditq.eval.features import (
 )
 from ditq.eval.images import load_images
 from ditq.eval.inception import load_inception
-from ditq.io import OutputKind, write_output
+from ditq.io import OutputKind, read_json_object, write_output
 
 PR_NEIGHBOURHOOD = 3
 INCEPTION_SCORE_SPLITS = 10
@@ -346,11 +346,8 @@ def evaluate(
 
 
 def _is_evaluation_file(path: Path) -> bool:
-    try:
-        result = json.loads(Path(path).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(result, dict) and isinstance(result.get("metrics"), dict)
+    result = read_json_object(path)
+    return result is not None and isinstance(result.get("metrics"), dict)
 
 
 EVALUATION_FILE = OutputKind("ditq eval result (JSON)", False, _is_evaluation_file)

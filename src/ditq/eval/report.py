@@ -54,7 +54,7 @@ from ditq.eval.grid import make_grid
 from ditq.eval.images import load_images, npz_keys, read_npz_array
 from ditq.eval.metrics import psnr, ssim
 from ditq.eval.plots import BACKGROUND, LABEL_SIZE, _put_text, _text_size, bar_plot
-from ditq.io import SAMPLES_META_KEY, OutputKind, check_output, write_output
+from ditq.io import SAMPLES_META_KEY, OutputKind, check_output, read_json_object, write_output
 from ditq.quant.checkpoint import MANIFEST, REPORT, WEIGHTS, read_manifest
 from ditq.quant.config import QuantConfig
 
@@ -767,11 +767,8 @@ def _json_safe(value: Any) -> Any:
 
 def is_report_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a ``report.json`` written by :func:`write_report`."""
-    try:
-        summary = json.loads((Path(path) / REPORT_JSON).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(summary, dict) and (
+    summary = read_json_object(Path(path) / REPORT_JSON)
+    return summary is not None and (
         summary.get("format") == REPORT_FORMAT or {"ditq_version", "rows", "runs"} <= set(summary)
     )
 

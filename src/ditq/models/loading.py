@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ditq.errors import DitqError
+from ditq.io import read_safetensors, unreadable_safetensors
 from ditq.models.dit import ARCHITECTURES, DiT, DiTConfig, config_for
 from ditq.models.hub import OFFICIAL_CHECKPOINTS, Opener, fetch_official
 
@@ -58,7 +59,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"official names {', '.join(OFFICIAL_CHECKPOINTS)}"
         )
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, DAMAGED_CHECKPOINT_FIX)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
@@ -80,22 +81,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _unreadable_safetensors(path: Path, err: Exception) -> DitqError:
-    return DitqError(
-        f"{path} is not a readable safetensors file ({err}); it may be truncated or not a "
-        "safetensors file: download or write it again"
-    )
-
-
-def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """All tensors of a safetensors file, with one clear error for a damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise _unreadable_safetensors(Path(path), err) from err
+DAMAGED_CHECKPOINT_FIX = "it may be truncated or not a safetensors file: download or write it again"
 
 
 def stored_config(path: str | Path) -> DiTConfig | None:
@@ -108,7 +94,7 @@ def stored_config(path: str | Path) -> DiTConfig | None:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
     except (SafetensorError, OSError) as err:
-        raise _unreadable_safetensors(Path(path), err) from err
+        raise unreadable_safetensors(path, err, DAMAGED_CHECKPOINT_FIX) from err
     if text is None:
         return None
     try:

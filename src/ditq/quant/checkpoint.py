@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ditq import __version__
 from ditq.errors import DitqError
-from ditq.io import OutputKind, write_output
+from ditq.io import OutputKind, read_json_object, read_safetensors, write_output
 from ditq.models.dit import DiT, DiTConfig
 from ditq.quant.layers import QuantLinear
 from ditq.quant.model import MATMUL_INPUTS, quantized_layers
@@ -50,11 +49,8 @@ REPORT = "calibration_report.json"
 
 def is_quantized_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a manifest written by :func:`save_quantized` (any version)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    manifest = read_json_object(Path(path) / MANIFEST)
+    return manifest is not None and manifest.get("format") == FORMAT
 
 
 QUANTIZED_DIR = OutputKind("ditq quantized directory", True, is_quantized_dir)
@@ -186,13 +182,7 @@ def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Ten
             f"{path} has a manifest but no {WEIGHTS}: the directory is incomplete; quantize "
             "the model again"
         )
-    try:
-        return load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DitqError(
-            f"{weights} is not a readable safetensors file ({err}); it may be truncated: "
-            "quantize the model again"
-        ) from err
+    return read_safetensors(weights, "it may be truncated: quantize the model again", str(device))
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
