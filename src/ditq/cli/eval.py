@@ -8,7 +8,6 @@ import argparse
 from ditq.cli.common import default_device
 from ditq.errors import DitqError
 from ditq.eval import build_reference, evaluate, format_table, save_evaluation
-from ditq.eval.features import STATISTICS_FILE
 from ditq.eval.metrics import EVALUATION_FILE
 from ditq.io import check_output
 
@@ -46,8 +45,7 @@ def run(args: argparse.Namespace) -> None:
     if args.build_ref:
         if not args.out:
             raise DitqError("--build-ref needs --out STATS.npz")
-        check_output(args.out, STATISTICS_FILE, overwrite=args.overwrite, inputs=[args.build_ref])
-        stats = build_reference(
+        stats = build_reference(  # checks --out before any work
             args.build_ref,
             args.out,
             inception_weights=args.inception_weights,

@@ -29,7 +29,7 @@ PerToken           (tokens, C)                  (tokens, 1)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -203,19 +203,19 @@ def _percentile_last_dim(groups: torch.Tensor, percent: float) -> torch.Tensor:
     return lower + (upper - lower) * fraction
 
 
-def _mse_search(
-    groups: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, spec: QuantSpec
+def _best_range(
+    groups: torch.Tensor, candidates: Iterable[TensorPair], spec: QuantSpec, norm: float
 ) -> TensorPair:
-    """Per range group, the clipping ratio r (``mse_grid`` values from 1 down to
-    ``MSE_MIN_RATIO``) minimizing ``sum |x - x̂|^p`` for the range ``[r·min, r·max]``."""
-    best_error = torch.full_like(x_min, math.inf)
-    best_min, best_max = x_min, x_max
-    ratios = torch.linspace(1.0, MSE_MIN_RATIO, spec.mse_grid, dtype=torch.float64)
-    for ratio in ratios.tolist():
-        candidate_min, candidate_max = x_min * ratio, x_max * ratio
+    """Per range group, the candidate ``(x_min, x_max)`` whose quantization has the
+    smallest ``sum |x - x̂|^norm`` (the first one on ties)."""
+    best_error = best_min = best_max = None
+    for candidate_min, candidate_max in candidates:
         scale, zero_point = qparams_from_range(candidate_min, candidate_max, spec)
         error = _fake_quantize_groups(groups, scale, zero_point, spec).sub_(groups)
-        error = error.abs_().pow_(spec.mse_norm).sum(dim=-1, keepdim=True)
+        error = error.abs_().pow_(norm).sum(dim=-1, keepdim=True)
+        if best_error is None:
+            best_error, best_min, best_max = error, candidate_min, candidate_max
+            continue
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_min = torch.where(better, candidate_min, best_min)
@@ -223,26 +223,25 @@ def _mse_search(
     return best_min, best_max
 
 
+def _mse_search(
+    groups: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, spec: QuantSpec
+) -> TensorPair:
+    """Per range group, the clipping ratio r (``mse_grid`` values from 1 down to
+    ``MSE_MIN_RATIO``) minimizing ``sum |x - x̂|^p`` for the range ``[r·min, r·max]``."""
+    ratios = torch.linspace(1.0, MSE_MIN_RATIO, spec.mse_grid, dtype=torch.float64).tolist()
+    candidates = ((x_min * ratio, x_max * ratio) for ratio in ratios)
+    return _best_range(groups, candidates, spec, spec.mse_norm)
+
+
 def _percentile_search(groups: torch.Tensor, spec: QuantSpec) -> TensorPair:
     """Per range group, of the ranges ``[P(100 - p), P(p)]`` for p in
     :data:`SEARCHED_PERCENTILES`, the one whose quantization has the smallest squared
     error (the first one on ties)."""
-    best_error = torch.full(groups.shape[:-1] + (1,), math.inf, dtype=groups.dtype)
-    best_min = best_max = None
-    for percent in SEARCHED_PERCENTILES:
-        low = _percentile_last_dim(groups, 100 - percent)
-        high = _percentile_last_dim(groups, percent)
-        scale, zero_point = qparams_from_range(low, high, spec)
-        error = _fake_quantize_groups(groups, scale, zero_point, spec).sub_(groups)
-        error = error.square_().sum(dim=-1, keepdim=True)
-        if best_min is None:
-            best_error, best_min, best_max = error, low, high
-            continue
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_min = torch.where(better, low, best_min)
-        best_max = torch.where(better, high, best_max)
-    return best_min, best_max
+    candidates = (
+        (_percentile_last_dim(groups, 100 - p), _percentile_last_dim(groups, p))
+        for p in SEARCHED_PERCENTILES
+    )
+    return _best_range(groups, candidates, spec, 2.0)
 
 
 def find_range(x: torch.Tensor, spec: QuantSpec) -> TensorPair:
