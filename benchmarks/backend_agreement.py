@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ditq.cli.bench import denoiser_inputs
+from ditq import load_model
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.eval.metrics import distance_to_reference
+from ditq.eval.speed import denoiser_inputs
 from ditq.kernels import RealQuantLinear
-from ditq.models import load_model
-from ditq.quant.checkpoint import is_quantized_dir
+from ditq.pipeline.checkpoint import is_quantized_dir
 
 SETTINGS = SamplingSettings(sampler="ddim", steps=25, cfg_scale=1.5, seed=0)
 NUM_SAMPLES = 16

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ditq.calib.hooks import LayerSelection
+import ditq
+from ditq.methods import RTNConfig
 from ditq.models.dit import DiT, config_for
-from ditq.quant.checkpoint import WEIGHTS, save_quantized
-from ditq.quant.config import QuantConfig
-from ditq.quant.model import calibrate_weights, pack_model, wrap_layers
+from ditq.pipeline.checkpoint import WEIGHTS
+from ditq.pipeline.config import LayerSelection
 
 SELECTIONS = {
     "blocks": LayerSelection(),
@@ -45,15 +45,13 @@ def sizes_for(arch: str, **overrides) -> dict[str, int]:
         for layers, selection in SELECTIONS.items():
             for bits in (8, 4):
                 granularity = "group" if bits == 4 else "channel"
-                config = QuantConfig(
+                config = RTNConfig(
                     wbits=bits, abits=8, w_granularity=granularity, a_dynamic=True, layers=selection
                 )
                 model = DiT(base.config).eval()
                 model.load_state_dict(base.state_dict())
-                wrap_layers(model, config)
-                calibrate_weights(model)
-                pack_model(model)
-                out = save_quantized(model, Path(tmp) / "q", "rtn", config.to_dict(), {}, {})
+                ditq.quantize(model, config, progress=False)
+                out = ditq.save(model, Path(tmp) / "q")
                 sizes[f"w{bits}-{layers}"] = (out / WEIGHTS).stat().st_size
                 del model
     return sizes

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ditq.cli.bench import denoiser_inputs, quantize_random
+import ditq
+from ditq import load_model
+from ditq.eval.speed import denoiser_inputs, quantize_random
 from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
-from ditq.models import load_model
+from ditq.methods import RTNConfig
 from ditq.models.dit import DiT, DiTConfig, config_for
-from ditq.quant.checkpoint import WEIGHTS, save_quantized
-from ditq.quant.config import QuantConfig
+from ditq.pipeline.checkpoint import WEIGHTS
 from ditq.quant.layers import QuantLinear
 
 FORMATS = {
@@ -75,7 +76,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> dict:
-    config = QuantConfig(**FORMATS[fmt])
+    config = RTNConfig(**FORMATS[fmt])
     K, N = size
     torch.manual_seed(0)
     linear = torch.nn.Linear(K, N).to(device)
@@ -102,7 +103,7 @@ def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> di
 def check_model(fmt: str, base: DiT, device: str, fuse_mlp: bool = True) -> dict:
     simulated = quantize_random(
         _copy(base, device),
-        QuantConfig(**FORMATS[fmt]),
+        RTNConfig(**FORMATS[fmt]),
         denoiser_inputs(base, 2, device, torch.float32),
     )
     inputs = denoiser_inputs(base, 4, device, torch.float32)
@@ -134,9 +135,9 @@ def checkpoint_sizes(device: str) -> dict:
             sizes[name] = path.stat().st_size
         for name, bits in (("w8a8-rtn", 8), ("w4a8-rtn-group128", 4)):
             granularity = "group" if bits == 4 else "channel"
-            config = QuantConfig(wbits=bits, abits=8, w_granularity=granularity, a_dynamic=True)
+            config = RTNConfig(wbits=bits, abits=8, w_granularity=granularity, a_dynamic=True)
             model = quantize_random(_copy(base, device), config, ())
-            out = save_quantized(model.cpu(), Path(tmp) / name, "rtn", config.to_dict(), {}, {})
+            out = ditq.save(model.cpu(), Path(tmp) / name)
             sizes[name] = (out / WEIGHTS).stat().st_size
     return sizes
 

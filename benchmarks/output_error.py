@@ -21,10 +21,12 @@ import time
 
 import torch
 
+import ditq
 from ditq import load_model
-from ditq.calib.hooks import LayerSelection
-from ditq.cli.quantize import LAYER_GROUPS
-from ditq.methods import METHODS, CalibSettings
+from ditq.calib.settings import CalibSettings
+from ditq.methods import METHODS
+from ditq.models.adapter import LAYER_GROUPS
+from ditq.pipeline.config import LayerSelection
 
 
 def main() -> None:
@@ -57,7 +59,7 @@ def main() -> None:
         config = method.config_class(wbits=wbits, abits=abits, **options)
         model = copy.deepcopy(fp)
         start = time.perf_counter()
-        method.run(model, config, calib, device=args.device, progress=False)
+        ditq.quantize(model, config, calib, progress=False)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             out = model(x, t, y).flatten(1)

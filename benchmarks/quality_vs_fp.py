@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ditq
 from ditq import load_model
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.eval.grid import save_grid
 from ditq.eval.metrics import psnr, ssim
 from ditq.methods import METHODS
-from ditq.quant.model import pack_model
 
 
 def parse_sampler(text: str) -> SamplingSettings:
@@ -119,10 +119,7 @@ def main() -> None:
                 model, batch_size=args.batch_size, device=args.device, progress=False
             )
             config = method.config_class(wbits=wbits, abits=abits, **method_args.get(name, {}))
-            method.run(
-                model, config, calib, device=args.device, batch_size=args.batch_size, progress=False
-            )
-            pack_model(model)
+            ditq.quantize(model, config, calib, batch_size=args.batch_size, progress=False)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             calib_seconds = time.perf_counter() - start

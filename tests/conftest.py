@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from ditq.models import DiT, DiTConfig
+from ditq.pipeline.method import Method, RunContext
+from ditq.pipeline.run import run_method
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TESTBED = SHARED / "models" / "dit_s2_cifar10.pt"
@@ -23,6 +25,12 @@ def tiny_dit(seed: int = 0, **overrides) -> DiT:
     torch.manual_seed(seed)
     config = DiTConfig(**{**TINY.to_dict(), **overrides})
     return DiT(config).eval()
+
+
+def run_unpacked(method: Method, model: DiT, config, calib, **context) -> dict:
+    """The pipeline's sequence without packing (float weights kept for inspection): what
+    ``method`` did to ``model``; returns the method's report."""
+    return run_method(model, method, config, calib, RunContext(**{"progress": False, **context}))
 
 
 def save_checkpoint(model: DiT, path: Path) -> list[str]:

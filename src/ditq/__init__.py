@@ -1,8 +1,12 @@
-"""ditq: post-training quantization of Diffusion Transformers."""
+"""ditq: post-training quantization of Diffusion Transformers.
+
+``ditq.load_model``, ``ditq.quantize`` and ``ditq.save`` are the Python API
+(:mod:`ditq.api`); the method configurations are in :mod:`ditq.methods`.
+"""
 
 import os
 
-__version__ = "0.1.0"
+from ditq.version import __version__
 
 OPENMP_SPIN_COUNT = "10000"
 """How long idle OpenMP threads of PyTorch's CPU kernels spin before they sleep, unless the
@@ -15,6 +19,6 @@ when torch was imported before ditq."""
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
-from ditq.models import load_model  # noqa: E402
+from ditq.api import load_model, quantize, save  # noqa: E402
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "quantize", "save"]

@@ -7,7 +7,6 @@ import torch
 
 from ditq.calib import (
     CalibrationSet,
-    LayerSelection,
     attention_point_names,
     build_calibration_set,
     capture_block_io,
@@ -16,11 +15,11 @@ from ditq.calib import (
     collect_input_stats,
     explicit_attention,
     get_layer,
-    linear_layers,
 )
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.models.dit import modulate
+from ditq.pipeline.config import LayerSelection
 
 from conftest import tiny_dit
 
@@ -101,8 +100,8 @@ def test_layer_selection_names_in_forward_order():
         "final_layer.linear",
     ]
     assert len(everything) == 3 + 2 * 5 + 2
-    layers = linear_layers(model, LayerSelection(embedders=True))
-    assert all(isinstance(m, torch.nn.Linear) for m in layers.values())
+    layers = [get_layer(model, name) for name in LayerSelection(embedders=True).names(model)]
+    assert all(isinstance(m, torch.nn.Linear) for m in layers)
     assert attention_point_names(model)[:2] == ["blocks.0.attn.q_act", "blocks.0.attn.k_act"]
     with pytest.raises(DitqError, match="no layer named 'blocks.7.attn.qkv'"):
         get_layer(model, "blocks.7.attn.qkv")
@@ -257,18 +256,19 @@ def test_capture_block_io_matches_the_block_and_chains(calib):
     model = tiny_dit()
     final_layer_calls = []
     probe = model.final_layer.register_forward_pre_hook(lambda *_: final_layer_calls.append(1))
-    first = capture_block_io(model, calib, 0, batch_size=4, progress=False)
-    second = capture_block_io(model, calib, 1, batch_size=4, progress=False)
+    first = capture_block_io(model, calib, "blocks.0", batch_size=4, progress=False)
+    second = capture_block_io(model, calib, "blocks.1", batch_size=4, progress=False)
     assert not final_layer_calls  # the forward stopped after the captured block
     probe.remove()
     assert_no_hooks(model)
-    assert first.x.shape == (18, 16, 32) and first.c.shape == (18, 32)
+    (x, c), (x2, c2) = first.args, second.args
+    assert x.shape == (18, 16, 32) and c.shape == (18, 32)
     with torch.no_grad():
-        torch.testing.assert_close(first.x, model.x_embedder(calib.x) + model.pos_embed)
-        torch.testing.assert_close(first.c, model.t_embedder(calib.t) + model.y_embedder(calib.y))
-        torch.testing.assert_close(first.out, model.blocks[0](first.x, first.c))
-        torch.testing.assert_close(second.out, model.blocks[1](second.x, second.c))
-    torch.testing.assert_close(second.x, first.out, rtol=0, atol=0)
-    torch.testing.assert_close(second.c, first.c, rtol=0, atol=0)
-    with pytest.raises(DitqError, match="block index 2 is out of range; the model has 2 blocks"):
-        capture_block_io(model, calib, 2, progress=False)
+        torch.testing.assert_close(x, model.x_embedder(calib.x) + model.pos_embed)
+        torch.testing.assert_close(c, model.t_embedder(calib.t) + model.y_embedder(calib.y))
+        torch.testing.assert_close(first.out, model.blocks[0](x, c))
+        torch.testing.assert_close(second.out, model.blocks[1](x2, c2))
+    torch.testing.assert_close(x2, first.out, rtol=0, atol=0)
+    torch.testing.assert_close(c2, c, rtol=0, atol=0)
+    with pytest.raises(DitqError, match="no layer named 'blocks.2'"):
+        capture_block_io(model, calib, "blocks.2", progress=False)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ditq.cli import bench, main
+from ditq.eval import speed
 
 from conftest import save_checkpoint, tiny_dit
 
@@ -102,13 +103,13 @@ def test_bench_profile_splits_the_call_by_kernel_category(tmp_path):
     ],
 )
 def test_kernel_category(name, category):
-    from ditq.cli.bench import kernel_category
+    from ditq.eval.speed import kernel_category
 
     assert kernel_category(name) == category
 
 
 def test_state_bytes_counts_what_a_tensor_subclass_holds():
-    from ditq.cli.bench import state_bytes, tensor_bytes
+    from ditq.eval.speed import state_bytes, tensor_bytes
 
     class Packed(torch.Tensor):  # a wrapper subclass holding int8 data and fp32 scales
         @staticmethod
@@ -161,8 +162,8 @@ def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
 
 
 def test_testbed_shape_is_the_shared_checkpoint_architecture():
-    from ditq.cli.bench import shape_model
-    from ditq.models import load_model
+    from ditq import load_model
+    from ditq.eval.speed import shape_model
 
     from conftest import TESTBED
 
@@ -174,7 +175,7 @@ def test_testbed_shape_is_the_shared_checkpoint_architecture():
 
 
 def test_cuda_graph_steps_begin_at_every_denoiser_call(monkeypatch):
-    from ditq.cli.bench import denoiser_inputs, mark_cuda_graph_steps
+    from ditq.eval.speed import denoiser_inputs, mark_cuda_graph_steps
 
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
@@ -192,13 +193,13 @@ def test_cuda_graph_steps_begin_at_every_denoiser_call(monkeypatch):
 def test_warm_up_runs_until_the_call_time_settles(monkeypatch):
     durations = iter([5.0] * 4 + [2.0] * 4 + [1.0] * 4 + [1.01] * 4 + [1.0] * 40)
     clock = {"now": 0.0}
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock["now"])
 
     def call():  # autotuning makes the first rounds slow, then the time settles
         clock["now"] += next(durations)
 
-    assert bench.warm_up(call, "cpu", 4) == 16  # 5 s, 2 s, 1 s, then 1.01 s: within 3%
-    assert bench.warm_up(call, "cpu", 0) == 0
+    assert speed.warm_up(call, "cpu", 4) == 16  # 5 s, 2 s, 1 s, then 1.01 s: within 3%
+    assert speed.warm_up(call, "cpu", 0) == 0
     endless = iter(float(n) for n in range(1, 10_000))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(endless) ** 2)
-    assert bench.warm_up(lambda: None, "cpu", 2) == 2 * bench.WARMUP_MAX_ROUNDS  # capped
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(endless) ** 2)
+    assert speed.warm_up(lambda: None, "cpu", 2) == 2 * speed.WARMUP_MAX_ROUNDS  # capped

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ditq import load_model
 from ditq.cli import main
-from ditq.models import load_model
 from ditq.models.loading import BUNDLED_MODELS, CONFIG_METADATA_KEY
 
 from conftest import tiny_dit

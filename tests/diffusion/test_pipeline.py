@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ditq import load_model
 from ditq.diffusion import create_diffusion, sample_loop
 from ditq.diffusion.pipeline import (
     SamplingSettings,
@@ -13,7 +14,6 @@ from ditq.diffusion.pipeline import (
     sample_generator,
 )
 from ditq.errors import DitqError
-from ditq.models import load_model
 from ditq.models.vae import decode_latents
 
 from conftest import tiny_dit

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ditq
 from ditq.calib.dataset import build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
@@ -26,9 +27,8 @@ from ditq.eval.report import (
     read_first_images,
 )
 from ditq.io import save_samples_npz
-from ditq.quant.checkpoint import WEIGHTS, save_quantized
-from ditq.quant.config import QuantConfig
-from ditq.quant.model import pack_model, quantize_model
+from ditq.methods import RTNConfig
+from ditq.pipeline.checkpoint import WEIGHTS, save_quantized
 
 from conftest import tiny_dit
 
@@ -51,9 +51,8 @@ def quantized_dir(tmp_path_factory):
     calib = build_calibration_set(
         model, 2, SamplingSettings(sampler="ddim", steps=3, seed=1), progress=False
     )
-    config = QuantConfig(wbits=8, abits=8)
-    quantize_model(model, config, calib, progress=False)
-    pack_model(model)
+    config = RTNConfig(wbits=8, abits=8)
+    ditq.quantize(model, config, calib, progress=False)
     out = tmp_path_factory.mktemp("q") / "rtn-w8a8"
     report = {"wall_time_s": {"total": 3.4, "calibration_set": 1.0, "method": 2.4}}
     save_quantized(model, out, "rtn", config.to_dict(), calib.meta, report)

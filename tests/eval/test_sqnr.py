@@ -14,9 +14,9 @@ from ditq.calib.hooks import capture_inputs
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.eval.sqnr import CALIBRATIONS, LayerSQNRObserver, sqnr_db, sqnr_study
-from ditq.quant.config import QuantConfig
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.steps import quantized_layers, wrap_layers
 from ditq.quant.layers import QuantLinear
-from ditq.quant.model import quantized_layers, wrap_layers
 
 from conftest import tiny_dit
 

@@ -36,11 +36,11 @@ def test_layout_is_codes_only_and_survives_dtype_casts():
 
 
 def test_convert_model_matches_simulated_model():
-    from ditq.cli.bench import denoiser_inputs, quantize_random
-    from ditq.quant.config import QuantConfig
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.methods import RTNConfig
 
     model = tiny_dit()
-    config = QuantConfig(wbits=4, abits=8, w_granularity="group", w_group_size=32)
+    config = RTNConfig(wbits=4, abits=8, w_granularity="group", w_group_size=32)
     inputs = denoiser_inputs(model, 2, "cpu", torch.float32)
     quantize_random(model, config, inputs)
     with torch.no_grad():
@@ -98,18 +98,18 @@ def test_code_sums_only_where_weight_zero_points_need_them(name, needs):
 
 
 def test_convert_model_warns_about_formats_without_a_kernel():
-    from ditq.cli.bench import denoiser_inputs, quantize_random
-    from ditq.quant.config import QuantConfig
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.methods import RTNConfig
 
     model = tiny_dit()
     inputs = denoiser_inputs(model, 1, "cpu", torch.float32)
-    slow = QuantConfig(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3", w_granularity="group",
+    slow = RTNConfig(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3", w_granularity="group",
                        w_group_size=32)  # fmt: skip
     quantize_random(model, slow, inputs)
     with pytest.warns(UserWarning, match=r"8 layers have a format without a fast kernel"):
         convert_model(model)
     fast = tiny_dit()
-    quantize_random(fast, QuantConfig(wbits=8, abits=8), inputs)
+    quantize_random(fast, RTNConfig(wbits=8, abits=8), inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert_model(fast)

@@ -141,19 +141,19 @@ def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
 
 
 def test_convert_model_fuses_only_fusable_mlps():
-    from ditq.cli.bench import denoiser_inputs, quantize_random
+    from ditq.eval.speed import denoiser_inputs, quantize_random
     from ditq.kernels import FusedQuantMlp, convert_model
-    from ditq.quant.config import QuantConfig
+    from ditq.methods import RTNConfig
 
     from conftest import tiny_dit
 
     inputs = denoiser_inputs(tiny_dit(), 1, "cpu", torch.float32)
-    static = quantize_random(tiny_dit(), QuantConfig(wbits=8, abits=8), inputs)
+    static = quantize_random(tiny_dit(), RTNConfig(wbits=8, abits=8), inputs)
     reference = static(*inputs)
     fused = convert_model(static, fuse_mlp=True)
     assert sum(isinstance(m, FusedQuantMlp) for m in fused.modules()) == len(fused.blocks)
     torch.testing.assert_close(fused(*inputs), reference, rtol=1e-4, atol=1e-5)  # CPU: unfused
-    dynamic = QuantConfig(wbits=8, abits=8, a_dynamic=True)  # no static range for fc2
+    dynamic = RTNConfig(wbits=8, abits=8, a_dynamic=True)  # no static range for fc2
     model = convert_model(quantize_random(tiny_dit(), dynamic, inputs), fuse_mlp=True)
     assert not any(isinstance(m, FusedQuantMlp) for m in model.modules())
 

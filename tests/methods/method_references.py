@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ditq  # noqa: E402
 from ditq.calib.dataset import build_calibration_set  # noqa: E402
 from ditq.diffusion.pipeline import SamplingSettings  # noqa: E402
 from ditq.methods import METHODS  # noqa: E402
-from ditq.quant.model import pack_model  # noqa: E402
 
 from conftest import tiny_dit  # noqa: E402
 
@@ -58,8 +58,7 @@ def run_case(name: str, calib) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     method = METHODS[method_name]
     model = tiny_dit()
     torch.manual_seed(0)
-    method.run(model, method.config_class(**settings), calib, progress=False)
-    pack_model(model)
+    ditq.quantize(model, method.config_class(**settings), calib, progress=False)
     with torch.no_grad():
         output = model(*fixed_inputs()).numpy()
     tensors = {key: t.detach().float().numpy() for key, t in model.state_dict().items()}

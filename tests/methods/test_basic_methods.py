@@ -8,9 +8,9 @@ from ditq.calib.dataset import build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.methods import METHODS, SingleStepConfig, SmoothQuantConfig
-from ditq.quant.model import quantized_layers
+from ditq.pipeline.steps import quantized_layers
 
-from conftest import tiny_dit
+from conftest import run_unpacked, tiny_dit
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,10 @@ def test_w16a16_is_exact_and_w8a8_is_close(name, calib):
         "ptq4dit": {"attn_bits": 16, "recon_iters": 0},  # W16A16: attention in float too
     }.get(name, {})
     exact = tiny_dit()
-    method.run(exact, method.config_class(wbits=16, abits=16, **kwargs), calib, progress=False)
+    run_unpacked(method, exact, method.config_class(wbits=16, abits=16, **kwargs), calib)
     assert _error(exact, tiny_dit()) < 1e-5
     model = tiny_dit()
-    method.run(model, method.config_class(wbits=8, abits=8, **kwargs), calib, progress=False)
+    run_unpacked(method, model, method.config_class(wbits=8, abits=8, **kwargs), calib)
     assert 0 < _error(model, tiny_dit()) < 0.05
     # the block linears; PTQ4DiT's official coverage adds the adaLN, embedder and final linears
     assert len(quantized_layers(model)) == (15 if name == "ptq4dit" else 8)
@@ -53,9 +53,9 @@ def test_smoothquant_reduces_activation_outliers(calib):
     reference.load_state_dict(model.state_dict())
     plain = tiny_dit()
     plain.load_state_dict(model.state_dict())
-    METHODS["rtn"].run(plain, METHODS["rtn"].config_class(wbits=8, abits=8), calib, progress=False)
+    run_unpacked(METHODS["rtn"], plain, METHODS["rtn"].config_class(wbits=8, abits=8), calib)
     smooth = SmoothQuantConfig(wbits=8, abits=8, alpha=0.5)
-    report = METHODS["smoothquant"].run(model, smooth, calib, progress=False)
+    report = run_unpacked(METHODS["smoothquant"], model, smooth, calib)
     assert report["smoothing_factors"]["blocks.0.attn.qkv"]["max"] > 2
     assert _error(model, reference) < 0.5 * _error(plain, reference)
 
@@ -65,7 +65,7 @@ def test_single_step_defaults_and_first_step_calibration(calib):
     assert config.w_granularity == "group"
     first = calib.subset([0])
     assert first.timesteps() == [999]
-    report = METHODS["single-step"].run(tiny_dit(), config, first, progress=False)
+    report = run_unpacked(METHODS["single-step"], tiny_dit(), config, first)
     assert report["calibrated_timesteps"] == [999]
     assert METHODS["single-step"].default_calib.steps == "first"
 

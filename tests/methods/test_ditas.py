@@ -15,9 +15,9 @@ from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.methods import METHODS, DiTASConfig, RTNConfig
 from ditq.methods.ditas import ALPHA_GRID, _SearchInputs
-from ditq.quant.model import quantized_layers
+from ditq.pipeline.steps import quantized_layers
 
-from conftest import save_checkpoint, tiny_dit
+from conftest import run_unpacked, save_checkpoint, tiny_dit
 
 HIDDEN = 32
 QKV_INPUT_OUTLIER, FC1_INPUT_OUTLIER = 5, 7
@@ -55,7 +55,7 @@ def _error(model, reference):
 
 def _run(config, calib, model=None):
     model = outlier_dit() if model is None else model
-    report = METHODS["ditas"].run(model, config, calib, progress=False)
+    report = run_unpacked(METHODS["ditas"], model, config, calib)
     return model, report
 
 
@@ -209,7 +209,7 @@ def test_beats_rtn_on_outlier_channels(calib, wbits, abits, rank, gain):
         w_granularity="column_group_strided",
         w_group_size=32,
     )
-    METHODS["rtn"].run(rtn, rtn_config, calib, progress=False)
+    run_unpacked(METHODS["rtn"], rtn, rtn_config, calib)
     model, report = _run(DiTASConfig(wbits=wbits, abits=abits, lowrank_rank=rank), calib)
     assert _error(model, outlier_dit()) < gain * _error(rtn, outlier_dit())
     qkv = report["layers"]["blocks.0.attn.qkv"]
@@ -284,7 +284,7 @@ def test_defaults_validation_and_registration():
         1.5,
     )
     with pytest.raises(DitqError, match="calibration set"):
-        method.run(tiny_dit(), config, None, progress=False)
+        run_unpacked(method, tiny_dit(), config, None)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ channel case, configuration errors, and the CLI."""
 
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import scipy.stats
 import torch
 
 from ditq.calib.dataset import build_calibration_set
-from ditq.calib.hooks import LayerSelection, capture_inputs
+from ditq.calib.hooks import capture_inputs
 from ditq.calib.stats import spearman_rho
 from ditq.cli import main
 from ditq.diffusion.pipeline import SamplingSettings
@@ -26,10 +24,12 @@ from ditq.methods.ptq4dit import (
     salience_rows,
     ssc_weights,
 )
-from ditq.quant.model import activation_quantizers, quantized_layers
+from ditq.pipeline.adaround_solver import AdaRoundSolver, ReconSettings
+from ditq.pipeline.config import LayerSelection
+from ditq.pipeline.steps import activation_quantizers, quantized_layers
 from ditq.quant.spec import PerChannel, PerTensor
 
-from conftest import tiny_dit
+from conftest import run_unpacked, tiny_dit
 
 FLOAT = {"wbits": 16, "abits": 16, "attn_bits": 16, "recon_iters": 0}
 MODES = [("none", False), ("csb", False), ("csb+ssc", False), ("csb+ssc", True)]
@@ -45,7 +45,7 @@ def _run(model, calib, **settings):
     """PTQ4DiT without reconstruction on the block linears (``--layers blocks``) unless
     ``settings`` say otherwise."""
     config = PTQ4DiTConfig(**{"recon_iters": 0, "layers": LayerSelection(), **settings})
-    return METHODS["ptq4dit"].run(model, config, calib, progress=False)
+    return run_unpacked(METHODS["ptq4dit"], model, config, calib)
 
 
 def _error(model, reference, seed=9):
@@ -218,7 +218,7 @@ def test_default_coverage_is_every_linear_and_the_patch_convolution(calib):
     )
     assert "x_embedder.proj" in official and fp.state_dict()["x_embedder.proj.weight"].dim() == 4
     model = tiny_dit()
-    METHODS["ptq4dit"].run(model, PTQ4DiTConfig(recon_iters=0), calib, progress=False)
+    run_unpacked(METHODS["ptq4dit"], model, PTQ4DiTConfig(recon_iters=0), calib)
     assert sorted(quantized_layers(model)) == official
     assert 0 < _error(model, tiny_dit()) < 0.05
 
@@ -263,36 +263,26 @@ def test_balancing_a_planted_salient_channel_lowers_w4a8_error(seed):
     assert errors["csb+ssc"] < 0.5 * errors["none"]
 
 
-def test_missing_reconstruction_fails_before_touching_the_model(calib, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ditq.quant.reconstruct", None)  # import fails
-    model = tiny_dit()
-    with pytest.raises(DitqError, match="--recon-iters 0"):
-        _run(model, calib, recon_iters=5)
-    assert not quantized_layers(model)
-
-
 def test_reconstruction_gets_the_untouched_fp_model_and_the_settings(calib, monkeypatch):
     seen = {}
 
-    def reconstruct_model(qmodel, fp_model, calib_set, settings, *, device, batch_size, progress):
+    def run_sequential(qmodel, fp_model, calib_set, solver, *, device, batch_size, progress):
         seen["fp_error"] = _error(fp_model, tiny_dit())
         seen["layers"] = len(quantized_layers(qmodel)), len(quantized_layers(fp_model))
-        seen["settings"] = settings
+        seen["solver"] = solver
         return {"units": {}}
 
-    fake = types.ModuleType("ditq.quant.reconstruct")
-    fake.ReconSettings, fake.reconstruct_model = types.SimpleNamespace, reconstruct_model
-    monkeypatch.setitem(sys.modules, "ditq.quant.reconstruct", fake)
+    monkeypatch.setattr("ditq.pipeline.run.run_sequential", run_sequential)
     config = {"recon_iters": 7, "recon_batch_size": 3, "recon_weight_lr": 0.5, "recon_act_lr": 0.25}
     report = _run(tiny_dit(), calib, **config)
     assert report["reconstruction"] == {"units": {}}
     assert seen["fp_error"] == 0 and seen["layers"] == (8, 0)
-    expected = {"iters": 7, "batch_size": 3, "weight_lr": 0.5, "act_lr": 0.25, "chunks": 10}
-    assert vars(seen["settings"]) == expected
+    assert isinstance(seen["solver"], AdaRoundSolver)
+    expected = ReconSettings(iters=7, batch_size=3, weight_lr=0.5, act_lr=0.25, chunks=10)
+    assert seen["solver"].settings == expected
 
 
 def test_reconstruction_runs_end_to_end(calib):
-    pytest.importorskip("ditq.quant.reconstruct")
     model = tiny_dit()
     report = _run(model, calib, wbits=4, abits=8, recon_iters=5, recon_batch_size=4)
     assert report["reconstruction"]["settings"]["iters"] == 5
@@ -305,7 +295,7 @@ def test_reconstruction_with_the_official_coverage_has_official_units(calib):
     """Blocks (each with its adaLN linear), then the linears outside the blocks one by one."""
     model = tiny_dit()
     config = PTQ4DiTConfig(wbits=4, abits=8, recon_iters=4, recon_batch_size=4, recon_chunks=2)
-    report = METHODS["ptq4dit"].run(model, config, calib, progress=False)
+    report = run_unpacked(METHODS["ptq4dit"], model, config, calib)
     units = list(report["reconstruction"]["units"])
     assert units == [
         "x_embedder.proj",

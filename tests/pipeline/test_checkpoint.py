@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import ditq
 from ditq import load_model
 from ditq.calib.dataset import build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
-from ditq.quant.checkpoint import MANIFEST, WEIGHTS, save_quantized
-from ditq.quant.config import QuantConfig
-from ditq.quant.model import pack_model, quantize_model
+from ditq.methods import RTNConfig
+from ditq.pipeline.checkpoint import MANIFEST, WEIGHTS
 
 from conftest import tiny_dit
 
@@ -19,9 +19,8 @@ def _quantized(wbits=4, **kwargs):
     model = tiny_dit()
     settings = SamplingSettings(sampler="ddim", steps=3, seed=1)
     calib = build_calibration_set(model, 2, settings, progress=False)
-    config = QuantConfig(wbits=wbits, abits=8, **kwargs)
-    quantize_model(model, config, calib, progress=False)
-    pack_model(model)
+    config = RTNConfig(wbits=wbits, abits=8, **kwargs)
+    ditq.quantize(model, config, calib, progress=False)
     return model, config
 
 
@@ -32,7 +31,7 @@ def _inputs():
 
 def test_round_trip_gives_identical_outputs_and_stores_packed_int4(tmp_path):
     model, config = _quantized(wbits=4, w_granularity="group", w_group_size=16, attn_bits=8)
-    save_quantized(model, tmp_path / "q", "rtn", config.to_dict(), {"steps": "all"}, {})
+    ditq.save(model, tmp_path / "q")
     loaded = load_model(tmp_path / "q")
     x, t, y = _inputs()
     with torch.no_grad():
@@ -48,7 +47,7 @@ def test_round_trip_gives_identical_outputs_and_stores_packed_int4(tmp_path):
 
 def test_incompatible_version_and_non_ditq_directories(tmp_path):
     model, config = _quantized(wbits=8)
-    save_quantized(model, tmp_path / "q", "rtn", config.to_dict(), {}, {})
+    ditq.save(model, tmp_path / "q")
     manifest = json.loads((tmp_path / "q" / MANIFEST).read_text())
     manifest["format_version"] = 99
     manifest["ditq_version"] = "9.0"
@@ -66,7 +65,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("ditq.quant.checkpoint.save_file", broken)
+    monkeypatch.setattr("ditq.pipeline.checkpoint.save_file", broken)
     with pytest.raises(RuntimeError):
-        save_quantized(model, tmp_path / "q", "rtn", config.to_dict(), {}, {})
+        ditq.save(model, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []

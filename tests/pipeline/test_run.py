@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from ditq.methods.base import weight_sqnr_db
-from ditq.quant.config import QuantConfig
-from ditq.quant.model import calibrate_weights, wrap_layers
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.run import weight_sqnr_db
+from ditq.pipeline.steps import calibrate_weights, wrap_layers
 
 from conftest import tiny_dit
 

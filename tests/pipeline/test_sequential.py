@@ -1,28 +1,30 @@
-"""Block-wise reconstruction on a tiny DiT: schedule, loss, error reduction, learned step
-sizes, unit order, resuming, no-op and bad input."""
+"""The sequential driver with the AdaRound solver on a tiny DiT: schedule, loss, error
+reduction, learned step sizes, unit order, resuming, no-op and bad input."""
 
 import pytest
 import torch
 
-import ditq.quant.reconstruct as reconstruct
+import ditq.pipeline.sequential as sequential
 from ditq.calib.dataset import build_calibration_set
-from ditq.calib.hooks import LayerSelection, capture_block_io
+from ditq.calib.hooks import capture_block_io
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
-from ditq.quant.config import LayerOverride, QuantConfig
-from ditq.quant.layers import QuantLinear
-from ditq.quant.model import activation_quantizers, pack_model, quantize_model, quantized_layers
-from ditq.quant.quantizer import Quantizer
-from ditq.quant.reconstruct import (
+from ditq.methods import METHODS, RTNConfig
+from ditq.pipeline.adaround_solver import (
+    AdaRoundSolver,
     ReconSettings,
     minibatch_pools,
     pool_of_iteration,
-    reconstruct_model,
     reconstruction_loss,
     rounding_beta,
 )
+from ditq.pipeline.config import LayerOverride, LayerSelection
+from ditq.pipeline.sequential import SequentialSettings, run_sequential
+from ditq.pipeline.steps import activation_quantizers, pack_model, quantized_layers
+from ditq.quant.layers import QuantLinear
+from ditq.quant.quantizer import Quantizer
 
-from conftest import tiny_dit
+from conftest import run_unpacked, tiny_dit
 
 W4A8 = dict(wbits=4, abits=8, attn_bits=8)
 
@@ -35,8 +37,13 @@ def calib():
 
 def _rtn(calib, depth=2, **config):
     model = tiny_dit(depth=depth)
-    quantize_model(model, QuantConfig(**{**W4A8, **config}), calib, progress=False)
+    run_unpacked(METHODS["rtn"], model, RTNConfig(**{**W4A8, **config}), calib)
     return model
+
+
+def reconstruct_model(model, fp, calib, settings, driver=None, **options):
+    """AdaRound block reconstruction through the sequential driver."""
+    return run_sequential(model, fp, calib, AdaRoundSolver(settings), driver, **options)
 
 
 def test_beta_schedule_warmup_then_linear_decay():
@@ -59,10 +66,10 @@ def test_loss_sums_over_tokens_and_averages_the_rest():
 
 def _block_mse(model, fp, calib):
     """Mean squared error of block 0's output on the quantized model's block inputs."""
-    inputs = capture_block_io(model, calib, 0, progress=False)
-    target = capture_block_io(fp, calib, 0, progress=False).out
+    inputs = capture_block_io(model, calib, "blocks.0", progress=False)
+    target = capture_block_io(fp, calib, "blocks.0", progress=False).out
     with torch.no_grad():
-        output = model.blocks[0](inputs.x, inputs.c)
+        output = model.blocks[0](*inputs.args)
     return float((output - target).pow(2).mean())
 
 
@@ -71,8 +78,9 @@ def test_block_reconstruction_beats_rounding_to_nearest(calib):
     rtn_state = {k: v.clone() for k, v in model.state_dict().items()}
     act = {n: q.scale.clone() for n, q in activation_quantizers(model).items()}
     before = _block_mse(model, fp, calib)
-    settings = ReconSettings(iters=200, batch_size=8, weight_lr=3e-2, layerwise_extra=False)
-    report = reconstruct_model(model, fp, calib, settings, progress=False)
+    settings = ReconSettings(iters=200, batch_size=8, weight_lr=3e-2)
+    blocks_only = SequentialSettings(layerwise_extra=False)
+    report = reconstruct_model(model, fp, calib, settings, blocks_only, progress=False)
     after = _block_mse(model, fp, calib)
     assert after < 0.6 * before
     unit = report["units"]["blocks.0"]
@@ -113,6 +121,7 @@ def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib
     act = {n: q.scale.clone() for n, q in activation_quantizers(model).items()}
     settings = ReconSettings(iters=3, batch_size=4, learn_act_scales=False)
     report = reconstruct_model(model, fp, calib, settings, progress=False)
+    assert report["solver"] == "adaround"
     assert list(report["units"]) == [
         "t_embedder.mlp.0",
         "t_embedder.mlp.2",
@@ -123,8 +132,10 @@ def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib
     ]
     assert report["units"]["blocks.0"]["rounding_layers"] == 5  # adaLN too
     assert all(torch.equal(q.scale, act[n]) for n, q in activation_quantizers(model).items())
-    blocks_only = ReconSettings(iters=3, batch_size=4, layerwise_extra=False)
-    report = reconstruct_model(_rtn(calib, **config), fp, calib, blocks_only, progress=False)
+    blocks_only = SequentialSettings(layerwise_extra=False)
+    report = reconstruct_model(
+        _rtn(calib, **config), fp, calib, settings, blocks_only, progress=False
+    )
     assert list(report["units"]) == ["blocks.0", "blocks.1"]
 
 
@@ -135,30 +146,38 @@ def test_interrupted_run_resumes_to_the_same_model(calib, tmp_path, monkeypatch)
     reference = _rtn(calib, **selection)
     reconstruct_model(reference, fp, calib, settings, progress=False)
 
-    spilling = ReconSettings(iters=30, batch_size=8, weight_lr=1e-2, host_cache_gb=0.0)
-    capture = reconstruct.capture_block_io
+    spilling = SequentialSettings(host_cache_gb=0.0)
+    capture = sequential.capture_block_io
 
-    def crash_at_block_1(model, calib, block_index, *args, **kwargs):
-        if block_index == 1:
+    def crash_at_block_1(model, calib, block, *args, **kwargs):
+        if block == "blocks.1":
             raise KeyboardInterrupt
-        return capture(model, calib, block_index, *args, **kwargs)
+        return capture(model, calib, block, *args, **kwargs)
 
-    monkeypatch.setattr(reconstruct, "capture_block_io", crash_at_block_1)
+    monkeypatch.setattr(sequential, "capture_block_io", crash_at_block_1)
     with pytest.raises(KeyboardInterrupt):
         reconstruct_model(
-            _rtn(calib, **selection), fp, calib, spilling, progress=False, cache_dir=tmp_path
+            _rtn(calib, **selection),
+            fp,
+            calib,
+            settings,
+            spilling,
+            progress=False,
+            cache_dir=tmp_path,
         )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.0.pt"]
     monkeypatch.undo()
 
     resumed = _rtn(calib, **selection)
-    report = reconstruct_model(resumed, fp, calib, spilling, progress=False, cache_dir=tmp_path)
+    report = reconstruct_model(
+        resumed, fp, calib, settings, spilling, progress=False, cache_dir=tmp_path
+    )
     assert [u["resumed"] for u in report["units"].values()] == [True, False, False]
     assert report["units"]["blocks.1"]["cache"] == "disk"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "block_0.pt",
-        "block_1.pt",
-        "layer_final_layer.linear.pt",
+        "blocks.0.pt",
+        "blocks.1.pt",
+        "final_layer.linear.pt",
     ]
     expected = reference.state_dict()
     for key, value in resumed.state_dict().items():
@@ -200,7 +219,7 @@ def test_bad_input_raises_ditq_errors(calib):
 
 
 def _specs():
-    config = QuantConfig(**W4A8)
+    config = RTNConfig(**W4A8)
     return config.weight_spec(), config.act_spec()
 
 

@@ -2,22 +2,21 @@ import pytest
 import torch
 
 from ditq.calib.dataset import build_calibration_set
-from ditq.calib.hooks import LayerSelection
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
-from ditq.quant import Quantizer
-from ditq.quant.config import LayerOverride, QuantConfig
-from ditq.quant.layers import QuantLinear
-from ditq.quant.model import (
+from ditq.methods import METHODS, RTNConfig
+from ditq.pipeline.config import LayerOverride, LayerSelection, QuantConfig
+from ditq.pipeline.steps import (
     activation_quantizers,
     calibrate_activations,
     pack_model,
-    quantize_model,
     quantized_layers,
     wrap_layers,
 )
+from ditq.quant import Quantizer
+from ditq.quant.layers import QuantLinear
 
-from conftest import tiny_dit
+from conftest import run_unpacked, tiny_dit
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_optional_layers_overrides_and_attention_quantizers():
 
 def test_w16a16_is_the_float_model(calib):
     model, reference = tiny_dit(), tiny_dit()
-    quantize_model(model, QuantConfig(wbits=16, abits=16), calib, progress=False)
+    run_unpacked(METHODS["rtn"], model, RTNConfig(wbits=16, abits=16), calib)
     x, t, y = _inputs()
     torch.testing.assert_close(model(x, t, y), reference(x, t, y))
 
@@ -95,7 +94,7 @@ def test_static_ranges_are_the_min_max_of_the_calibration_inputs(calib):
 
 def test_w8a8_stays_close_and_packing_changes_nothing(calib):
     model, reference = tiny_dit(), tiny_dit()
-    quantize_model(model, QuantConfig(wbits=8, abits=8, attn_bits=8), calib, progress=False)
+    run_unpacked(METHODS["rtn"], model, RTNConfig(wbits=8, abits=8, attn_bits=8), calib)
     x, t, y = _inputs()
     with torch.no_grad():
         out, ref = model(x, t, y), reference(x, t, y)
@@ -107,10 +106,10 @@ def test_w8a8_stays_close_and_packing_changes_nothing(calib):
 
 
 def test_static_activations_without_calibration_data_fail():
-    with pytest.raises(DitqError, match="need a calibration set"):
-        quantize_model(tiny_dit(), QuantConfig(), None)
+    with pytest.raises(DitqError, match="pass a calibration set"):
+        run_unpacked(METHODS["rtn"], tiny_dit(), RTNConfig(), None)
     model = tiny_dit()
-    quantize_model(model, QuantConfig(a_dynamic=True, a_granularity="token"), None)
+    run_unpacked(METHODS["rtn"], model, RTNConfig(a_dynamic=True, a_granularity="token"), None)
     assert all(isinstance(m, QuantLinear) for m in quantized_layers(model).values())
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from ditq.errors import DitqError
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.steps import wrap_layers
 from ditq.quant import (
     PerChannel,
     PerColumnGroup,
@@ -18,9 +20,7 @@ from ditq.quant import (
     from_range_groups,
     to_range_groups,
 )
-from ditq.quant.config import QuantConfig
 from ditq.quant.layers import QuantLinear
-from ditq.quant.model import wrap_layers
 
 from conftest import tiny_dit
 

@@ -8,10 +8,7 @@ from ditq.calib.dataset import (
     select_steps,
 )
 from ditq.calib.hooks import (
-    ATTENTION_POINTS,
-    BLOCK_LINEARS,
     BlockIO,
-    LayerSelection,
     Observer,
     ObserverFactory,
     attention_point_names,
@@ -21,15 +18,11 @@ from ditq.calib.hooks import (
     collect_input_stats,
     explicit_attention,
     get_layer,
-    linear_layers,
 )
 
 __all__ = [
-    "ATTENTION_POINTS",
-    "BLOCK_LINEARS",
     "BlockIO",
     "CalibrationSet",
-    "LayerSelection",
     "Observer",
     "ObserverFactory",
     "attention_point_names",
@@ -40,7 +33,6 @@ __all__ = [
     "collect_input_stats",
     "explicit_attention",
     "get_layer",
-    "linear_layers",
     "num_sampling_steps",
     "select_steps",
 ]

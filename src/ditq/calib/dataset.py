@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ditq import __version__
 from ditq.diffusion.pipeline import SamplingSettings, trajectories
 from ditq.diffusion.respace import create_diffusion, respacing_for
 from ditq.errors import DitqError
 from ditq.io import OutputKind, write_output
+from ditq.version import __version__
 
 METADATA_KEY = "ditq.calibration"
 """The safetensors metadata entry that holds a set's JSON metadata."""

@@ -22,12 +22,7 @@ from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
 from ditq.errors import DitqError
-
-BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-"""The four linears of a DiT block, which every method quantizes."""
-ATTENTION_POINTS = ("attn.q_act", "attn.k_act", "attn.v_act", "attn.attn_act")
-"""Hook points on the inputs of Q·Kᵀ and P·V; they only run under :func:`explicit_attention`."""
-EMBEDDER_LAYERS = ("x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2")
+from ditq.models.adapter import adapter_for
 
 
 class Observer(Protocol):
@@ -40,52 +35,10 @@ ObserverFactory = Callable[[str], Observer]
 """``factory(layer_name)``: a fresh observer for that layer."""
 
 
-@dataclass(frozen=True)
-class LayerSelection:
-    """Which layers a method works on (METHODS.md: each method's published default).
-
-    ``blocks``: qkv, proj, fc1, fc2 of every block; ``embedders``: the patch embedding
-    (a linear over flattened patches, the official stride-p convolution) and the two
-    timestep-MLP linears; ``adaln``: every adaLN modulation linear
-    (blocks' and final layer's); ``final_layer``: the final projection ``final_layer.linear``.
-    """
-
-    blocks: bool = True
-    embedders: bool = False
-    adaln: bool = False
-    final_layer: bool = False
-
-    @classmethod
-    def everything(cls) -> LayerSelection:
-        """Every linear of the model: PTQ4DiT's official coverage (its ``QuantModel`` wraps
-        every ``nn.Linear`` and ``nn.Conv2d``)."""
-        return cls(blocks=True, embedders=True, adaln=True, final_layer=True)
-
-    def names(self, model: nn.Module) -> list[str]:
-        """Module names of the selected layers, in forward order."""
-        names = list(EMBEDDER_LAYERS) if self.embedders else []
-        for i in range(len(model.blocks)):
-            if self.adaln:
-                names.append(f"blocks.{i}.adaLN_modulation.1")
-            if self.blocks:
-                names += [f"blocks.{i}.{layer}" for layer in BLOCK_LINEARS]
-        if self.adaln:
-            names.append("final_layer.adaLN_modulation.1")
-        if self.final_layer:
-            names.append("final_layer.linear")
-        return names
-
-
-def linear_layers(
-    model: nn.Module, selection: LayerSelection = LayerSelection()
-) -> dict[str, nn.Module]:
-    """The selected layers by name, in forward order."""
-    return {name: get_layer(model, name) for name in selection.names(model)}
-
-
 def attention_point_names(model: nn.Module) -> list[str]:
-    """Names of the attention-matmul hook points (q, k, v, softmax output) of every block."""
-    return [f"blocks.{i}.{point}" for i in range(len(model.blocks)) for point in ATTENTION_POINTS]
+    """Names of the attention-matmul hook points (q, k, v, softmax output) of every
+    quantizable attention (the model's adapter lists them)."""
+    return adapter_for(model).attention_points()
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
@@ -244,55 +197,50 @@ def capture_layer_inputs(
 
 @dataclass
 class BlockIO:
-    """Inputs ``x`` (N, tokens, D) and ``c`` (N, D) and output ``out`` (N, tokens, D) of one
-    DiT block for every calibration entry, in the set's entry order, on the CPU."""
+    """The positional tensor arguments ``args`` (each (N, ...)) and the output ``out`` of
+    one block for every calibration entry, in the set's entry order, on the CPU (a DiT
+    block: ``args = (x, c)``)."""
 
-    x: torch.Tensor
-    c: torch.Tensor
+    args: tuple[torch.Tensor, ...]
     out: torch.Tensor
 
 
 def capture_block_io(
     model: nn.Module,
     calib: CalibrationSet,
-    block_index: int,
+    block: str,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> BlockIO:
-    """Inputs and outputs of ``model.blocks[block_index]`` over the calibration set.
+    """Inputs and outputs of the block ``block`` (a module name) over the calibration set.
 
-    Captured once and reused by block-wise reconstruction and DiTAS' per-block α search
-    (METHODS.md). The forward stops after the block. Memory: 2·N·tokens·D + N·D values
-    (DiT-XL/2 at 256 px: about 2.4 MB per entry in float32).
+    Captured once and reused by sequential calibration (METHODS.md). The forward stops
+    after the block. Memory: the block's inputs and output per entry (a DiT-XL/2 block at
+    256 px: about 2.4 MB per entry in float32).
     """
-    if not 0 <= block_index < len(model.blocks):
-        raise DitqError(
-            f"block index {block_index} is out of range; the model has {len(model.blocks)} blocks"
-        )
-    xs: list[torch.Tensor] = []
-    cs: list[torch.Tensor] = []
+    module = get_layer(model, block)
+    args_seen: list[tuple[torch.Tensor, ...]] = []
     outs: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        x, c = args
-        xs.append(x.detach().cpu())
-        cs.append(c.detach().cpu())
+        args_seen.append(tuple(a.detach().cpu() for a in args))
         outs.append(output.detach().cpu())
         raise _StopForward
 
     with _hook_session(model, []) as handles:
-        handles.append(model.blocks[block_index].register_forward_hook(hook))
+        handles.append(module.register_forward_hook(hook))
         _run_batches(
             model,
             calib,
             batch_size=batch_size,
             device=device,
             progress=progress,
-            desc=f"capturing block {block_index}",
+            desc=f"capturing {block}",
             by_timestep=False,
         )
-    return BlockIO(torch.cat(xs), torch.cat(cs), torch.cat(outs))
+    args = tuple(torch.cat(parts) for parts in zip(*args_seen, strict=True))
+    return BlockIO(args, torch.cat(outs))
 
 
 class _StopForward(Exception):
@@ -351,8 +299,10 @@ def _run_batches(
     by_timestep: bool,
     before_forward: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
-    """Run ``model(x, t, y)`` over the set; ``before_forward(entry_indices)`` sees each batch
-    first. A hook raising :class:`_StopForward` ends that batch's forward."""
+    """Run the denoiser (``adapter.denoise(x, t, y)``) over the set;
+    ``before_forward(entry_indices)`` sees each batch first. A hook raising
+    :class:`_StopForward` ends that batch's forward."""
+    adapter = adapter_for(model)
     parameter = next(model.parameters())
     device = parameter.device if device is None else device
     batches = calib.index_batches(batch_size, by_timestep)
@@ -362,4 +312,4 @@ def _run_batches(
             before_forward(index)
         x = calib.x[index].to(device, parameter.dtype)
         with suppress(_StopForward):
-            model(x, calib.t[index].to(device), calib.y[index].to(device))
+            adapter.denoise(x, calib.t[index].to(device), calib.y[index].to(device))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ditq import __version__
 from ditq.cli import analyze, bench, demo, eval, quantize, report, sample
 from ditq.errors import DitqError
+from ditq.version import __version__
 
 SUBCOMMANDS = (demo, sample, quantize, analyze, eval, report, bench)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from ditq.api import load_model
+from ditq.calib.settings import CalibSettings
 from ditq.cli.common import add_model_args, model_kwargs
 from ditq.errors import DitqError
 from ditq.eval.sqnr import (
@@ -18,9 +20,7 @@ from ditq.eval.sqnr import (
     sqnr_study,
 )
 from ditq.io import check_output, write_output
-from ditq.methods.base import CalibSettings
-from ditq.models import load_model
-from ditq.quant.config import W_GRANULARITIES, QuantConfig
+from ditq.pipeline.config import W_GRANULARITIES, QuantConfig
 from ditq.quant.spec import RANGE_METHODS
 
 

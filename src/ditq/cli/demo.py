@@ -30,17 +30,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ditq.api import load_model, quantize, save
 from ditq.calib.dataset import CalibrationSet
+from ditq.calib.settings import CalibSettings
 from ditq.cli.common import parse_names
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
 from ditq.eval.report import is_report_dir, make_report, markdown_table
 from ditq.eval.sqnr import model_output_sqnr_db, save_study, sqnr_study
 from ditq.io import OutputKind, check_output, save_samples_npz, write_output
-from ditq.methods import METHODS, CalibSettings
-from ditq.methods.base import quantize_and_save
-from ditq.models import DiT, load_model
-from ditq.quant.config import QuantConfig
+from ditq.methods import METHODS
+from ditq.models import DiT
+from ditq.pipeline.config import QuantConfig
 
 DEMO_METHODS = ("ptq4dit", "ditas", "single-step")
 DEMO_BITS = ((8, 8), (4, 8))
@@ -187,18 +188,16 @@ def run(args: argparse.Namespace) -> None:
                 name = f"{method}-w{wbits}a{abits}"
                 bar.set_description(f"demo: {name}")
                 run_dir = out / name
-                quantize_and_save(
+                quantized = quantize(
                     copy.deepcopy(model),
-                    METHODS[method],
                     demo_config(method, wbits, abits, args),
                     subset,
-                    run_dir,
-                    calib_meta={**subset.meta, "settings": calib_settings.to_dict()},
-                    calib_seconds=calib_seconds,
-                    device=args.device,
                     progress=False,
+                    calibration={**subset.meta, "settings": calib_settings.to_dict()},
+                    calib_seconds=calib_seconds,
                     command="ditq demo",
                 )
+                save(quantized, run_dir)
                 quantized = load_model(run_dir, device=args.device)  # what is on disk
                 sample_into(run_dir, quantized)
                 sqnr = model_output_sqnr_db(model, quantized, held_out, device=args.device)

@@ -9,21 +9,20 @@ import time
 from dataclasses import MISSING, fields
 from typing import Any
 
+from ditq.api import load_model, quantize, save
 from ditq.calib.dataset import CALIBRATION_SET_FILE, CalibrationSet
-from ditq.calib.hooks import LayerSelection
+from ditq.calib.settings import PAIRED_CLASSES, CalibSettings
 from ditq.cli.common import add_model_args, model_kwargs
 from ditq.diffusion.pipeline import parse_classes
 from ditq.errors import DitqError
 from ditq.io import check_output
-from ditq.methods import METHODS, CalibSettings, Method
-from ditq.methods.base import PAIRED_CLASSES, quantize_and_save
-from ditq.models import load_model
-from ditq.quant.checkpoint import QUANTIZED_DIR
-from ditq.quant.config import W_GRANULARITIES, LayerOverride, QuantConfig
-from ditq.quant.model import layers_to_wrap, quantized_layers
+from ditq.methods import METHODS, Method
+from ditq.models.adapter import LAYER_GROUPS
+from ditq.pipeline.checkpoint import QUANTIZED_DIR
+from ditq.pipeline.config import W_GRANULARITIES, LayerOverride, LayerSelection, QuantConfig
+from ditq.pipeline.run import record_of
+from ditq.pipeline.steps import layers_to_wrap, quantized_layers
 from ditq.quant.spec import RANGE_METHODS, UNQUANTIZED_BITS
-
-LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
 
 
 def _method_fields() -> list[tuple[str, Any, str, str]]:
@@ -338,20 +337,18 @@ def run(args: argparse.Namespace) -> None:
         if args.save_calib_set:
             calib.save(args.save_calib_set, overwrite=args.overwrite)
     calib_seconds = time.perf_counter() - start
-    report = quantize_and_save(
+    quantize(
         model,
-        method,
         config,
         calib,
-        args.out,
-        calib_meta=calib_meta,
-        calib_seconds=calib_seconds,
-        device=args.device,
         batch_size=args.batch_size,
         progress=progress,
+        calibration=calib_meta,
+        calib_seconds=calib_seconds,
         command=" ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
-        overwrite=args.overwrite,
     )
+    save(model, args.out, overwrite=args.overwrite)
+    report = record_of(model).report
     weight_sqnr, total = report["weight_sqnr_db"], report["wall_time_s"]["total"]
     sqnr_text = (
         f"mean weight SQNR {sum(weight_sqnr.values()) / len(weight_sqnr):.1f} dB"

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditq.api import load_model
 from ditq.cli.common import add_model_args, add_sampling_args, model_kwargs, sampling_settings
 from ditq.diffusion.pipeline import generate, parse_classes
 from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
 from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
-from ditq.models import load_model
 from ditq.models.vae import load_vae
-from ditq.quant.checkpoint import is_quantized_dir, read_manifest
+from ditq.pipeline.checkpoint import is_quantized_dir, read_manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -48,15 +48,15 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ditq import __version__
 from ditq.errors import DitqError
 from ditq.eval.grid import make_grid
 from ditq.eval.images import load_images, npz_keys, read_npz_array
 from ditq.eval.metrics import psnr, ssim
 from ditq.eval.plots import BACKGROUND, LABEL_SIZE, _put_text, _text_size, bar_plot
 from ditq.io import SAMPLES_META_KEY, OutputKind, check_output, read_json_object, write_output
-from ditq.quant.checkpoint import MANIFEST, REPORT, WEIGHTS, read_manifest
-from ditq.quant.config import QuantConfig
+from ditq.pipeline.checkpoint import MANIFEST, REPORT, WEIGHTS, read_manifest
+from ditq.pipeline.config import QuantConfig
+from ditq.version import __version__
 
 RUN_FILE = "run.json"
 REPORT_FORMAT = "ditq-report"

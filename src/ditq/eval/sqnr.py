@@ -36,9 +36,14 @@ from ditq.calib.hooks import collect_input_stats
 from ditq.errors import DitqError
 from ditq.eval.plots import heatmap, line_plot
 from ditq.io import OutputKind
-from ditq.quant.config import QuantConfig
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.steps import (
+    calibrate_activations,
+    calibrate_weights,
+    quantized_layers,
+    wrap_layers,
+)
 from ditq.quant.layers import QuantLinear
-from ditq.quant.model import calibrate_activations, calibrate_weights, quantized_layers, wrap_layers
 from ditq.quant.quantizer import Quantizer
 
 CALIBRATIONS = ("first_step", "all_steps")

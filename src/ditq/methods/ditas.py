@@ -13,7 +13,7 @@ Per block linear (qkv, proj, fc1, fc2), in the official code's order:
    they are captured once per layer and reused for every α. Dynamic per-tensor activation
    ranges are those of each sampling step's whole batch (exact even when the rows are
    subsampled: they come from per-channel minima and maxima of all rows).
-4. Folding (:func:`ditq.quant.folding.smooth_layer`): qkv and fc1 into adaLN, fc2 online,
+4. Folding (:func:`ditq.pipeline.folding.smooth_layer`): qkv and fc1 into adaLN, fc2 online,
    proj online by default (``fold_proj``: into the V rows of qkv and of its low-rank branch).
 
 Why proj is smoothed online by default. The official code divides the V rows of qkv's
@@ -46,22 +46,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import capture_layer_inputs
+from ditq.calib.settings import CalibSettings
 from ditq.calib.stats import activation_salience, weight_salience
 from ditq.errors import DitqError
-from ditq.models.dit import DiT
-from ditq.quant.config import QuantConfig
-from ditq.quant.folding import smooth_layer
+from ditq.models.adapter import adapter_for
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.method import Method, RunContext
+from ditq.pipeline.steps import quantized_layers
 from ditq.quant.lowrank import lowrank_quantize
-from ditq.quant.model import (
-    activation_quantizers,
-    calibrate_activations,
-    calibrate_weights,
-    wrap_layers,
-)
 from ditq.quant.quantizer import Quantizer
 from ditq.quant.smoothing import smoothing_factor
 from ditq.quant.spec import PerTensor, QuantSpec
@@ -69,7 +67,7 @@ from ditq.quant.spec import PerTensor, QuantSpec
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 """The official grid: α = 0, 0.05, ..., 1."""
 SMOOTHING_FLOOR = 1e-4
-SEARCH_ORDER = ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")
+SEARCH_ORDER = ("proj", "qkv", "fc1", "fc2")
 """proj first: with ``fold_proj`` its factors divide the V rows of qkv, which qkv's search
 must see."""
 SEARCH_SEED = 0
@@ -251,7 +249,7 @@ def _relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 def _plan_layer(
-    model: DiT,
+    model: nn.Module,
     name: str,
     config: DiTASConfig,
     act_salience: torch.Tensor,
@@ -317,77 +315,119 @@ def _search_set(calib: CalibrationSet, search_steps: int) -> CalibrationSet:
     return calib.subset(recorded[:search_steps] if search_steps else recorded)
 
 
-def apply_ditas(
-    model: DiT,
-    config: DiTASConfig,
-    calib: CalibrationSet | None,
-    *,
-    device: str = "cpu",
-    batch_size: int = 64,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Quantize ``model`` in place with DiTAS (module docstring); returns the report: per
-    layer the chosen α, output MSE (RTN, low-rank only, DiTAS) and low-rank weight error."""
-    if calib is None:
-        raise DitqError("DiTAS calibrates on the FP model's own samples: pass a calibration set")
-    selected = [n for n in config.layers.names(model) if not config.keeps_float(n)]
-    names = [
-        f"blocks.{i}.{layer}"
-        for i in range(len(model.blocks))
-        for layer in SEARCH_ORDER
-        if f"blocks.{i}.{layer}" in selected
-    ]
-    if not names:
-        raise DitqError("DiTAS works on the block linears; select --layers blocks")
-    search = _search_set(calib, config.search_steps)
-    salience = activation_salience(
-        model, calib, names, batch_size=batch_size, device=device, progress=progress
-    )
-    plans: dict[str, _LayerPlan] = {}
-    captured: dict[str, torch.Tensor] = {}
-    evaluations = len(config.alpha_grid) + 2  # RTN, low-rank only, each α
-    bar = tqdm(
-        total=len(names) * evaluations, desc="DiTAS α search", unit="eval", disable=not progress
-    )
-    for name in names:
-        bar.set_postfix_str(name)
-        block, layer = name.split(".", 2)[1:]
-        if name not in captured:  # the block's selected linears, captured in one pass
-            in_block = [n for n in names if n.split(".", 2)[1] == block]
-            captured = capture_layer_inputs(model, search, in_block, batch_size, device, False)
-        inputs = _SearchInputs(captured.pop(name), search, config.search_max_tokens, device)
-        row_scale = None
-        if layer == "attn.qkv" and config.fold_proj:
-            proj = plans.get(f"blocks.{block}.attn.proj")
-            qkv_rows = model.get_submodule(name).out_features
-            row_scale = _value_row_scale(qkv_rows, proj.smoothing if proj else None)
-        smooth = layer != "mlp.fc2" or config.smooth_fc2
-        done = bar.n
-        plans[name] = _plan_layer(
-            model, name, config, salience[name], inputs, smooth, row_scale, device, bar.update
+@dataclass
+class _Plans:
+    """The α search's outcome on the FP model: per layer its plan, and the sets used."""
+
+    plans: dict[str, _LayerPlan]
+    tas_entries: int
+    search: CalibrationSet
+
+
+@dataclass(frozen=True)
+class DiTAS(Method):
+    """TAS statistics and the α search on the FP model, then the low-rank branches and the
+    smoothing factors set in the wrapped model (module docstring)."""
+
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        return True
+
+    def analyze(
+        self, model: nn.Module, config: QuantConfig, calib: CalibrationSet | None, ctx: RunContext
+    ) -> _Plans:
+        adapter = adapter_for(model)
+        selected = set(config.layers.names(model))
+        roles = {}
+        for index in range(adapter.num_blocks()):
+            layers = adapter.block_layers(index)
+            for role in SEARCH_ORDER:
+                name = layers.get(role)
+                if name in selected and not config.keeps_float(name):
+                    roles[name] = (index, role)
+        if not roles:
+            raise DitqError("DiTAS works on the block linears; select --layers blocks")
+        names = list(roles)
+        search = _search_set(calib, config.search_steps)
+        salience = activation_salience(
+            model,
+            calib,
+            names,
+            batch_size=ctx.batch_size,
+            device=ctx.device,
+            progress=ctx.progress,
         )
-        bar.update(done + evaluations - bar.n)  # layers without smoothing skip the α grid
-    bar.close()
-    layers = wrap_layers(model, config)
-    for name, plan in plans.items():
-        if plan.up is not None:
-            target = layers[name]
-            with torch.no_grad():
-                target.weight -= (plan.up @ plan.down).to(target.weight)
-            target.set_lowrank(plan.up, plan.down)
-    for name, plan in plans.items():
-        if plan.smoothing is not None:
-            block, layer = name.split(".", 2)[1:]
-            online = layer == "attn.proj" and not config.fold_proj
-            smooth_layer(model.blocks[int(block)], layer, plan.smoothing, online=online)
-    calibrate_weights(model, progress)
-    ranges = {}
-    if any(q.spec.needs_calibration for q in activation_quantizers(model).values()):
-        ranges = calibrate_activations(model, calib, batch_size, device, progress)
-    return {
-        "tas_entries": len(calib),
-        "search_steps": sorted(torch.unique(search.step).tolist()),
-        "search_entries": len(search),
-        "layers": {name: plan.report for name, plan in plans.items()},
-        "activation_ranges": ranges,
-    }
+        plans: dict[str, _LayerPlan] = {}
+        captured: dict[str, torch.Tensor] = {}
+        evaluations = len(config.alpha_grid) + 2  # RTN, low-rank only, each α
+        bar = tqdm(
+            total=len(names) * evaluations,
+            desc="DiTAS α search",
+            unit="eval",
+            disable=not ctx.progress,
+        )
+        for name in names:
+            bar.set_postfix_str(name)
+            block, role = roles[name]
+            if name not in captured:  # the block's selected linears, captured in one pass
+                in_block = [n for n in names if roles[n][0] == block]
+                captured = capture_layer_inputs(
+                    model, search, in_block, ctx.batch_size, ctx.device, False
+                )
+            inputs = _SearchInputs(captured.pop(name), search, config.search_max_tokens, ctx.device)
+            row_scale = None
+            if role == "qkv" and config.fold_proj:
+                proj = plans.get(adapter.block_layers(block)["proj"])
+                qkv_rows = model.get_submodule(name).out_features
+                row_scale = _value_row_scale(qkv_rows, proj.smoothing if proj else None)
+            smooth = role != "fc2" or config.smooth_fc2
+            done = bar.n
+            plans[name] = _plan_layer(
+                model,
+                name,
+                config,
+                salience[name],
+                inputs,
+                smooth,
+                row_scale,
+                ctx.device,
+                bar.update,
+            )
+            bar.update(done + evaluations - bar.n)  # layers without smoothing skip the α grid
+        bar.close()
+        return _Plans(plans, len(calib), search)
+
+    def transform(
+        self, model: nn.Module, config: QuantConfig, analysis: Any, ctx: RunContext
+    ) -> dict[str, Any]:
+        layers = quantized_layers(model)
+        adapter = adapter_for(model)
+        for name, plan in analysis.plans.items():
+            if plan.up is not None:
+                target = layers[name]
+                with torch.no_grad():
+                    target.weight -= (plan.up @ plan.down).to(target.weight)
+                target.set_lowrank(plan.up, plan.down)
+        for name, plan in analysis.plans.items():
+            if plan.smoothing is not None:
+                online = adapter.role_of(name)[1] == "proj" and not config.fold_proj
+                smooth_layer(model, name, plan.smoothing, online=online)
+        return {
+            "tas_entries": analysis.tas_entries,
+            "search_steps": sorted(torch.unique(analysis.search.step).tolist()),
+            "search_entries": len(analysis.search),
+            "layers": {name: plan.report for name, plan in analysis.plans.items()},
+        }
+
+
+DITAS = DiTAS(
+    "ditas",
+    DiTASConfig,
+    # 16 trajectories (32 guided entries per step, as the official 16 labels with cfg),
+    # every step of a 100-step DDPM run for TAS; the α search takes the first 50.
+    default_calib=CalibSettings(
+        num_samples=16, steps="all", sampler="ddpm", num_steps=100, cfg_scale=1.5
+    ),
+    summary="Dong & Zhang: temporal-aggregated smoothing with per-layer α search and a "
+    "training-free low-rank weight branch, W4A8 dynamic activations",
+    published_bits=((8, 8), (4, 8)),
+)

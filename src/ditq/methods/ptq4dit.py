@@ -13,7 +13,7 @@ fc1 of every block (never fc2, whose input comes from GELU):
 - CSB: ``B^X = diag(sqrt(s(W_j) / s_ρ(X_j)))``, ``B^W = (B^X)^-1``, i.e. the smoothing
   factor ``s = smoothing_factor(s_ρ(X), s(W), α=1/2)`` with ``X̃ = X / s``, ``W̃ = W s``;
   both channel maxima become the geometric mean ``sqrt(s(X_j) s(W_j))``;
-- offline re-parameterization (:func:`ditq.quant.folding.smooth_layer`): ``B^X`` is folded
+- offline re-parameterization (:func:`ditq.pipeline.folding.smooth_layer`): ``B^X`` is folded
   into the adaLN shift/scale rows (qkv, fc1) and into the V rows of qkv (proj); the folded
   FP model equals the original to float rounding.
 
@@ -37,7 +37,9 @@ search (``percentile_search``: the best of the 99.9/99.99/99.999th percentiles b
 the 80-ratio clipping sweep is ``--w-range mse --a-range mse``); attention matmul inputs
 (q, k, v, softmax output) at 8 bits; calibration on steps 0, 10, ..., 240 of a 250-step DDPM
 run with cfg 1.5, 32 samples, two per class for classes 0..15 (cycled on models with fewer
-classes), cond and uncond entries; block reconstruction (:mod:`ditq.quant.reconstruct`):
+classes), cond and uncond entries; block reconstruction (the sequential driver,
+:mod:`ditq.pipeline.sequential`, with the AdaRound solver,
+:mod:`ditq.pipeline.adaround_solver`):
 each block with its adaLN linear as one unit, the linears outside the blocks one by one,
 AdaRound with rounding regularizer 0.01, β 20→2, 20% warm-up, weight lr 1e-3, activation
 step-size lr 4e-5, batch 32, 20k iterations in 10 chunks of the shuffled calibration set
@@ -70,25 +72,26 @@ Deviations from the official code:
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ditq.calib.dataset import CalibrationSet
-from ditq.calib.hooks import LayerSelection, collect_input_stats
+from ditq.calib.hooks import collect_input_stats
+from ditq.calib.settings import PAIRED_CLASSES, CalibSettings
 from ditq.calib.stats import activation_salience, spearman_rho, weight_salience
 from ditq.errors import DitqError
-from ditq.models.dit import DiT
-from ditq.quant.config import QuantConfig
-from ditq.quant.folding import smooth_layer
-from ditq.quant.model import calibrate_activations, calibrate_weights, wrap_layers
+from ditq.models.adapter import adapter_for
+from ditq.pipeline.adaround_solver import AdaRoundSolver, ReconSettings
+from ditq.pipeline.config import LayerSelection, QuantConfig
+from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.method import Method, RunContext
 from ditq.quant.smoothing import smoothing_factor
 
 BALANCE_MODES = ("none", "csb", "csb+ssc")
-BALANCED_LAYERS = ("attn.proj", "attn.qkv", "mlp.fc1")
+BALANCED_ROLES = ("proj", "qkv", "fc1")
 """The layers CSB/SSC balance, in the order they are folded within a block (proj first: its
 factor goes into qkv's V rows, which changes qkv's weight salience)."""
 CSB_ALPHA = 0.5
@@ -190,10 +193,10 @@ def csb_timestep(timesteps: list[int]) -> int:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def balanced_layer_names(model: DiT, config: QuantConfig) -> list[str]:
+def balanced_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """qkv, proj and fc1 of every block that ``config`` quantizes, in folding order."""
     selected = set(config.layers.names(model))
-    names = [f"blocks.{i}.{layer}" for i in range(len(model.blocks)) for layer in BALANCED_LAYERS]
+    names = adapter_for(model).layers_by_role(BALANCED_ROLES)
     return [name for name in names if name in selected and not config.keeps_float(name)]
 
 
@@ -218,7 +221,7 @@ class _EntrySalience:
 
 
 def salience_rows(
-    model: DiT,
+    model: nn.Module,
     calib: CalibrationSet,
     names: list[str],
     config: PTQ4DiTConfig,
@@ -233,7 +236,7 @@ def salience_rows(
     common = {"batch_size": batch_size, "device": device, "progress": progress}
     timesteps = calib.timesteps()
     if config.ssc_per_sample:
-        tokens = model.x_embedder.num_patches
+        tokens = adapter_for(model).tokens_per_entry()
         by_t = collect_input_stats(
             model, calib, lambda _name: _EntrySalience(tokens), names, per_timestep=True, **common
         )
@@ -246,14 +249,13 @@ def salience_rows(
     return {n: torch.stack([by_t[n][t] for t in timesteps]) for n in names}, timesteps
 
 
-def balance_layer(model: DiT, name: str, saliences: torch.Tensor) -> dict[str, Any]:
+def balance_layer(model: nn.Module, name: str, saliences: torch.Tensor) -> dict[str, Any]:
     """CSB with the SSC salience of ``saliences`` (K, C), folded offline (METHODS.md)."""
-    _, index, layer = name.split(".", 2)
     weight = model.get_submodule(name).weight
     s_w = weight_salience(weight).cpu()
     s_x, rho, eta = calibrated_salience(saliences, s_w)
     factor = smoothing_factor(s_x, s_w, CSB_ALPHA)
-    smooth_layer(model.blocks[int(index)], layer, factor)
+    smooth_layer(model, name, factor)
     return {
         "rho": rho.tolist(),
         "eta": eta.tolist(),
@@ -261,67 +263,81 @@ def balance_layer(model: DiT, name: str, saliences: torch.Tensor) -> dict[str, A
     }
 
 
-def _reconstruction_entry_point() -> tuple[type, Callable[..., dict[str, Any]]]:
-    """``(ReconSettings, reconstruct_model)``, imported when needed (fails before any work)."""
-    try:
-        from ditq.quant.reconstruct import ReconSettings, reconstruct_model
-    except ImportError as err:
-        raise DitqError(
-            "block reconstruction (ditq.quant.reconstruct) is not available in this ditq; "
-            "run with --recon-iters 0"
-        ) from err
-    return ReconSettings, reconstruct_model
+@dataclass
+class _Salience:
+    """What the FP model's statistics gave: the layers to balance, their salience rows and
+    the timestep of each row."""
+
+    names: list[str]
+    rows: dict[str, torch.Tensor]
+    timesteps: list[int]
 
 
-def apply_ptq4dit(
-    model: DiT,
-    config: PTQ4DiTConfig,
-    calib: CalibrationSet | None,
-    *,
-    device: str = "cpu",
-    batch_size: int = 64,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Salience on the FP model → wrap → CSB/SSC folded per layer → weight ranges → static
-    activation ranges → block reconstruction (``recon_iters > 0``). Returns the report."""
-    if calib is None:
-        raise DitqError("PTQ4DiT calibrates on the FP model's sampling trajectories; pass a set")
-    reconstruction = _reconstruction_entry_point() if config.recon_iters > 0 else None
-    fp_model = copy.deepcopy(model) if reconstruction is not None else None
-    names = balanced_layer_names(model, config) if config.balance != "none" else []
-    rows: dict[str, torch.Tensor] = {}
-    timesteps: list[int] = []
-    if names:
+@dataclass(frozen=True)
+class PTQ4DiT(Method):
+    """Salience on the FP model → (wrap) → CSB/SSC folded per layer → (weight ranges →
+    static activation ranges) → block reconstruction when ``recon_iters > 0``."""
+
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        return True
+
+    def analyze(
+        self, model: nn.Module, config: QuantConfig, calib: CalibrationSet | None, ctx: RunContext
+    ) -> _Salience:
+        names = balanced_layer_names(model, config) if config.balance != "none" else []
+        if not names:
+            return _Salience([], {}, [])
         rows, timesteps = salience_rows(
-            model, calib, names, config, batch_size=batch_size, device=device, progress=progress
+            model,
+            calib,
+            names,
+            config,
+            batch_size=ctx.batch_size,
+            device=ctx.device,
+            progress=ctx.progress,
         )
-    wrap_layers(model, config)
-    balanced = {name: balance_layer(model, name, rows[name]) for name in names}
-    calibrate_weights(model, progress)
-    ranges = calibrate_activations(model, calib, batch_size, device, progress)
-    report: dict[str, Any] = {
-        "balance": config.balance,
-        "salience_rows": "entry" if config.ssc_per_sample else "timestep",
-        "timesteps": timesteps,
-        "balanced_layers": balanced,
-        "activation_ranges": ranges,
-    }
-    if reconstruction is not None:
-        settings_class, reconstruct_model = reconstruction
-        settings = settings_class(
+        return _Salience(names, rows, timesteps)
+
+    def transform(
+        self, model: nn.Module, config: QuantConfig, analysis: Any, ctx: RunContext
+    ) -> dict[str, Any]:
+        balanced = {
+            name: balance_layer(model, name, analysis.rows[name]) for name in analysis.names
+        }
+        return {
+            "balance": config.balance,
+            "salience_rows": "entry" if config.ssc_per_sample else "timestep",
+            "timesteps": analysis.timesteps,
+            "balanced_layers": balanced,
+        }
+
+    def solver(self, config: QuantConfig) -> AdaRoundSolver | None:
+        if config.recon_iters == 0:
+            return None
+        settings = ReconSettings(
             iters=config.recon_iters,
             batch_size=config.recon_batch_size,
             weight_lr=config.recon_weight_lr,
             act_lr=config.recon_act_lr,
             chunks=config.recon_chunks,
         )
-        report["reconstruction"] = reconstruct_model(
-            model,
-            fp_model,
-            calib,
-            settings,
-            device=device,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    return report
+        return AdaRoundSolver(settings)
+
+
+PTQ4DIT = PTQ4DiT(
+    "ptq4dit",
+    PTQ4DiTConfig,
+    # 32 samples of DDPM 250 with cfg 1.5, recorded at steps 0, 10, ..., 240 (the
+    # official 25), two samples per class for classes 0..15, cond and uncond entries.
+    default_calib=CalibSettings(
+        num_samples=32,
+        steps=list(range(0, 250, 10)),
+        sampler="ddpm",
+        num_steps=250,
+        cfg_scale=1.5,
+        classes=PAIRED_CLASSES,
+    ),
+    summary="Wu et al.: Spearman-guided channel salience balancing folded offline, "
+    "static W/A quantization, block reconstruction",
+    published_bits=((8, 8), (4, 8)),
+)

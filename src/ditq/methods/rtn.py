@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ditq.calib.dataset import CalibrationSet
-from ditq.models.dit import DiT
-from ditq.quant.config import QuantConfig
-from ditq.quant.model import quantize_model
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.method import Method
 
 
 @dataclass
@@ -16,18 +13,6 @@ class RTNConfig(QuantConfig):
     """Round to nearest with min/max weight and activation ranges."""
 
 
-def apply_rtn(
-    model: DiT,
-    config: RTNConfig,
-    calib: CalibrationSet | None,
-    *,
-    device: str = "cpu",
-    batch_size: int = 64,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Wrap, calibrate weights (min/max unless configured otherwise) and static activation
-    ranges on every entry of ``calib``; also the apply function of single-step, whose
-    difference lies in its configuration and calibration set."""
-    ranges = quantize_model(model, config, calib, batch_size, device, progress)
-    timesteps = calib.timesteps() if calib is not None else []
-    return {"calibrated_timesteps": timesteps, "activation_ranges": ranges}
+RTN = Method("rtn", RTNConfig, summary="round to nearest, min/max ranges")
+"""Wrap, weight ranges, static activation ranges on every entry of the calibration set:
+the pipeline's steps with nothing in between."""

@@ -1,23 +1,23 @@
 """SmoothQuant (Xiao et al., 2023) on DiT blocks: migrate activation outliers into the
-weights with ``s_j = s(X_j)^α / s(W_j)^(1-α)``, folded into the preceding op."""
+weights with ``s_j = s(X_j)^α / s(W_j)^(1-α)``, folded into the preceding op
+(:func:`ditq.pipeline.folding.smooth_layer`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.stats import activation_salience, weight_salience
 from ditq.errors import DitqError
-from ditq.models.dit import DiT
-from ditq.quant.config import QuantConfig
-from ditq.quant.folding import LAYERS_IN_BLOCK, smooth_layer
-from ditq.quant.model import (
-    calibrate_activations,
-    calibrate_weights,
-    layers_to_wrap,
-    wrap_layers,
-)
+from ditq.models.adapter import BLOCK_ROLES, adapter_for
+from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.method import Method, RunContext
+from ditq.pipeline.steps import layers_to_wrap
 from ditq.quant.smoothing import smoothing_factor
 
 
@@ -29,49 +29,66 @@ class SmoothQuantConfig(QuantConfig):
         default=0.5, metadata={"help": "migration strength α of s = s(X)^α / s(W)^(1-α)"}
     )
     smooth: tuple[str, ...] = field(
-        default=("attn.qkv", "attn.proj", "mlp.fc1"),
-        metadata={"help": "block layers to smooth, comma-separated (mlp.fc2: applied online)"},
+        default=("qkv", "proj", "fc1"),
+        metadata={
+            "help": f"block layers to smooth, comma-separated, of {', '.join(BLOCK_ROLES)} "
+            "(fc2: applied online)"
+        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise DitqError(f"--alpha must lie in [0, 1], got {self.alpha}")
-        bad = [layer for layer in self.smooth if layer not in LAYERS_IN_BLOCK]
+        bad = [layer for layer in self.smooth if layer not in BLOCK_ROLES]
         if bad:
-            raise DitqError(f"cannot smooth {bad}; choose from {', '.join(LAYERS_IN_BLOCK)}")
+            raise DitqError(f"cannot smooth {bad}; choose from {', '.join(BLOCK_ROLES)}")
         self.smooth = tuple(self.smooth)
 
 
-def smoothed_layer_names(model: DiT, config: SmoothQuantConfig) -> list[str]:
+def smoothed_layer_names(model: nn.Module, config: SmoothQuantConfig) -> list[str]:
     """The ``config.smooth`` linears of every block that ``config`` quantizes (a layer kept
     in float, or left out of the layer selection, is not smoothed)."""
     quantized = layers_to_wrap(model, config)
-    names = [f"blocks.{i}.{layer}" for i in range(len(model.blocks)) for layer in config.smooth]
+    names = adapter_for(model).layers_by_role(config.smooth)
     return [name for name in names if name in quantized]
 
 
-def apply_smoothquant(
-    model: DiT,
-    config: SmoothQuantConfig,
-    calib: CalibrationSet | None,
-    *,
-    device: str = "cpu",
-    batch_size: int = 64,
-    progress: bool = True,
-) -> dict[str, Any]:
-    names = smoothed_layer_names(model, config)
-    salience = activation_salience(
-        model, calib, names, batch_size=batch_size, device=device, progress=progress
-    )
-    wrap_layers(model, config)
-    factors = {}
-    for name in names:
-        block_index, layer = int(name.split(".")[1]), name.split(".", 2)[2]
-        target = model.get_submodule(name)
-        s = smoothing_factor(salience[name], weight_salience(target.weight), config.alpha)
-        smooth_layer(model.blocks[block_index], layer, s)
-        factors[name] = {"min": float(s.min()), "max": float(s.max())}
-    calibrate_weights(model, progress)
-    ranges = calibrate_activations(model, calib, batch_size, device, progress)
-    return {"smoothing_factors": factors, "activation_ranges": ranges}
+@dataclass(frozen=True)
+class SmoothQuant(Method):
+    """Salience of the FP model's inputs, then the smoothing factors folded."""
+
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        return True
+
+    def analyze(
+        self, model: nn.Module, config: QuantConfig, calib: CalibrationSet | None, ctx: RunContext
+    ) -> dict[str, torch.Tensor]:
+        names = smoothed_layer_names(model, config)
+        return activation_salience(
+            model,
+            calib,
+            names,
+            batch_size=ctx.batch_size,
+            device=ctx.device,
+            progress=ctx.progress,
+        )
+
+    def transform(
+        self, model: nn.Module, config: QuantConfig, analysis: Any, ctx: RunContext
+    ) -> dict[str, Any]:
+        factors = {}
+        for name, salience in analysis.items():
+            target = model.get_submodule(name)
+            s = smoothing_factor(salience, weight_salience(target.weight), config.alpha)
+            smooth_layer(model, name, s)
+            factors[name] = {"min": float(s.min()), "max": float(s.max())}
+        return {"smoothing_factors": factors}
+
+
+SMOOTHQUANT = SmoothQuant(
+    "smoothquant",
+    SmoothQuantConfig,
+    summary="SmoothQuant channel smoothing folded into adaLN / V rows",
+    published_bits=((8, 8),),
+)

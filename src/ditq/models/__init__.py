@@ -1,14 +1,19 @@
 """DiT models: the official architecture, checkpoint loading, official downloads, the VAE."""
 
+from ditq.models.adapter import ModelAdapter, adapter_for
 from ditq.models.dit import ARCHITECTURES, DiT, DiTConfig, config_for
-from ditq.models.loading import infer_config, load_model, read_state_dict
+from ditq.models.dit_adapter import DiTAdapter
+from ditq.models.loading import infer_config, load_checkpoint, read_state_dict
 
 __all__ = [
     "ARCHITECTURES",
     "DiT",
+    "DiTAdapter",
     "DiTConfig",
+    "ModelAdapter",
+    "adapter_for",
     "config_for",
     "infer_config",
-    "load_model",
+    "load_checkpoint",
     "read_state_dict",
 ]

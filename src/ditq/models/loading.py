@@ -208,7 +208,7 @@ def model_from_state_dict(
     return model
 
 
-def load_model(
+def load_checkpoint(
     path_or_name: str | Path,
     *,
     arch: str | None = None,
@@ -221,28 +221,20 @@ def load_model(
     device: str | torch.device = "cpu",
     opener: Opener | None = None,
     progress: bool = True,
-    backend: str | None = None,
 ) -> DiT:
-    """Load a DiT from a checkpoint file, an official name (``DiT-XL-2-256``/``-512``), a
-    bundled model (``demo``) or a quantized directory written by ``ditq quantize``
-    (architecture flags are ignored).
+    """Load a full-precision DiT from a checkpoint file, an official name
+    (``DiT-XL-2-256``/``-512``) or a bundled model (``demo``).
 
     Architecture flags override the configuration stored in the file's metadata, which
     overrides what the file's shapes imply. Returns the model in eval
-    mode, on ``device``, in ``dtype`` (fp32 unless asked). ``backend`` (``simulated`` or
-    ``cuda``; default ``cuda`` for a quantized directory on a CUDA device) picks how a
-    quantized model executes (``ditq.kernels``); full-precision models ignore it.
+    mode, on ``device``, in ``dtype`` (fp32 unless asked).
     """
-    from ditq.kernels import resolve_backend
-
     name = str(path_or_name)
-    backend = resolve_backend(backend, device, quantized=Path(name).is_dir())
     if Path(name).is_dir():
-        from ditq.quant.checkpoint import is_quantized_dir, load_quantized
-
-        if not is_quantized_dir(name):
-            raise DitqError(f"{name} is a directory but not one written by ditq quantize")
-        return load_quantized(name, device=device, dtype=resolve_dtype(dtype), backend=backend)
+        raise DitqError(
+            f"{name} is a directory; a full-precision checkpoint is a file (quantized "
+            "directories load with ditq.load_model)"
+        )
     if name in OFFICIAL_CHECKPOINTS:
         entry = OFFICIAL_CHECKPOINTS[name]
         path = fetch_official(name, opener=opener, progress=progress)

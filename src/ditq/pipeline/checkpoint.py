@@ -12,7 +12,8 @@
     ``blocks.i.attn.{q,k,v,attn}_act.scale``/``.zero_point``. All other parameters are
     the (possibly re-parameterized) float32 tensors of the official layout.
 ``DIR/ditq.json``
-    ``format``, ``format_version``, ``ditq_version``, the architecture, the method and its
+    ``format``, ``format_version``, ``ditq_version``, the model family (its adapter's
+    name; ``dit`` when absent) and architecture, the method and its
     full configuration, the per-layer quantization specs, the calibration settings and
     the sampling settings the model was calibrated for.
 ``DIR/calibration_report.json``
@@ -31,14 +32,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ditq import __version__
 from ditq.errors import DitqError
 from ditq.io import OutputKind, read_json_object, read_safetensors, write_output
-from ditq.models.dit import DiT, DiTConfig
+from ditq.models.adapter import MATMUL_POINTS, adapter_class, adapter_for
+from ditq.pipeline.steps import quantized_layers
 from ditq.quant.layers import QuantLinear
-from ditq.quant.model import MATMUL_INPUTS, quantized_layers
 from ditq.quant.quantizer import Quantizer
 from ditq.quant.spec import QuantSpec
+from ditq.version import __version__
 
 FORMAT = "ditq-quantized"
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ def is_quantized_dir(path: str | Path) -> bool:
 QUANTIZED_DIR = OutputKind("ditq quantized directory", True, is_quantized_dir)
 
 
-def layer_manifest(model: DiT) -> dict[str, dict[str, Any]]:
+def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per quantized layer: weight and activation specs, online scale, low-rank rank."""
     return {
         name: {
@@ -69,13 +70,16 @@ def layer_manifest(model: DiT) -> dict[str, dict[str, Any]]:
     }
 
 
-def attention_manifest(model: DiT) -> dict[str, Any] | None:
-    attn = model.blocks[0].attn
-    return attn.q_act.spec.to_dict() if isinstance(attn.q_act, Quantizer) else None
+def attention_manifest(model: nn.Module) -> dict[str, Any] | None:
+    """The spec of the attention matmul quantizers (one for all), None when in float."""
+    for attn in adapter_for(model).attention_modules().values():
+        point = getattr(attn, MATMUL_POINTS[0])
+        return point.spec.to_dict() if isinstance(point, Quantizer) else None
+    return None
 
 
 def save_quantized(
-    model: DiT,
+    model: nn.Module,
     out_dir: str | Path,
     method: str,
     method_config: dict[str, Any],
@@ -91,11 +95,13 @@ def save_quantized(
     for name in unpacked:
         if model.get_submodule(name).weight_quantizer.spec.needs_calibration:
             raise DitqError(f"{name} is not packed: call pack_model(model) before saving")
+    adapter = adapter_for(model)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "ditq_version": __version__,
-        "architecture": model.config.to_dict(),
+        "family": adapter.family,
+        "architecture": adapter.architecture(),
         "method": method,
         "method_config": method_config,
         "layers": layer_manifest(model),
@@ -132,14 +138,14 @@ def load_quantized(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    backend: str = "simulated",
-) -> DiT:
-    """Rebuild a quantized DiT from ``path`` without materializing float weights;
-    ``backend="cuda"`` swaps in the real low-bit layers (``ditq.kernels``)."""
+) -> nn.Module:
+    """Rebuild a quantized model (simulated execution) from ``path`` without materializing
+    float weights; :func:`ditq.load_model` picks the execution backend."""
     path = Path(path)
     manifest = read_manifest(path)
+    family = adapter_class(manifest.get("family", "dit"))
     with torch.device("meta"):
-        model = DiT(DiTConfig(**manifest["architecture"]))
+        model = family.build(manifest["architecture"])
         for name, entry in manifest["layers"].items():
             old = model.get_submodule(name)
             layer = QuantLinear(
@@ -153,10 +159,10 @@ def load_quantized(
             setattr(model.get_submodule(parent), child, layer)
         if manifest.get("attention"):
             spec = QuantSpec.from_dict(manifest["attention"])
-            for block in model.blocks:
-                for point in MATMUL_INPUTS:
-                    setattr(block.attn, point, Quantizer(spec))
-                block.attn.explicit_matmuls = True
+            for attn in adapter_for(model).attention_modules().values():
+                for point in MATMUL_POINTS:
+                    setattr(attn, point, Quantizer(spec))
+                attn.explicit_matmuls = True
     tensors = _read_weights(path, device)
     try:
         for name, layer in quantized_layers(model).items():
@@ -170,9 +176,7 @@ def load_quantized(
         ) from err
     model.eval()
     cast_unquantized(model, dtype)
-    from ditq.kernels import apply_backend, resolve_backend
-
-    return apply_backend(model, resolve_backend(backend, device, quantized=True))
+    return model
 
 
 def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """What to quantize and how: the settings every method shares.
 
 A method's configuration dataclass subclasses :class:`QuantConfig` and adds its own
-hyper-parameters; :func:`ditq.quant.model.quantize_model` reads only the fields here.
+hyper-parameters; the pipeline's steps (:mod:`ditq.pipeline.steps`) read only the fields
+here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ditq.calib.hooks import LayerSelection
+from torch import nn
+
 from ditq.errors import DitqError
+from ditq.models.adapter import LAYER_GROUPS, adapter_for
 from ditq.quant.spec import (
     UNQUANTIZED_BITS,
     Granularity,
@@ -37,6 +40,32 @@ of g input channels (``group``), of g output channels per input column (``column
 ``column_group_strided``: rows strided by C_out / g, DiTAS' official layout)."""
 W_GRANULARITIES = tuple(WEIGHT_GRANULARITIES)
 A_GRANULARITIES = ("tensor", "token")
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layer groups a method quantizes (``ditq.models.adapter.LAYER_GROUPS``; each
+    method's published default): ``blocks``, the linears of the blocks' attention and MLP;
+    ``embedders``, the patch embedding and timestep MLP; ``adaln``, every adaLN modulation
+    linear; ``final_layer``, the final projection."""
+
+    blocks: bool = True
+    embedders: bool = False
+    adaln: bool = False
+    final_layer: bool = False
+
+    @classmethod
+    def everything(cls) -> LayerSelection:
+        """Every linear of the model: PTQ4DiT's official coverage (its ``QuantModel`` wraps
+        every ``nn.Linear`` and ``nn.Conv2d``)."""
+        return cls(blocks=True, embedders=True, adaln=True, final_layer=True)
+
+    def groups(self) -> tuple[str, ...]:
+        return tuple(group for group in LAYER_GROUPS if getattr(self, group))
+
+    def names(self, model: nn.Module) -> list[str]:
+        """Module names of the selected layers, in forward order."""
+        return adapter_for(model).layer_names(self.groups())
 
 
 @dataclass

@@ -1,15 +1,16 @@
 """Channel scaling that costs nothing at inference: pure functions that fold a
 per-input-channel factor into whatever produces a layer's input (SmoothQuant style).
 
-For a block linear with input X and weight W, ``smooth_layer(block, name, s)`` computes
+For a linear with input X and weight W, ``smooth_layer(model, name, s)`` computes
 ``X ← X / s`` and ``W ← W · diag(s)`` so that ``X Wᵀ`` is unchanged (METHODS.md: PTQ4DiT's
-offline re-parameterization with ``B^X = diag(1/s)``, ``B^W = diag(s)``; DiTAS' folding):
+offline re-parameterization with ``B^X = diag(1/s)``, ``B^W = diag(s)``; DiTAS' folding).
+Where the divisor goes, the model's adapter says (``ModelAdapter.input_fold``):
 
-- qkv and fc1 read ``modulate(norm(x), shift, scale)``: the factor goes into the rows of
-  the adaLN linear that produce that shift/scale chunk (exact for every timestep and class);
-- proj reads ``softmax(QKᵀ) V``: the factor goes into the V rows of qkv (and of qkv's
+- an input ``modulate(norm(x), shift, scale)`` (a DiT's qkv and fc1): into the rows of the
+  adaLN linear that produce that shift/scale chunk (exact for every timestep and class);
+- the attention output ``softmax(QKᵀ) V`` (proj): into the V rows of qkv (and of qkv's
   low-rank branch, if any);
-- fc2 reads ``GELU(fc1(x))``: nothing linear precedes it, so the divisor is applied online
+- anything else (fc2 reads ``GELU(fc1(x))``): applied online
   (``QuantLinear.input_scale``); ``online=True`` does the same for any layer.
 """
 
@@ -18,12 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditq.calib.hooks import get_layer
 from ditq.errors import DitqError
-from ditq.models.dit import DiTBlock
-
-# adaLN chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-_ADALN_CHUNKS = {"attn.qkv": (0, 1), "mlp.fc1": (3, 4)}
-LAYERS_IN_BLOCK = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+from ditq.models.adapter import AdaLNFold, adapter_for
 
 
 @torch.no_grad()
@@ -70,27 +68,26 @@ def scale_weight_columns(linear: nn.Module, factor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def smooth_layer(block: DiTBlock, layer: str, s: torch.Tensor, online: bool = False) -> None:
-    """Divide the input of ``block.<layer>`` by ``s`` and multiply its weight columns by ``s``.
+def smooth_layer(model: nn.Module, layer: str, s: torch.Tensor, online: bool = False) -> None:
+    """Divide the input of ``layer`` by ``s`` and multiply its weight columns by ``s``.
 
-    The block computes the same function afterwards (to float rounding) for every input,
-    timestep and label. ``layer`` is one of ``attn.qkv``, ``attn.proj``, ``mlp.fc1``,
-    ``mlp.fc2``. fc2's divisor is applied online, and so is any layer's with ``online``
-    (e.g. proj, to leave qkv's quantized V rows untouched); that needs a ``QuantLinear``.
+    The model computes the same function afterwards (to float rounding) for every input,
+    timestep and label. A layer whose input has no producer to fold into (fc2), and any
+    layer with ``online``, divides its input online, which needs a ``QuantLinear``.
     """
-    if layer not in LAYERS_IN_BLOCK:
-        raise DitqError(f"cannot smooth {layer!r}; smoothable layers: {', '.join(LAYERS_IN_BLOCK)}")
-    target = block.get_submodule(layer)
+    target = get_layer(model, layer)
+    fold = adapter_for(model).input_fold(layer)
     s = s.detach().float().to(target.weight.device)
-    if online or layer == "mlp.fc2":
+    if online or fold is None:
         if not hasattr(target, "input_scale"):
             raise DitqError(
                 f"smoothing {layer} online needs a QuantLinear: quantize the model first"
             )
         previous = target.input_scale if target.input_scale is not None else torch.ones_like(s)
         target.input_scale = previous * s
-    elif layer in _ADALN_CHUNKS:
-        fold_into_adaln(block.adaLN_modulation[1], *_ADALN_CHUNKS[layer], 1.0 / s)
+    elif isinstance(fold, AdaLNFold):
+        producer = get_layer(model, fold.producer)
+        fold_into_adaln(producer, fold.shift_chunk, fold.scale_chunk, 1.0 / s)
     else:
-        fold_into_value_rows(block.attn.qkv, 1.0 / s)
+        fold_into_value_rows(get_layer(model, fold.producer), 1.0 / s)
     scale_weight_columns(target, s)

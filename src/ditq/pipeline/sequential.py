@@ -1,30 +1,21 @@
-"""Block-wise reconstruction with AdaRound and learned activation step sizes
-(Q-Diffusion / BRECQ; METHODS.md, PTQ4DiT, "Quantizers and reconstruction (official)").
+"""The sequential driver: calibration unit by unit (block by block), with input capture,
+propagation and resume, around a solver (e.g.
+:class:`ditq.pipeline.adaround_solver.AdaRoundSolver`).
 
-Each unit (every DiT block; with ``layerwise_extra`` also every quantized linear outside
-the blocks: timestep embedder, final layer) is reconstructed in forward order:
+The model adapter lists the units in forward order (``ModelAdapter.sequential_units``: each
+block with the quantized layers inside it; with ``layerwise_extra`` also every quantized
+linear outside the blocks). For each unit the solver has work on:
 
-1. its inputs are captured from the quantized model as it is so far (earlier units already
-   reconstructed) and its targets from the full-precision model (``capture_block_io``,
-   ``capture_inputs``);
-2. the AdaRound variables V of its quantized weights (Adam, ``weight_lr``) and the step
-   sizes of its static activation quantizers, attention matmul inputs included (Adam,
-   ``act_lr`` with cosine decay, LSQ gradients) are learned jointly on minibatches of the
-   cached entries, minimizing
+1. its inputs are captured from the quantized model as it is so far (earlier units
+   already solved, so their quantization error propagates) and its targets from the
+   full-precision model (:func:`ditq.calib.hooks.capture_block_io`,
+   :func:`ditq.calib.hooks.capture_inputs`), kept on the device, in host memory or on disk
+   (:class:`UnitData`);
+2. the solver changes the unit in place (``solver.solve``) and returns its report entry.
 
-       L = ‖ŷ - y‖_p^p + λ Σ_layers Σ 1 - |2h(V) - 1|^β
-
-   where the first term is BRECQ's L_p loss (``|ŷ - y|^p`` summed over axis 1, the tokens
-   of a block output, and averaged over the rest, as in the official code, against which
-   λ = ``round_reg`` = 0.01 is set), the regularizer is off for the first ``warmup``
-   fraction of the iterations and β then decays linearly from ``beta_start`` to
-   ``beta_end`` (:func:`rounding_beta`);
-3. the rounding is hardened into the float weights (grid values, see
-   :mod:`ditq.quant.adaround`) and the learned step sizes are frozen into buffers.
-
-With a ``cache_dir`` every finished unit is saved there (``block_{i}.pt``,
-``layer_{name}.pt``) and skipped by a rerun on the same model, settings and calibration
-set, so an interrupted run resumes after its last finished unit.
+With a ``cache_dir`` every finished unit is saved there (``{unit name}.pt``) and skipped
+by a rerun on the same model, solver settings and calibration set, so an interrupted run
+resumes after its last finished unit.
 """
 
 from __future__ import annotations
@@ -33,11 +24,9 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -48,129 +37,69 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import capture_block_io, capture_inputs, get_layer
 from ditq.errors import DitqError
 from ditq.io import atomic_path
-from ditq.quant.adaround import adaround, supports_adaround
-from ditq.quant.model import activation_quantizers, quantized_layers
-from ditq.quant.quantizer import Quantizer
+from ditq.models.adapter import adapter_for
+from ditq.pipeline.steps import activation_quantizers, quantized_layers
 
 GIB = 2**30
-FORWARD_ORDER = (
-    "x_embedder",
-    "t_embedder",
-    "y_embedder",
-    "blocks",
-    "final_layer.adaLN_modulation",
-    "final_layer",
-)
-"""Prefixes of DiT submodules in the order the forward pass runs them."""
-LOG_EVERY = 200
-"""Iterations between loss updates of the progress bar (each one syncs the device)."""
 TARGET_CHUNK_ROWS = 2**16
 
 
 @dataclass
-class ReconSettings:
-    """Reconstruction hyper-parameters (defaults: the official PTQ4DiT / Q-Diffusion ones).
+class SequentialSettings:
+    """What the driver runs and where it keeps data: ``layerwise_extra``, also the quantized
+    linears outside the blocks as units of their own; ``device_cache_gb``, a unit's cached
+    inputs and targets up to this size stay on an accelerator (no per-step copies);
+    ``host_cache_gb``, larger ones go to ``cache_dir`` on disk when one is given, else stay
+    in host memory."""
 
-    ``iters``: optimization steps per unit (0 skips reconstruction); ``batch_size``:
-    calibration entries per step; ``weight_lr``/``act_lr``: Adam learning rates of the
-    AdaRound variables and of the activation step sizes; ``round_reg``: λ of the rounding
-    regularizer; ``beta_start``/``beta_end``/``warmup``: its annealing; ``loss_p``: p of
-    the L_p reconstruction loss; ``learn_act_scales``: learn static activation step sizes;
-    ``layerwise_extra``: also reconstruct quantized linears outside the blocks; ``chunks``:
-    the data schedule of the official code (the calibration entries shuffled once and
-    split in ``chunks`` parts, ``iters / chunks`` steps drawing minibatches from each part
-    in turn; 1: every step draws from all entries); ``seed``: shuffling and minibatches.
-    ``device_cache_gb``: a unit's cached inputs and targets up to this size stay on an
-    accelerator (no per-step copies); ``host_cache_gb``: larger ones go to ``cache_dir`` on
-    disk when one is given, else stay in host memory.
-    """
-
-    iters: int = 20000
-    batch_size: int = 32
-    weight_lr: float = 1e-3
-    act_lr: float = 4e-5
-    round_reg: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    loss_p: float = 2.0
-    learn_act_scales: bool = True
     layerwise_extra: bool = True
-    chunks: int = 1
-    seed: int = 0
     device_cache_gb: float = 4.0
     host_cache_gb: float = 16.0
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.iters < 0:
-            problems.append(f"iters={self.iters} (use 0 to skip reconstruction, e.g. 20000)")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} (at least 1, e.g. 32)")
-        if self.chunks < 1:
-            problems.append(f"chunks={self.chunks} (at least 1; the official code uses 10)")
-        for name in ("weight_lr", "act_lr", "loss_p"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} (must be positive)")
-        if self.round_reg < 0:
-            problems.append(f"round_reg={self.round_reg} (must be at least 0, e.g. 0.01)")
-        if not 0 < self.beta_end <= self.beta_start:
-            problems.append(
-                f"beta_start={self.beta_start}, beta_end={self.beta_end} "
-                "(need 0 < beta_end <= beta_start, e.g. 20 -> 2)"
-            )
-        if not 0 <= self.warmup < 1:
-            problems.append(f"warmup={self.warmup} (a fraction in [0, 1), e.g. 0.2)")
         if self.device_cache_gb < 0 or self.host_cache_gb < 0:
-            problems.append("device_cache_gb / host_cache_gb (must be at least 0)")
-        if problems:
-            raise DitqError("bad reconstruction settings: " + "; ".join(problems))
-
-    def result_fields(self) -> dict[str, Any]:
-        """The settings that change the result (not where data is cached)."""
-        data = asdict(self)
-        del data["device_cache_gb"], data["host_cache_gb"]
-        return data
-
-
-def rounding_beta(iteration: int, settings: ReconSettings) -> float | None:
-    """β of the rounding regularizer at 0-based ``iteration``: ``None`` (regularizer off)
-    while ``iteration + 1 < warmup · iters``, then linear from ``beta_start`` (at the end of
-    the warm-up) to ``beta_end`` (at the last iteration), as BRECQ's ``LinearTempDecay``."""
-    step = iteration + 1
-    start = settings.warmup * settings.iters
-    if step < start:
-        return None
-    remaining = max(0.0, 1.0 - (step - start) / (settings.iters - start))
-    return settings.beta_end + (settings.beta_start - settings.beta_end) * remaining
-
-
-def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """BRECQ's L_p loss: ``|output - target|^p`` summed over axis 1 (a block output's
-    tokens, a 2-D output's features) and averaged over the other axes."""
-    return (output - target).abs().pow(p).sum(1).mean()
+            raise DitqError("device_cache_gb / host_cache_gb must be at least 0")
 
 
 @dataclass
-class _Unit:
-    """One reconstruction unit: a DiT block, or a quantized linear outside the blocks."""
+class UnitCall:
+    """One unit: a block, called on the positional inputs it receives in the model's
+    forward, or a single linear."""
 
     name: str
     module: nn.Module
-    block_index: int | None
+    is_block: bool
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.block_index is None:
-            return self.module(batch["x"])
-        return self.module(batch["x"], batch["c"])
+        count = sum(key.startswith("arg") for key in batch)
+        return self.module(*(batch[f"arg{i}"] for i in range(count)))
 
     def checkpoint_name(self) -> str:
-        if self.block_index is None:
-            return f"layer_{self.name}.pt"
-        return f"block_{self.block_index}.pt"
+        return f"{self.name}.pt"
 
 
-class _UnitData:
+class Solver(Protocol):
+    """What the driver asks of a solver."""
+
+    name: str
+
+    def result_fields(self) -> dict[str, Any]:
+        """The settings that change the result (they key the resume checkpoints)."""
+        ...
+
+    def has_work(self, module: nn.Module) -> bool:
+        """Whether the solver would change anything in this unit."""
+        ...
+
+    def solve(
+        self, unit: UnitCall, data: UnitData, position: int, progress: bool
+    ) -> dict[str, Any]:
+        """Change ``unit`` in place from its cached inputs and targets (``data``); the
+        ``position``-th unit of the run. Returns the unit's report entry."""
+        ...
+
+
+class UnitData:
     """A unit's cached inputs and FP targets, indexed by calibration entry, kept on the
     device, in host memory or in ``.npy`` files read through memory maps."""
 
@@ -178,7 +107,7 @@ class _UnitData:
         self,
         tensors: dict[str, torch.Tensor],
         device: torch.device,
-        settings: ReconSettings,
+        settings: SequentialSettings,
         spill_dir: Path | None,
     ) -> None:
         self.device = device
@@ -223,18 +152,20 @@ class _UnitData:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
-def reconstruct_model(
+def run_sequential(
     qmodel: nn.Module,
     fp_model: nn.Module,
     calib: CalibrationSet,
-    settings: ReconSettings | None = None,
+    solver: Solver,
+    settings: SequentialSettings | None = None,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
     progress: bool = True,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Reconstruct ``qmodel`` (in place) towards the full-precision ``fp_model``.
+    """Run ``solver`` over ``qmodel``'s units in forward order (in place), with targets
+    from the full-precision ``fp_model``.
 
     ``qmodel``: the wrapped model on ``device`` (unpacked ``QuantLinear`` layers with
     calibrated weight quantizers, calibrated static activation quantizers); ``fp_model``:
@@ -243,38 +174,96 @@ def reconstruct_model(
     ``batch_size``: calibration batch of the capture forwards. ``cache_dir``: where
     finished units are saved for resuming, and large cached activations spill to.
 
-    Returns ``{"settings", "seconds", "units": {name: {"initial_loss", "final_loss",
-    "iterations", "seconds", "rounding_layers", "act_scales", "cache", "resumed"}}}``,
-    losses being :func:`reconstruction_loss` over all calibration entries before (round
-    to nearest, calibrated step sizes) and after reconstruction.
+    Returns ``{"solver", "settings", "seconds", "units": {name: {..., "seconds",
+    "cache", "resumed"}}}``, each unit's entry holding what the solver returned.
     """
     start = time.perf_counter()
-    settings = ReconSettings() if settings is None else settings
-    report: dict[str, Any] = {"settings": asdict(settings), "units": {}}
-    if settings.iters > 0:
-        device = torch.device(device)
-        _check_models(qmodel, fp_model, calib, device)
-        units = _units(qmodel, settings)
+    settings = SequentialSettings() if settings is None else settings
+    report: dict[str, Any] = {
+        "solver": solver.name,
+        "settings": {**solver.result_fields(), **asdict(settings)},
+        "units": {},
+    }
+    device = torch.device(device)
+    _check_models(qmodel, fp_model, calib, device)
+    units = _units(qmodel, solver, settings)
+    if units:
         cache = Path(cache_dir) if cache_dir is not None else None
-        context = _run_digest(settings, calib) if cache is not None else ""
+        context = _run_digest(solver, settings, calib) if cache is not None else ""
         for position, unit in enumerate(
-            tqdm(units, desc="reconstruction", unit="unit", disable=not progress)
+            tqdm(units, desc=solver.name, unit="unit", disable=not progress)
         ):
-            report["units"][unit.name] = _reconstruct_unit(
+            report["units"][unit.name] = _solve_unit(
                 unit,
                 qmodel,
                 fp_model,
                 calib,
+                solver,
                 settings,
+                position=position,
                 device=device,
                 batch_size=batch_size,
                 progress=progress,
                 cache_dir=cache,
                 context=context,
-                seed=settings.seed + position,
             )
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def _units(qmodel: nn.Module, solver: Solver, settings: SequentialSettings) -> list[UnitCall]:
+    """The adapter's units that the solver has work in, in forward order: blocks and, with
+    ``layerwise_extra``, the quantized linears outside them."""
+    quantized = quantized_layers(qmodel)
+    units = []
+    for unit in adapter_for(qmodel).sequential_units(list(quantized)):
+        if not unit.is_block and not settings.layerwise_extra:
+            continue
+        module = get_layer(qmodel, unit.name)
+        if solver.has_work(module):
+            units.append(UnitCall(unit.name, module, unit.is_block))
+    return units
+
+
+def _solve_unit(
+    unit: UnitCall,
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    calib: CalibrationSet,
+    solver: Solver,
+    settings: SequentialSettings,
+    *,
+    position: int,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    cache_dir: Path | None,
+    context: str,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    checkpoint = cache_dir / unit.checkpoint_name() if cache_dir is not None else None
+    fingerprint = _fingerprint(unit, context) if checkpoint is not None else ""
+    if checkpoint is not None and checkpoint.is_file():
+        return _resume(unit, checkpoint, fingerprint)
+    tensors = _capture(unit, qmodel, fp_model, calib, batch_size, device)
+    spill_dir = cache_dir / f"tmp_{unit.name}" if cache_dir is not None else None
+    data = UnitData(tensors, device, settings, spill_dir)
+    del tensors
+    try:
+        solved = solver.solve(unit, data, position, progress)
+    finally:
+        data.close()
+    entry = {
+        **solved,
+        "seconds": time.perf_counter() - start,
+        "cache": data.place,
+        "resumed": False,
+    }
+    if checkpoint is not None:
+        state = {k: v.detach().cpu() for k, v in unit.module.state_dict().items()}
+        with atomic_path(checkpoint) as tmp:
+            torch.save({"fingerprint": fingerprint, "state": state, "report": entry}, tmp)
+    return entry
 
 
 def _check_models(
@@ -285,10 +274,11 @@ def _check_models(
             "reconstruction targets come from the full-precision model: pass the original, "
             "unwrapped FP model as fp_model (e.g. a copy.deepcopy taken before wrap_layers)"
         )
-    if len(fp_model.blocks) != len(qmodel.blocks):
+    fp_blocks, q_blocks = adapter_for(fp_model).num_blocks(), adapter_for(qmodel).num_blocks()
+    if fp_blocks != q_blocks:
         raise DitqError(
-            f"fp_model has {len(fp_model.blocks)} blocks but the quantized model "
-            f"{len(qmodel.blocks)}; pass the FP model the quantized one was made from"
+            f"fp_model has {fp_blocks} blocks but the quantized model {q_blocks}; pass the FP "
+            "model the quantized one was made from"
         )
     if len(calib) == 0:
         raise DitqError("the calibration set is empty; reconstruction needs its entries")
@@ -314,86 +304,8 @@ def _check_models(
             )
 
 
-def _static_act_quantizers(module: nn.Module) -> list[Quantizer]:
-    return [q for q in activation_quantizers(module).values() if q.spec.needs_calibration]
-
-
-def _has_work(module: nn.Module, settings: ReconSettings) -> bool:
-    learns_rounding = any(supports_adaround(layer) for layer in quantized_layers(module).values())
-    return learns_rounding or (settings.learn_act_scales and bool(_static_act_quantizers(module)))
-
-
-def _forward_rank(name: str) -> int:
-    for rank, prefix in enumerate(FORWARD_ORDER):
-        if name == prefix or name.startswith(prefix + "."):
-            return rank
-    return len(FORWARD_ORDER)
-
-
-def _units(qmodel: nn.Module, settings: ReconSettings) -> list[_Unit]:
-    """Blocks with something to learn and, with ``layerwise_extra``, the quantized linears
-    outside the blocks, in forward order."""
-    units = [
-        _Unit(f"blocks.{i}", block, i)
-        for i, block in enumerate(qmodel.blocks)
-        if _has_work(block, settings)
-    ]
-    if settings.layerwise_extra:
-        units += [
-            _Unit(name, layer, None)
-            for name, layer in quantized_layers(qmodel).items()
-            if not name.startswith("blocks.") and _has_work(layer, settings)
-        ]
-    return sorted(units, key=lambda unit: _forward_rank(unit.name))
-
-
-def _reconstruct_unit(
-    unit: _Unit,
-    qmodel: nn.Module,
-    fp_model: nn.Module,
-    calib: CalibrationSet,
-    settings: ReconSettings,
-    *,
-    device: torch.device,
-    batch_size: int,
-    progress: bool,
-    cache_dir: Path | None,
-    context: str,
-    seed: int,
-) -> dict[str, Any]:
-    start = time.perf_counter()
-    checkpoint = cache_dir / unit.checkpoint_name() if cache_dir is not None else None
-    fingerprint = _fingerprint(unit, context) if checkpoint is not None else ""
-    if checkpoint is not None and checkpoint.is_file():
-        return _resume(unit, checkpoint, fingerprint)
-    tensors = _capture(unit, qmodel, fp_model, calib, batch_size, device)
-    spill_dir = cache_dir / f"tmp_{unit.name}" if cache_dir is not None else None
-    data = _UnitData(tensors, device, settings, spill_dir)
-    del tensors
-    try:
-        initial = _evaluate(unit, data, settings)
-        learned = _optimize(unit, data, settings, seed, progress)
-        final = _evaluate(unit, data, settings)
-    finally:
-        data.close()
-    entry = {
-        "initial_loss": initial,
-        "final_loss": final,
-        "iterations": settings.iters,
-        "seconds": time.perf_counter() - start,
-        **learned,
-        "cache": data.place,
-        "resumed": False,
-    }
-    if checkpoint is not None:
-        state = {k: v.detach().cpu() for k, v in unit.module.state_dict().items()}
-        with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": fingerprint, "state": state, "report": entry}, tmp)
-    return entry
-
-
 def _capture(
-    unit: _Unit,
+    unit: UnitCall,
     qmodel: nn.Module,
     fp_model: nn.Module,
     calib: CalibrationSet,
@@ -401,11 +313,11 @@ def _capture(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Inputs from the quantized model, targets from the FP model, on the CPU, per entry."""
-    if unit.block_index is not None:
-        quantized = capture_block_io(qmodel, calib, unit.block_index, batch_size, device, False)
-        inputs = {"x": quantized.x, "c": quantized.c}
+    if unit.is_block:
+        quantized = capture_block_io(qmodel, calib, unit.name, batch_size, device, False)
+        inputs = {f"arg{i}": arg for i, arg in enumerate(quantized.args)}
         del quantized
-        target = capture_block_io(fp_model, calib, unit.block_index, batch_size, None, False).out
+        target = capture_block_io(fp_model, calib, unit.name, batch_size, None, False).out
         return {**inputs, "target": target}
     rows = capture_inputs(qmodel, calib, unit.name, batch_size, device, progress=False)
     fp_layer = get_layer(fp_model, unit.name)
@@ -415,7 +327,7 @@ def _capture(
         target = torch.cat(
             [fp_layer(chunk.to(fp_device)).cpu() for chunk in fp_rows.split(TARGET_CHUNK_ROWS)]
         )
-    return {"x": _per_entry(rows, len(calib)), "target": _per_entry(target, len(calib))}
+    return {"arg0": _per_entry(rows, len(calib)), "target": _per_entry(target, len(calib))}
 
 
 def _per_entry(rows: torch.Tensor, entries: int) -> torch.Tensor:
@@ -424,118 +336,17 @@ def _per_entry(rows: torch.Tensor, entries: int) -> torch.Tensor:
     return per_entry.squeeze(1) if per_entry.shape[1] == 1 else per_entry
 
 
-@torch.no_grad()
-def _evaluate(unit: _Unit, data: _UnitData, settings: ReconSettings) -> float:
-    """:func:`reconstruction_loss` over all cached entries."""
-    total = 0.0
-    for index in torch.arange(len(data)).split(settings.batch_size):
-        batch = data.batch(index)
-        loss = reconstruction_loss(unit.forward(batch), batch["target"], settings.loss_p)
-        total += float(loss) * len(index)
-    return total / len(data)
-
-
-def minibatch_pools(entries: int, chunks: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """The entries each part of the reconstruction draws its minibatches from: all of them
-    for one chunk, else a seeded shuffle split in ``chunks`` near-equal parts (the official
-    schedule: ``iters / chunks`` steps on each part in turn)."""
-    if chunks == 1:
-        return [torch.arange(entries)]
-    if chunks > entries:
-        raise DitqError(
-            f"cannot split {entries} calibration entries into {chunks} reconstruction chunks; "
-            f"use at most {entries} (--recon-chunks)"
-        )
-    return list(torch.randperm(entries, generator=generator).tensor_split(chunks))
-
-
-def pool_of_iteration(iteration: int, iters: int, pools: int) -> int:
-    """Which of ``pools`` minibatch pools step ``iteration`` of ``iters`` draws from: the
-    first ``iters / pools`` steps the first pool, and so on in turn."""
-    return min(iteration * pools // iters, pools - 1)
-
-
-def _optimize(
-    unit: _Unit, data: _UnitData, settings: ReconSettings, seed: int, progress: bool
-) -> dict[str, int]:
-    """Learn the unit's rounding and activation step sizes; harden and freeze them."""
-    act_quantizers = _static_act_quantizers(unit.module) if settings.learn_act_scales else []
-    layers = quantized_layers(unit.module).values()
-    generator = torch.Generator().manual_seed(seed)
-    with (
-        torch.enable_grad(),
-        _frozen(unit.module),
-        adaround(layers) as rounders,
-        _learned_scales(act_quantizers) as scales,
-    ):
-        steps: list[Callable[[], None]] = []
-        optimizers: list[torch.optim.Optimizer] = []
-        if rounders:
-            optimizers.append(torch.optim.Adam([r.V for r in rounders], lr=settings.weight_lr))
-            steps.append(optimizers[-1].step)
-        if scales:
-            act_optimizer = torch.optim.Adam(scales, lr=settings.act_lr)
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, settings.iters)
-            optimizers.append(act_optimizer)
-            steps += [act_optimizer.step, schedule.step]
-        parts = minibatch_pools(len(data), settings.chunks, generator)
-        bar = tqdm(range(settings.iters), desc=unit.name, leave=False, disable=not progress)
-        for iteration in bar:
-            pool = parts[pool_of_iteration(iteration, settings.iters, len(parts))]
-            index = pool[torch.randperm(len(pool), generator=generator)[: settings.batch_size]]
-            batch = data.batch(index.sort().values)
-            loss = reconstruction_loss(unit.forward(batch), batch["target"], settings.loss_p)
-            beta = rounding_beta(iteration, settings)
-            if beta is not None and rounders and settings.round_reg > 0:
-                loss = loss + settings.round_reg * sum(r.regularizer(beta) for r in rounders)
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for step in steps:
-                step()
-            if progress and iteration % LOG_EVERY == 0:
-                bar.set_postfix(loss=f"{float(loss):.4g}")
-    return {"rounding_layers": len(rounders), "act_scales": len(scales)}
-
-
-@contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
-    """No gradients for the module's own parameters (weights, biases) inside the block."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    try:
-        for parameter in trainable:
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
-
-
-@contextmanager
-def _learned_scales(quantizers: list[Quantizer]) -> Iterator[list[nn.Parameter]]:
-    """Learnable step sizes inside the block, frozen back into buffers on a normal exit;
-    an exception restores the calibrated ones."""
-    calibrated = [q.scale.detach().clone() for q in quantizers]
-    try:
-        yield [q.enable_learning() for q in quantizers]
-    except BaseException:
-        for quantizer, scale in zip(quantizers, calibrated, strict=True):
-            quantizer.scale.data = scale
-        raise
-    finally:
-        for quantizer in quantizers:
-            quantizer.disable_learning()
-
-
-def _run_digest(settings: ReconSettings, calib: CalibrationSet) -> str:
+def _run_digest(solver: Solver, settings: SequentialSettings, calib: CalibrationSet) -> str:
     """What every unit checkpoint of a run depends on besides the unit's own state."""
-    digest = hashlib.sha256(json.dumps(settings.result_fields(), sort_keys=True).encode())
+    fields = {"solver": solver.name, **solver.result_fields()}
+    fields["layerwise_extra"] = settings.layerwise_extra
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for tensor in (calib.x, calib.t, calib.y):
         _update_digest(digest, tensor)
     return digest.hexdigest()
 
 
-def _fingerprint(unit: _Unit, context: str) -> str:
+def _fingerprint(unit: UnitCall, context: str) -> str:
     """Digest of the run context and the unit's state before reconstruction."""
     digest = hashlib.sha256(f"{context}/{unit.name}".encode())
     for key, tensor in unit.module.state_dict().items():
@@ -548,7 +359,7 @@ def _update_digest(digest: Any, tensor: torch.Tensor) -> None:
     digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _resume(unit: _Unit, checkpoint: Path, fingerprint: str) -> dict[str, Any]:
+def _resume(unit: UnitCall, checkpoint: Path, fingerprint: str) -> dict[str, Any]:
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if saved.get("fingerprint") != fingerprint:
         raise DitqError(

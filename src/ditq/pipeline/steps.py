@@ -1,14 +1,12 @@
-"""The quantization entry point: wrap the selected layers, calibrate, pack.
-
-Every method runs the same steps, adding its own transformation in between::
+"""The steps every quantization runs, in the order :func:`ditq.pipeline.run.run_method`
+enforces::
 
     layers = wrap_layers(model, config)          # QuantLinear everywhere selected
-    ... method: smoothing / low-rank / reconstruction on the float weights ...
+    ... method: smoothing / low-rank on the float weights ...
     calibrate_weights(model)                     # weight range search
     calibrate_activations(model, calib_set)      # static activation ranges (hooks)
+    ... solver: sequential reconstruction ...
     pack_model(model)                            # integer codes only
-
-:func:`quantize_model` does all of it for methods without a transformation (RTN).
 """
 
 from __future__ import annotations
@@ -17,19 +15,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
-from ditq.calib.hooks import ATTENTION_POINTS, collect_input_stats
+from ditq.calib.hooks import collect_input_stats
 from ditq.errors import DitqError
-from ditq.models.dit import DiT
-from ditq.quant.config import QuantConfig
+from ditq.models.adapter import MATMUL_POINTS, adapter_for
+from ditq.pipeline.config import QuantConfig
 from ditq.quant.layers import QuantLinear
 from ditq.quant.observer import observer_for, range_from_observer
 from ditq.quant.quantizer import Quantizer
 
-MATMUL_INPUTS = tuple(point.rsplit(".", 1)[-1] for point in ATTENTION_POINTS)
-"""Attribute names of the attention matmul quantizers on ``Attention`` (q, k, v, softmax)."""
 
-
-def layers_to_wrap(model: DiT, config: QuantConfig) -> dict[str, nn.Linear]:
+def layers_to_wrap(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
     """The float linears ``config`` quantizes, checked against their shapes (group sizes,
     packed 4-bit codes) so that a configuration that cannot work fails before any work."""
     found = {}
@@ -49,7 +44,7 @@ def layers_to_wrap(model: DiT, config: QuantConfig) -> dict[str, nn.Linear]:
     return found
 
 
-def wrap_layers(model: DiT, config: QuantConfig) -> dict[str, QuantLinear]:
+def wrap_layers(model: nn.Module, config: QuantConfig) -> dict[str, QuantLinear]:
     """Replace the selected linears of ``model`` (in place) by uncalibrated ``QuantLinear``
     and install the attention matmul quantizers when ``config.attn_bits < 16``."""
     wrapped = {}
@@ -60,10 +55,11 @@ def wrap_layers(model: DiT, config: QuantConfig) -> dict[str, QuantLinear]:
         wrapped[name] = layer
     attention = config.attention_spec()
     if attention.enabled:
-        for block in model.blocks:
-            for point in MATMUL_INPUTS:
-                setattr(block.attn, point, Quantizer(attention).to(block.attn.qkv.weight.device))
-            block.attn.explicit_matmuls = True
+        device = next(model.parameters()).device
+        for attn in adapter_for(model).attention_modules().values():
+            for point in MATMUL_POINTS:
+                setattr(attn, point, Quantizer(attention).to(device))
+            attn.explicit_matmuls = True
     return wrapped
 
 
@@ -75,7 +71,7 @@ def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """Every activation quantizer: layer inputs and attention matmul inputs, by module name."""
     found = {f"{n}.act_quantizer": m.act_quantizer for n, m in quantized_layers(model).items()}
     for name, module in model.named_modules():
-        if isinstance(module, Quantizer) and name.rsplit(".", 1)[-1] in MATMUL_INPUTS:
+        if isinstance(module, Quantizer) and name.rsplit(".", 1)[-1] in MATMUL_POINTS:
             found[name] = module
     return found
 
@@ -96,7 +92,7 @@ def set_activation_bypass(model: nn.Module, bypass: bool) -> None:
 
 
 def calibrate_activations(
-    model: DiT,
+    model: nn.Module,
     calib: CalibrationSet,
     batch_size: int = 64,
     device: str = "cpu",
@@ -138,24 +134,3 @@ def pack_model(model: nn.Module) -> None:
     """Keep only integer weight codes in every quantized layer (outputs unchanged)."""
     for layer in quantized_layers(model).values():
         layer.pack()
-
-
-def quantize_model(
-    model: DiT,
-    config: QuantConfig,
-    calib: CalibrationSet | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Round-to-nearest quantization of ``model`` in place: wrap, calibrate weights and
-    (static) activations on ``calib``. Returns the activation ranges."""
-    wrap_layers(model, config)
-    calibrate_weights(model, progress)
-    needs_data = any(q.spec.needs_calibration for q in activation_quantizers(model).values())
-    if needs_data and calib is None:
-        raise DitqError(
-            "static activation ranges need a calibration set; pass one, or use dynamic "
-            "activations (--a-dynamic)"
-        )
-    return calibrate_activations(model, calib, batch_size, device, progress) if needs_data else {}

@@ -1,0 +1,188 @@
+"""Model adapters: what the quantization pipeline may know about a model family.
+
+Methods, calibration hooks and the sequential driver never parse module names: they ask
+the model's adapter (:func:`adapter_for`). One adapter module per family answers
+
+- which linears can be quantized, in forward order, and the group each belongs to
+  (``LAYER_GROUPS``: the selection ``--layers`` picks from);
+- the transformer blocks, and each block's linears by *role* (``BLOCK_ROLES``);
+- where a linear's input can absorb a per-channel factor offline (:class:`AdaLNFold`,
+  :class:`ValueRowsFold`) or not at all (``None``: the factor is applied online);
+- the attention modules whose matmul inputs can be quantized (each exposes the hook
+  points ``MATMUL_POINTS`` and an ``explicit_matmuls`` switch);
+- the units of sequential (block-by-block) calibration, in forward order;
+- how to call the denoiser on ``(x, t, condition)`` and how many tokens an entry has.
+
+A new family subclasses :class:`ModelAdapter` and registers with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditq.errors import DitqError
+
+LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
+"""Layer groups: the linears inside the transformer blocks' attention and MLP; the input
+embedders (patch, timestep); the adaLN modulation linears; the final projection."""
+BLOCK_ROLES = ("qkv", "proj", "fc1", "fc2")
+"""Roles of a block's linears: the attention's input projection and output projection,
+the MLP's first and second linear."""
+MATMUL_POINTS = ("q_act", "k_act", "v_act", "attn_act")
+"""Hook points of a quantizable attention module on the inputs of Q·Kᵀ (q, k) and P·V
+(softmax output, v); they run when its ``explicit_matmuls`` is set."""
+
+
+@dataclass(frozen=True)
+class AdaLNFold:
+    """The input is ``modulate(norm(x), shift, scale)`` with shift and scale chunks
+    ``shift_chunk`` and ``scale_chunk`` (of ``width`` rows each) of the output of the
+    linear ``producer``: a per-channel factor folds into those rows."""
+
+    producer: str
+    shift_chunk: int
+    scale_chunk: int
+
+
+@dataclass(frozen=True)
+class ValueRowsFold:
+    """The input is the attention output ``P·V``: a per-channel factor folds into the V
+    rows (the last third, head-major) of the linear ``producer`` (qkv)."""
+
+    producer: str
+
+
+InputFold = AdaLNFold | ValueRowsFold
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit of sequential calibration: a block (called on the inputs it receives in the
+    model's forward) or a single linear, by module name."""
+
+    name: str
+    is_block: bool
+
+
+class ModelAdapter:
+    """Structural questions about one model, answered for its family (module docstring)."""
+
+    family = ""
+    """The family's name, recorded in quantized directories."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, architecture: dict) -> nn.Module:
+        """An (uninitialized) model of the family from :meth:`architecture`'s dict."""
+        raise NotImplementedError
+
+    def architecture(self) -> dict:
+        """The JSON-serializable configuration :meth:`build` takes."""
+        raise NotImplementedError
+
+    def quantizable_layers(self) -> list[tuple[str, str]]:
+        """``(name, group)`` of every quantizable linear, in forward order."""
+        raise NotImplementedError
+
+    def num_blocks(self) -> int:
+        raise NotImplementedError
+
+    def block_name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def block_layers(self, index: int) -> dict[str, str]:
+        """Role (``BLOCK_ROLES``) to module name of block ``index``'s linears."""
+        raise NotImplementedError
+
+    def input_fold(self, layer: str) -> InputFold | None:
+        """Where ``layer``'s input can absorb a per-channel factor; None: nowhere."""
+        raise NotImplementedError
+
+    def attention_modules(self) -> dict[str, nn.Module]:
+        """Name to module of every attention whose matmuls can be quantized."""
+        raise NotImplementedError
+
+    def sequential_units(self, quantized: list[str]) -> list[Unit]:
+        """The units of block-by-block calibration for the quantized layers ``quantized``,
+        in forward order."""
+        raise NotImplementedError
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for inputs ``x`` at timesteps ``t`` with ``condition``."""
+        raise NotImplementedError
+
+    def tokens_per_entry(self) -> int:
+        """Tokens per calibration entry in a block's input."""
+        raise NotImplementedError
+
+    # Derived answers, the same for every family.
+
+    def layer_names(self, groups: tuple[str, ...] | list[str] = LAYER_GROUPS) -> list[str]:
+        """The quantizable linears of ``groups``, in forward order."""
+        unknown = set(groups) - set(LAYER_GROUPS)
+        if unknown:
+            raise DitqError(f"unknown layer groups {sorted(unknown)}; choose from {LAYER_GROUPS}")
+        return [name for name, group in self.quantizable_layers() if group in groups]
+
+    def layers_by_role(self, roles: tuple[str, ...] | list[str]) -> list[str]:
+        """Block linears of the given roles, block by block, in the order ``roles`` lists."""
+        return [
+            self.block_layers(i)[role]
+            for i in range(self.num_blocks())
+            for role in roles
+            if role in self.block_layers(i)
+        ]
+
+    def role_of(self, layer: str) -> tuple[int, str] | None:
+        """``(block index, role)`` of a block linear, None for other layers."""
+        for index in range(self.num_blocks()):
+            for role, name in self.block_layers(index).items():
+                if name == layer:
+                    return index, role
+        return None
+
+    def attention_points(self) -> list[str]:
+        """Module names of every attention matmul hook point."""
+        return [f"{name}.{point}" for name in self.attention_modules() for point in MATMUL_POINTS]
+
+
+_FAMILIES: list[type[ModelAdapter]] = []
+
+
+def register_adapter(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Make ``adapter`` answer for the models its ``matches`` accepts (a class decorator)."""
+    _FAMILIES.append(adapter)
+    return adapter
+
+
+def _families() -> list[type[ModelAdapter]]:
+    import ditq.models  # noqa: F401  (registers the bundled families)
+
+    return _FAMILIES
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``'s family, or one error naming the families ditq knows."""
+    for family in _families():
+        if family.matches(model):
+            return family(model)
+    known = ", ".join(family.family for family in _families())
+    raise DitqError(f"ditq has no adapter for a {type(model).__name__} (families: {known})")
+
+
+def adapter_class(family: str) -> type[ModelAdapter]:
+    """The adapter registered as ``family``."""
+    for adapter in _families():
+        if adapter.family == family:
+            return adapter
+    known = ", ".join(adapter.family for adapter in _families())
+    raise DitqError(f"model family {family!r} is not known to this ditq (families: {known})")

@@ -1,0 +1,248 @@
+"""BRECQ / AdaRound: the reconstruction solver of the sequential driver (Q-Diffusion /
+BRECQ; METHODS.md, PTQ4DiT, "Quantizers and reconstruction (official)").
+
+For one unit (a block, or a linear) with cached inputs from the quantized model so far and
+targets from the full-precision model, the AdaRound variables V of its quantized weights
+(Adam, ``weight_lr``) and the step sizes of its static activation quantizers, attention
+matmul inputs included (Adam, ``act_lr`` with cosine decay, LSQ gradients) are learned
+jointly on minibatches of the cached entries, minimizing
+
+    L = ‖ŷ - y‖_p^p + λ Σ_layers Σ 1 - |2h(V) - 1|^β
+
+where the first term is BRECQ's L_p loss (``|ŷ - y|^p`` summed over axis 1, the tokens
+of a block output, and averaged over the rest, as in the official code, against which
+λ = ``round_reg`` = 0.01 is set), the regularizer is off for the first ``warmup``
+fraction of the iterations and β then decays linearly from ``beta_start`` to ``beta_end``
+(:func:`rounding_beta`). The rounding is then hardened into the float weights (grid
+values, see :mod:`ditq.quant.adaround`) and the learned step sizes are frozen into buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ditq.errors import DitqError
+from ditq.pipeline.sequential import UnitCall, UnitData
+from ditq.pipeline.steps import activation_quantizers, quantized_layers
+from ditq.quant.adaround import adaround, supports_adaround
+from ditq.quant.quantizer import Quantizer
+
+LOG_EVERY = 200
+"""Iterations between loss updates of the progress bar (each one syncs the device)."""
+
+
+@dataclass
+class ReconSettings:
+    """Reconstruction hyper-parameters (defaults: the official PTQ4DiT / Q-Diffusion ones).
+
+    ``iters``: optimization steps per unit (0 skips reconstruction); ``batch_size``:
+    calibration entries per step; ``weight_lr``/``act_lr``: Adam learning rates of the
+    AdaRound variables and of the activation step sizes; ``round_reg``: λ of the rounding
+    regularizer; ``beta_start``/``beta_end``/``warmup``: its annealing; ``loss_p``: p of
+    the L_p reconstruction loss; ``learn_act_scales``: learn static activation step sizes;
+    ``chunks``: the data schedule of the official code (the calibration entries shuffled
+    once and split in ``chunks`` parts, ``iters / chunks`` steps drawing minibatches from
+    each part in turn; 1: every step draws from all entries); ``seed``: shuffling and
+    minibatches (unit k of the run uses ``seed + k``).
+    """
+
+    iters: int = 20000
+    batch_size: int = 32
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-5
+    round_reg: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    loss_p: float = 2.0
+    learn_act_scales: bool = True
+    chunks: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.iters < 0:
+            problems.append(f"iters={self.iters} (use 0 to skip reconstruction, e.g. 20000)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} (at least 1, e.g. 32)")
+        if self.chunks < 1:
+            problems.append(f"chunks={self.chunks} (at least 1; the official code uses 10)")
+        for name in ("weight_lr", "act_lr", "loss_p"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} (must be positive)")
+        if self.round_reg < 0:
+            problems.append(f"round_reg={self.round_reg} (must be at least 0, e.g. 0.01)")
+        if not 0 < self.beta_end <= self.beta_start:
+            problems.append(
+                f"beta_start={self.beta_start}, beta_end={self.beta_end} "
+                "(need 0 < beta_end <= beta_start, e.g. 20 -> 2)"
+            )
+        if not 0 <= self.warmup < 1:
+            problems.append(f"warmup={self.warmup} (a fraction in [0, 1), e.g. 0.2)")
+        if problems:
+            raise DitqError("bad reconstruction settings: " + "; ".join(problems))
+
+
+def rounding_beta(iteration: int, settings: ReconSettings) -> float | None:
+    """β of the rounding regularizer at 0-based ``iteration``: ``None`` (regularizer off)
+    while ``iteration + 1 < warmup · iters``, then linear from ``beta_start`` (at the end of
+    the warm-up) to ``beta_end`` (at the last iteration), as BRECQ's ``LinearTempDecay``."""
+    step = iteration + 1
+    start = settings.warmup * settings.iters
+    if step < start:
+        return None
+    remaining = max(0.0, 1.0 - (step - start) / (settings.iters - start))
+    return settings.beta_end + (settings.beta_start - settings.beta_end) * remaining
+
+
+def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """BRECQ's L_p loss: ``|output - target|^p`` summed over axis 1 (a block output's
+    tokens, a 2-D output's features) and averaged over the other axes."""
+    return (output - target).abs().pow(p).sum(1).mean()
+
+
+def minibatch_pools(entries: int, chunks: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The entries each part of the reconstruction draws its minibatches from: all of them
+    for one chunk, else a seeded shuffle split in ``chunks`` near-equal parts (the official
+    schedule: ``iters / chunks`` steps on each part in turn)."""
+    if chunks == 1:
+        return [torch.arange(entries)]
+    if chunks > entries:
+        raise DitqError(
+            f"cannot split {entries} calibration entries into {chunks} reconstruction chunks; "
+            f"use at most {entries} (--recon-chunks)"
+        )
+    return list(torch.randperm(entries, generator=generator).tensor_split(chunks))
+
+
+def pool_of_iteration(iteration: int, iters: int, pools: int) -> int:
+    """Which of ``pools`` minibatch pools step ``iteration`` of ``iters`` draws from: the
+    first ``iters / pools`` steps the first pool, and so on in turn."""
+    return min(iteration * pools // iters, pools - 1)
+
+
+class AdaRoundSolver:
+    """The sequential driver's solver for BRECQ / AdaRound reconstruction (module
+    docstring); ``solve`` returns ``initial_loss``, ``final_loss`` (:func:`reconstruction_loss`
+    over all cached entries before and after), ``iterations``, ``rounding_layers`` and
+    ``act_scales``."""
+
+    name = "adaround"
+
+    def __init__(self, settings: ReconSettings) -> None:
+        self.settings = settings
+
+    def result_fields(self) -> dict[str, Any]:
+        return asdict(self.settings)
+
+    def has_work(self, module: nn.Module) -> bool:
+        layers = quantized_layers(module).values()
+        learns_rounding = any(supports_adaround(layer) for layer in layers)
+        learns_scales = self.settings.learn_act_scales and bool(_static_act_quantizers(module))
+        return self.settings.iters > 0 and (learns_rounding or learns_scales)
+
+    def solve(
+        self, unit: UnitCall, data: UnitData, position: int, progress: bool
+    ) -> dict[str, Any]:
+        initial = self._evaluate(unit, data)
+        learned = self._optimize(unit, data, self.settings.seed + position, progress)
+        final = self._evaluate(unit, data)
+        return {
+            "initial_loss": initial,
+            "final_loss": final,
+            "iterations": self.settings.iters,
+            **learned,
+        }
+
+    @torch.no_grad()
+    def _evaluate(self, unit: UnitCall, data: UnitData) -> float:
+        """:func:`reconstruction_loss` over all cached entries."""
+        total = 0.0
+        for index in torch.arange(len(data)).split(self.settings.batch_size):
+            batch = data.batch(index)
+            loss = reconstruction_loss(unit.forward(batch), batch["target"], self.settings.loss_p)
+            total += float(loss) * len(index)
+        return total / len(data)
+
+    def _optimize(
+        self, unit: UnitCall, data: UnitData, seed: int, progress: bool
+    ) -> dict[str, int]:
+        """Learn the unit's rounding and activation step sizes; harden and freeze them."""
+        settings = self.settings
+        act_quantizers = _static_act_quantizers(unit.module) if settings.learn_act_scales else []
+        layers = quantized_layers(unit.module).values()
+        generator = torch.Generator().manual_seed(seed)
+        with (
+            torch.enable_grad(),
+            _frozen(unit.module),
+            adaround(layers) as rounders,
+            _learned_scales(act_quantizers) as scales,
+        ):
+            steps: list[Callable[[], None]] = []
+            optimizers: list[torch.optim.Optimizer] = []
+            if rounders:
+                optimizers.append(torch.optim.Adam([r.V for r in rounders], lr=settings.weight_lr))
+                steps.append(optimizers[-1].step)
+            if scales:
+                act_optimizer = torch.optim.Adam(scales, lr=settings.act_lr)
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, settings.iters)
+                optimizers.append(act_optimizer)
+                steps += [act_optimizer.step, schedule.step]
+            parts = minibatch_pools(len(data), settings.chunks, generator)
+            bar = tqdm(range(settings.iters), desc=unit.name, leave=False, disable=not progress)
+            for iteration in bar:
+                pool = parts[pool_of_iteration(iteration, settings.iters, len(parts))]
+                index = pool[torch.randperm(len(pool), generator=generator)[: settings.batch_size]]
+                batch = data.batch(index.sort().values)
+                loss = reconstruction_loss(unit.forward(batch), batch["target"], settings.loss_p)
+                beta = rounding_beta(iteration, settings)
+                if beta is not None and rounders and settings.round_reg > 0:
+                    loss = loss + settings.round_reg * sum(r.regularizer(beta) for r in rounders)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for step in steps:
+                    step()
+                if progress and iteration % LOG_EVERY == 0:
+                    bar.set_postfix(loss=f"{float(loss):.4g}")
+        return {"rounding_layers": len(rounders), "act_scales": len(scales)}
+
+
+def _static_act_quantizers(module: nn.Module) -> list[Quantizer]:
+    return [q for q in activation_quantizers(module).values() if q.spec.needs_calibration]
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """No gradients for the module's own parameters (weights, biases) inside the block."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def _learned_scales(quantizers: list[Quantizer]) -> Iterator[list[nn.Parameter]]:
+    """Learnable step sizes inside the block, frozen back into buffers on a normal exit;
+    an exception restores the calibrated ones."""
+    calibrated = [q.scale.detach().clone() for q in quantizers]
+    try:
+        yield [q.enable_learning() for q in quantizers]
+    except BaseException:
+        for quantizer, scale in zip(quantizers, calibrated, strict=True):
+            quantizer.scale.data = scale
+        raise
+    finally:
+        for quantizer in quantizers:
+            quantizer.disable_learning()
