@@ -14,7 +14,6 @@ import ditq
 from ditq.calib.dataset import build_calibration_set
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
-from ditq.eval import report as report_module
 from ditq.eval.metrics import ssim
 from ditq.eval.report import (
     GRID_PAD,
@@ -26,6 +25,7 @@ from ditq.eval.report import (
     markdown_table,
     read_first_images,
 )
+from ditq.eval.report import render as report_render
 from ditq.io import save_samples_npz
 from ditq.methods import RTNConfig
 from ditq.pipeline.checkpoint import WEIGHTS, save_quantized
@@ -227,7 +227,7 @@ def test_output_is_atomic_on_error(runs, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise DitqError("plot failed")
 
-    monkeypatch.setattr(report_module, "bar_plot", broken)
+    monkeypatch.setattr(report_render, "bar_plot", broken)
     with pytest.raises(DitqError, match="plot failed"):
         make_report([*runs], out, overwrite=True)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
