@@ -7,7 +7,7 @@ import torch
 from ditq.errors import DitqError
 from ditq.models.adapter import adapter_for
 from ditq.pipeline.config import QuantConfig
-from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.steps import wrap_layers
 
 from conftest import tiny_dit
@@ -32,10 +32,10 @@ def test_smoothing_every_layer_of_every_block_is_exact_in_fp32():
         reference = model(x, t, y)
         wrap_layers(model, QuantConfig(wbits=16, abits=16))
         g = torch.Generator().manual_seed(1)
-        for name in adapter_for(model).layers_by_role(("qkv", "proj", "fc1", "fc2")):
-            width = model.get_submodule(name).in_features
+        for group in adapter_for(model).role_groups(("qkv", "proj", "fc1", "fc2")):
+            width = model.get_submodule(group[0]).in_features
             s = torch.exp(torch.randn(width, generator=g))  # factors between ~0.05 and ~20
-            smooth_layer(model, name, s)
+            smooth_layers(model, group, s)
         out = model(x, t, y)
     assert _relative_error(out, reference) < 1e-5
 
@@ -45,18 +45,20 @@ def test_proj_smoothing_moves_attention_output_channels_into_v_rows():
     block = model.blocks[0]
     v_rows_before = block.attn.qkv.weight[64:].clone()
     s = torch.full((32,), 2.0)
-    smooth_layer(model, "blocks.0.attn.proj", s)
+    smooth_layers(model, ["blocks.0.attn.proj"], s)
     torch.testing.assert_close(block.attn.qkv.weight[64:], v_rows_before / 2)
 
 
 def test_layers_without_a_producer_need_a_quantized_layer_and_unknown_layers_fail():
     model = tiny_dit()
     with pytest.raises(DitqError, match="needs a QuantLinear"):
-        smooth_layer(model, "blocks.0.mlp.fc2", torch.ones(128))
+        smooth_layers(model, ["blocks.0.mlp.fc2"], torch.ones(128))
     with pytest.raises(DitqError, match="needs a QuantLinear"):
-        smooth_layer(model, "blocks.0.adaLN_modulation.1", torch.ones(32))
+        smooth_layers(model, ["blocks.0.adaLN_modulation.1"], torch.ones(32))
+    with pytest.raises(DitqError, match="do not read one input"):
+        smooth_layers(model, ["blocks.0.attn.qkv", "blocks.0.mlp.fc1"], torch.ones(32))
     with pytest.raises(DitqError, match="no layer named"):
-        smooth_layer(model, "blocks.0.attn.nothing", torch.ones(32))
+        smooth_layers(model, ["blocks.0.attn.nothing"], torch.ones(32))
 
 
 def test_smoothing_makes_activation_and_weight_maxima_equal_for_alpha_half():

@@ -42,9 +42,11 @@ def activation_salience(
     return {name: obs.result().float().cpu() for name, obs in observers.items()}
 
 
-def weight_salience(weight: torch.Tensor) -> torch.Tensor:
-    """``s(W_j) = max_i |W_ij|`` per input channel j of a (C_out, C_in) weight."""
-    return weight.detach().abs().amax(dim=0).float()
+def weight_salience(*weights: torch.Tensor) -> torch.Tensor:
+    """``s(W_j) = max_i |W_ij|`` per input channel j of (C_out, C_in) weights, over the rows
+    of all of them (linears that read one input, e.g. separate q, k and v projections)."""
+    rows = weights[0] if len(weights) == 1 else torch.cat(weights)
+    return rows.detach().abs().amax(dim=0).float()
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:

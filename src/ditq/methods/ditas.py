@@ -13,8 +13,10 @@ Per block linear (qkv, proj, fc1, fc2), in the official code's order:
    they are captured once per layer and reused for every α. Dynamic per-tensor activation
    ranges are those of each sampling step's whole batch (exact even when the rows are
    subsampled: they come from per-channel minima and maxima of all rows).
-4. Folding (:func:`ditq.pipeline.folding.smooth_layer`): qkv and fc1 into adaLN, fc2 online,
+4. Folding (:func:`ditq.pipeline.folding.smooth_layers`): qkv and fc1 into adaLN, fc2 online,
    proj online by default (``fold_proj``: into the V rows of qkv and of its low-rank branch).
+   A role held by several linears of one input (separate q, k and v projections) keeps a
+   factor per linear, each divided online (one fold serves only one factor).
 
 Why proj is smoothed online by default. The official code divides the V rows of qkv's
 *already fake-quantized* weight by proj's factors: qkv's quantization error stays as it
@@ -56,7 +58,7 @@ from ditq.calib.stats import activation_salience, weight_salience
 from ditq.errors import DitqError
 from ditq.models.adapter import adapter_for
 from ditq.pipeline.config import QuantConfig
-from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
 from ditq.pipeline.steps import quantized_layers
 from ditq.quant.lowrank import lowrank_quantize
@@ -341,9 +343,9 @@ class DiTAS(Method):
         for index in range(adapter.num_blocks()):
             layers = adapter.block_layers(index)
             for role in SEARCH_ORDER:
-                name = layers.get(role)
-                if name in selected and not config.keeps_float(name):
-                    roles[name] = (index, role)
+                for name in layers.get(role, ()):
+                    if name in selected and not config.keeps_float(name):
+                        roles[name] = (index, role)
         if not roles:
             raise DitqError("DiTAS works on the block linears; select --layers blocks")
         names = list(roles)
@@ -376,7 +378,7 @@ class DiTAS(Method):
             inputs = _SearchInputs(captured.pop(name), search, config.search_max_tokens, ctx.device)
             row_scale = None
             if role == "qkv" and config.fold_proj:
-                proj = plans.get(adapter.block_layers(block)["proj"])
+                proj = plans.get(adapter.block_layers(block)["proj"][0])
                 qkv_rows = model.get_submodule(name).out_features
                 row_scale = _value_row_scale(qkv_rows, proj.smoothing if proj else None)
             smooth = role != "fc2" or config.smooth_fc2
@@ -409,8 +411,10 @@ class DiTAS(Method):
                 target.set_lowrank(plan.up, plan.down)
         for name, plan in analysis.plans.items():
             if plan.smoothing is not None:
-                online = adapter.role_of(name)[1] == "proj" and not config.fold_proj
-                smooth_layer(model, name, plan.smoothing, online=online)
+                index, role = adapter.role_of(name)
+                shared = len(adapter.block_layers(index)[role]) > 1
+                online = shared or (role == "proj" and not config.fold_proj)
+                smooth_layers(model, (name,), plan.smoothing, online=online)
         return {
             "tas_entries": analysis.tas_entries,
             "search_steps": sorted(torch.unique(analysis.search.step).tolist()),

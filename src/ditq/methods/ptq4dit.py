@@ -13,7 +13,7 @@ fc1 of every block (never fc2, whose input comes from GELU):
 - CSB: ``B^X = diag(sqrt(s(W_j) / s_ρ(X_j)))``, ``B^W = (B^X)^-1``, i.e. the smoothing
   factor ``s = smoothing_factor(s_ρ(X), s(W), α=1/2)`` with ``X̃ = X / s``, ``W̃ = W s``;
   both channel maxima become the geometric mean ``sqrt(s(X_j) s(W_j))``;
-- offline re-parameterization (:func:`ditq.pipeline.folding.smooth_layer`): ``B^X`` is folded
+- offline re-parameterization (:func:`ditq.pipeline.folding.smooth_layers`): ``B^X`` is folded
   into the adaLN shift/scale rows (qkv, fc1) and into the V rows of qkv (proj); the folded
   FP model equals the original to float rounding.
 
@@ -86,7 +86,7 @@ from ditq.errors import DitqError
 from ditq.models.adapter import adapter_for
 from ditq.pipeline.adaround_solver import AdaRoundSolver, ReconSettings
 from ditq.pipeline.config import LayerSelection, QuantConfig
-from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
 from ditq.quant.smoothing import smoothing_factor
 
@@ -193,11 +193,12 @@ def csb_timestep(timesteps: list[int]) -> int:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def balanced_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
-    """qkv, proj and fc1 of every block that ``config`` quantizes, in folding order."""
-    selected = set(config.layers.names(model))
-    names = adapter_for(model).layers_by_role(BALANCED_ROLES)
-    return [name for name in names if name in selected and not config.keeps_float(name)]
+def balanced_groups(model: nn.Module, config: QuantConfig) -> list[tuple[str, ...]]:
+    """qkv, proj and fc1 of every block that ``config`` quantizes, by role (the linears of
+    a role share one input and one factor), in folding order."""
+    selected = {n for n in config.layers.names(model) if not config.keeps_float(n)}
+    groups = adapter_for(model).role_groups(BALANCED_ROLES)
+    return [group for group in groups if all(name in selected for name in group)]
 
 
 class _EntrySalience:
@@ -249,13 +250,15 @@ def salience_rows(
     return {n: torch.stack([by_t[n][t] for t in timesteps]) for n in names}, timesteps
 
 
-def balance_layer(model: nn.Module, name: str, saliences: torch.Tensor) -> dict[str, Any]:
-    """CSB with the SSC salience of ``saliences`` (K, C), folded offline (METHODS.md)."""
-    weight = model.get_submodule(name).weight
-    s_w = weight_salience(weight).cpu()
+def balance_layers(
+    model: nn.Module, group: tuple[str, ...], saliences: torch.Tensor
+) -> dict[str, Any]:
+    """CSB with the SSC salience of ``saliences`` (K, C) of the input that the linears of
+    ``group`` share, folded offline (METHODS.md); ``s(W)`` over all their rows."""
+    s_w = weight_salience(*(model.get_submodule(name).weight for name in group)).cpu()
     s_x, rho, eta = calibrated_salience(saliences, s_w)
     factor = smoothing_factor(s_x, s_w, CSB_ALPHA)
-    smooth_layer(model, name, factor)
+    smooth_layers(model, group, factor)
     return {
         "rho": rho.tolist(),
         "eta": eta.tolist(),
@@ -268,7 +271,7 @@ class _Salience:
     """What the FP model's statistics gave: the layers to balance, their salience rows and
     the timestep of each row."""
 
-    names: list[str]
+    groups: list[tuple[str, ...]]
     rows: dict[str, torch.Tensor]
     timesteps: list[int]
 
@@ -284,7 +287,8 @@ class PTQ4DiT(Method):
     def analyze(
         self, model: nn.Module, config: QuantConfig, calib: CalibrationSet | None, ctx: RunContext
     ) -> _Salience:
-        names = balanced_layer_names(model, config) if config.balance != "none" else []
+        groups = balanced_groups(model, config) if config.balance != "none" else []
+        names = [group[0] for group in groups]  # one input per group
         if not names:
             return _Salience([], {}, [])
         rows, timesteps = salience_rows(
@@ -296,13 +300,14 @@ class PTQ4DiT(Method):
             device=ctx.device,
             progress=ctx.progress,
         )
-        return _Salience(names, rows, timesteps)
+        return _Salience(groups, rows, timesteps)
 
     def transform(
         self, model: nn.Module, config: QuantConfig, analysis: Any, ctx: RunContext
     ) -> dict[str, Any]:
         balanced = {
-            name: balance_layer(model, name, analysis.rows[name]) for name in analysis.names
+            ",".join(group): balance_layers(model, group, analysis.rows[group[0]])
+            for group in analysis.groups
         }
         return {
             "balance": config.balance,

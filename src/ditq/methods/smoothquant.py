@@ -1,6 +1,6 @@
 """SmoothQuant (Xiao et al., 2023) on DiT blocks: migrate activation outliers into the
 weights with ``s_j = s(X_j)^α / s(W_j)^(1-α)``, folded into the preceding op
-(:func:`ditq.pipeline.folding.smooth_layer`)."""
+(:func:`ditq.pipeline.folding.smooth_layers`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ditq.calib.stats import activation_salience, weight_salience
 from ditq.errors import DitqError
 from ditq.models.adapter import BLOCK_ROLES, adapter_for
 from ditq.pipeline.config import QuantConfig
-from ditq.pipeline.folding import smooth_layer
+from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
 from ditq.pipeline.steps import layers_to_wrap
 from ditq.quant.smoothing import smoothing_factor
@@ -46,12 +46,13 @@ class SmoothQuantConfig(QuantConfig):
         self.smooth = tuple(self.smooth)
 
 
-def smoothed_layer_names(model: nn.Module, config: SmoothQuantConfig) -> list[str]:
-    """The ``config.smooth`` linears of every block that ``config`` quantizes (a layer kept
-    in float, or left out of the layer selection, is not smoothed)."""
+def smoothed_groups(model: nn.Module, config: SmoothQuantConfig) -> list[tuple[str, ...]]:
+    """The ``config.smooth`` linears of every block that ``config`` quantizes, by role (the
+    linears of a role share one input and one factor; a role with a layer kept in float,
+    or left out of the layer selection, is not smoothed)."""
     quantized = layers_to_wrap(model, config)
-    names = adapter_for(model).layers_by_role(config.smooth)
-    return [name for name in names if name in quantized]
+    groups = adapter_for(model).role_groups(config.smooth)
+    return [group for group in groups if all(name in quantized for name in group)]
 
 
 @dataclass(frozen=True)
@@ -63,26 +64,27 @@ class SmoothQuant(Method):
 
     def analyze(
         self, model: nn.Module, config: QuantConfig, calib: CalibrationSet | None, ctx: RunContext
-    ) -> dict[str, torch.Tensor]:
-        names = smoothed_layer_names(model, config)
-        return activation_salience(
+    ) -> dict[tuple[str, ...], torch.Tensor]:
+        groups = smoothed_groups(model, config)
+        salience = activation_salience(
             model,
             calib,
-            names,
+            [group[0] for group in groups],  # one input per group
             batch_size=ctx.batch_size,
             device=ctx.device,
             progress=ctx.progress,
         )
+        return {group: salience[group[0]] for group in groups}
 
     def transform(
         self, model: nn.Module, config: QuantConfig, analysis: Any, ctx: RunContext
     ) -> dict[str, Any]:
         factors = {}
-        for name, salience in analysis.items():
-            target = model.get_submodule(name)
-            s = smoothing_factor(salience, weight_salience(target.weight), config.alpha)
-            smooth_layer(model, name, s)
-            factors[name] = {"min": float(s.min()), "max": float(s.max())}
+        for group, salience in analysis.items():
+            weights = [model.get_submodule(name).weight for name in group]
+            s = smoothing_factor(salience, weight_salience(*weights), config.alpha)
+            smooth_layers(model, group, s)
+            factors[",".join(group)] = {"min": float(s.min()), "max": float(s.max())}
         return {"smoothing_factors": factors}
 
 

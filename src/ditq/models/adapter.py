@@ -5,7 +5,8 @@ the model's adapter (:func:`adapter_for`). One adapter module per family answers
 
 - which linears can be quantized, in forward order, and the group each belongs to
   (``LAYER_GROUPS``: the selection ``--layers`` picks from);
-- the transformer blocks, and each block's linears by *role* (``BLOCK_ROLES``);
+- the transformer blocks, and each block's linears by *role* (``BLOCK_ROLES``; a role holds
+  the linears that read one input: a fused qkv, or separate q, k and v projections);
 - where a linear's input can absorb a per-channel factor offline (:class:`AdaLNFold`,
   :class:`ValueRowsFold`) or not at all (``None``: the factor is applied online);
 - the attention modules whose matmul inputs can be quantized (each exposes the hook
@@ -29,8 +30,9 @@ LAYER_GROUPS = ("blocks", "embedders", "adaln", "final_layer")
 """Layer groups: the linears inside the transformer blocks' attention and MLP; the input
 embedders (patch, timestep); the adaLN modulation linears; the final projection."""
 BLOCK_ROLES = ("qkv", "proj", "fc1", "fc2")
-"""Roles of a block's linears: the attention's input projection and output projection,
-the MLP's first and second linear."""
+"""Roles of a block's linears: the attention's input projection(s) and output projection,
+the MLP's first and second linear. The linears of one role read the same input, so one
+per-channel factor on that input serves them all."""
 MATMUL_POINTS = ("q_act", "k_act", "v_act", "attn_act")
 """Hook points of a quantizable attention module on the inputs of Q·Kᵀ (q, k) and P·V
 (softmax output, v); they run when its ``explicit_matmuls`` is set."""
@@ -99,8 +101,9 @@ class ModelAdapter:
     def block_name(self, index: int) -> str:
         raise NotImplementedError
 
-    def block_layers(self, index: int) -> dict[str, str]:
-        """Role (``BLOCK_ROLES``) to module name of block ``index``'s linears."""
+    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
+        """Role (``BLOCK_ROLES``) to the module names of block ``index``'s linears of that
+        role (one name, or several reading the same input)."""
         raise NotImplementedError
 
     def input_fold(self, layer: str) -> InputFold | None:
@@ -133,20 +136,24 @@ class ModelAdapter:
             raise DitqError(f"unknown layer groups {sorted(unknown)}; choose from {LAYER_GROUPS}")
         return [name for name, group in self.quantizable_layers() if group in groups]
 
+    def role_groups(self, roles: tuple[str, ...] | list[str]) -> list[tuple[str, ...]]:
+        """The linears of each given role (each group reads one input), block by block, in
+        the order ``roles`` lists."""
+        groups = []
+        for index in range(self.num_blocks()):
+            layers = self.block_layers(index)
+            groups += [layers[role] for role in roles if role in layers]
+        return groups
+
     def layers_by_role(self, roles: tuple[str, ...] | list[str]) -> list[str]:
         """Block linears of the given roles, block by block, in the order ``roles`` lists."""
-        return [
-            self.block_layers(i)[role]
-            for i in range(self.num_blocks())
-            for role in roles
-            if role in self.block_layers(i)
-        ]
+        return [name for group in self.role_groups(roles) for name in group]
 
     def role_of(self, layer: str) -> tuple[int, str] | None:
         """``(block index, role)`` of a block linear, None for other layers."""
         for index in range(self.num_blocks()):
-            for role, name in self.block_layers(index).items():
-                if name == layer:
+            for role, names in self.block_layers(index).items():
+                if layer in names:
                     return index, role
         return None
 

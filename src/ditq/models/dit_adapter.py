@@ -53,7 +53,7 @@ class DiTAdapter(ModelAdapter):
         layers = [(name, "embedders") for name in EMBEDDER_LAYERS]
         for index in range(self.num_blocks()):
             layers.append((f"{self.block_name(index)}.{ADALN_LINEAR}", "adaln"))
-            layers += [(name, "blocks") for name in self.block_layers(index).values()]
+            layers += [(name, "blocks") for (name,) in self.block_layers(index).values()]
         return layers + list(FINAL_LAYERS)
 
     def num_blocks(self) -> int:
@@ -62,8 +62,8 @@ class DiTAdapter(ModelAdapter):
     def block_name(self, index: int) -> str:
         return f"blocks.{index}"
 
-    def block_layers(self, index: int) -> dict[str, str]:
-        return {role: f"blocks.{index}.{name}" for role, name in BLOCK_LAYERS.items()}
+    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
+        return {role: (f"blocks.{index}.{name}",) for role, name in BLOCK_LAYERS.items()}
 
     def input_fold(self, layer: str) -> InputFold | None:
         found = self.role_of(layer)
@@ -73,7 +73,7 @@ class DiTAdapter(ModelAdapter):
         if role in ADALN_CHUNKS:
             return AdaLNFold(f"{self.block_name(index)}.{ADALN_LINEAR}", *ADALN_CHUNKS[role])
         if role == "proj":
-            return ValueRowsFold(self.block_layers(index)["qkv"])
+            return ValueRowsFold(*self.block_layers(index)["qkv"])
         return None
 
     def attention_modules(self) -> dict[str, nn.Module]:

@@ -1,9 +1,10 @@
 """Channel scaling that costs nothing at inference: pure functions that fold a
 per-input-channel factor into whatever produces a layer's input (SmoothQuant style).
 
-For a linear with input X and weight W, ``smooth_layer(model, name, s)`` computes
-``X ← X / s`` and ``W ← W · diag(s)`` so that ``X Wᵀ`` is unchanged (METHODS.md: PTQ4DiT's
-offline re-parameterization with ``B^X = diag(1/s)``, ``B^W = diag(s)``; DiTAS' folding).
+For linears with one input X and weights W, ``smooth_layers(model, names, s)`` computes
+``X ← X / s`` and ``W ← W · diag(s)`` for each, so that every ``X Wᵀ`` is unchanged
+(METHODS.md: PTQ4DiT's offline re-parameterization with ``B^X = diag(1/s)``,
+``B^W = diag(s)``; DiTAS' folding).
 Where the divisor goes, the model's adapter says (``ModelAdapter.input_fold``):
 
 - an input ``modulate(norm(x), shift, scale)`` (a DiT's qkv and fc1): into the rows of the
@@ -15,6 +16,8 @@ Where the divisor goes, the model's adapter says (``ModelAdapter.input_fold``):
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -68,26 +71,35 @@ def scale_weight_columns(linear: nn.Module, factor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def smooth_layer(model: nn.Module, layer: str, s: torch.Tensor, online: bool = False) -> None:
-    """Divide the input of ``layer`` by ``s`` and multiply its weight columns by ``s``.
+def smooth_layers(
+    model: nn.Module, layers: Sequence[str], s: torch.Tensor, online: bool = False
+) -> None:
+    """Divide the input that ``layers`` share by ``s`` and multiply the weight columns of
+    each by ``s`` (a role's linears: ``ModelAdapter.role_groups``).
 
     The model computes the same function afterwards (to float rounding) for every input,
-    timestep and label. A layer whose input has no producer to fold into (fc2), and any
-    layer with ``online``, divides its input online, which needs a ``QuantLinear``.
+    timestep and label. Linears whose input has no producer to fold into (fc2), and any
+    with ``online``, divide their input online, which needs ``QuantLinear`` layers.
     """
-    target = get_layer(model, layer)
-    fold = adapter_for(model).input_fold(layer)
-    s = s.detach().float().to(target.weight.device)
+    adapter = adapter_for(model)
+    targets = [get_layer(model, layer) for layer in layers]
+    folds = {adapter.input_fold(layer) for layer in layers}
+    if len(folds) != 1:
+        raise DitqError(f"{', '.join(layers)} do not read one input: smooth them one by one")
+    (fold,) = folds
+    s = s.detach().float().to(targets[0].weight.device)
     if online or fold is None:
-        if not hasattr(target, "input_scale"):
-            raise DitqError(
-                f"smoothing {layer} online needs a QuantLinear: quantize the model first"
-            )
-        previous = target.input_scale if target.input_scale is not None else torch.ones_like(s)
-        target.input_scale = previous * s
+        for layer, target in zip(layers, targets, strict=True):
+            if not hasattr(target, "input_scale"):
+                raise DitqError(
+                    f"smoothing {layer} online needs a QuantLinear: quantize the model first"
+                )
+            previous = target.input_scale if target.input_scale is not None else torch.ones_like(s)
+            target.input_scale = previous * s
     elif isinstance(fold, AdaLNFold):
         producer = get_layer(model, fold.producer)
         fold_into_adaln(producer, fold.shift_chunk, fold.scale_chunk, 1.0 / s)
     else:
         fold_into_value_rows(get_layer(model, fold.producer), 1.0 / s)
-    scale_weight_columns(target, s)
+    for target in targets:
+        scale_weight_columns(target, s)

@@ -1,7 +1,7 @@
 """Smoothing factors shared by SmoothQuant, PTQ4DiT (CSB) and DiTAS (TAS).
 
 A factor ``s`` divides the activation and multiplies the weight column-wise
-(:func:`ditq.pipeline.folding.smooth_layer`).
+(:func:`ditq.pipeline.folding.smooth_layers`).
 """
 
 from __future__ import annotations
