@@ -23,6 +23,7 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.errors import DitqError
 from ditq.kernels import apply_backend, resolve_backend
 from ditq.methods import METHODS
+from ditq.models.diffusers_dit import is_diffusers_dit, load_diffusers_dit
 from ditq.models.loading import load_checkpoint, resolve_dtype
 from ditq.pipeline.checkpoint import is_quantized_dir, load_quantized, save_quantized
 from ditq.pipeline.config import QuantConfig
@@ -104,7 +105,9 @@ def load_model(
     **checkpoint_options: Any,
 ) -> nn.Module:
     """A model ready to run: a quantized directory written by :func:`save` or ``ditq
-    quantize``, or a full-precision checkpoint (a file, an official name such as
+    quantize``; a diffusers ``DiTTransformer2DModel`` (a model directory, a pipeline
+    directory, or a hub id such as ``facebook/DiT-XL-2-256`` when the network allows); or a
+    full-precision checkpoint in the official layout (a file, an official name such as
     ``DiT-XL-2-256``, or a bundled model such as ``demo``; ``checkpoint_options`` as
     :func:`ditq.models.loading.load_checkpoint`).
 
@@ -113,11 +116,22 @@ def load_model(
     full-precision model ignores it. Returns the model in eval mode on ``device``.
     """
     name = str(path_or_name)
-    quantized = Path(name).is_dir()
+    quantized = is_quantized_dir(name)
     backend = resolve_backend(backend, device, quantized=quantized)
-    if not quantized:
-        return load_checkpoint(name, device=device, dtype=dtype, **checkpoint_options)
-    if not is_quantized_dir(name):
-        raise DitqError(f"{name} is a directory but not one written by ditq quantize")
-    model = load_quantized(name, device=device, dtype=resolve_dtype(dtype))
-    return apply_backend(model, backend)
+    if quantized:
+        model = load_quantized(name, device=device, dtype=resolve_dtype(dtype))
+        return apply_backend(model, backend)
+    if is_diffusers_dit(name) is not None or _looks_like_hub_id(name):
+        return load_diffusers_dit(name).to(device=device, dtype=resolve_dtype(dtype)).eval()
+    if Path(name).is_dir():
+        raise DitqError(
+            f"{name} is a directory but neither one written by ditq quantize nor a diffusers "
+            "DiT model or pipeline directory"
+        )
+    return load_checkpoint(name, device=device, dtype=dtype, **checkpoint_options)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` that is no local path (diffusers may download it)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()

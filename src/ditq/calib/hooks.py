@@ -197,11 +197,13 @@ def capture_layer_inputs(
 
 @dataclass
 class BlockIO:
-    """The positional tensor arguments ``args`` (each (N, ...)) and the output ``out`` of
-    one block for every calibration entry, in the set's entry order, on the CPU (a DiT
-    block: ``args = (x, c)``)."""
+    """The positional tensor arguments ``args`` and tensor keyword arguments ``kwargs``
+    (each (N, ...)) and the output ``out`` of one block for every calibration entry, in the
+    set's entry order, on the CPU (a DiT block: ``args = (x, c)``; a diffusers block:
+    ``args = (x,)``, ``kwargs = {"timestep": t, "class_labels": y}``)."""
 
     args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor]
     out: torch.Tensor
 
 
@@ -221,15 +223,18 @@ def capture_block_io(
     """
     module = get_layer(model, block)
     args_seen: list[tuple[torch.Tensor, ...]] = []
+    kwargs_seen: list[dict[str, torch.Tensor]] = []
     outs: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         args_seen.append(tuple(a.detach().cpu() for a in args))
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        kwargs_seen.append({k: v.detach().cpu() for k, v in tensors.items()})
         outs.append(output.detach().cpu())
         raise _StopForward
 
     with _hook_session(model, []) as handles:
-        handles.append(module.register_forward_hook(hook))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
         _run_batches(
             model,
             calib,
@@ -240,7 +245,8 @@ def capture_block_io(
             by_timestep=False,
         )
     args = tuple(torch.cat(parts) for parts in zip(*args_seen, strict=True))
-    return BlockIO(args, torch.cat(outs))
+    kwargs = {key: torch.cat([seen[key] for seen in kwargs_seen]) for key in kwargs_seen[0]}
+    return BlockIO(args, kwargs, torch.cat(outs))
 
 
 class _StopForward(Exception):

@@ -348,6 +348,11 @@ class DiTAS(Method):
                         roles[name] = (index, role)
         if not roles:
             raise DitqError("DiTAS works on the block linears; select --layers blocks")
+        if config.fold_proj and len(adapter.block_layers(0)["qkv"]) > 1:
+            raise DitqError(
+                "--fold-proj folds proj's factors into a fused qkv's V rows; this model has "
+                "separate q, k and v projections: leave --fold-proj out"
+            )
         names = list(roles)
         search = _search_set(calib, config.search_steps)
         salience = activation_salience(

@@ -52,9 +52,11 @@ class AdaLNFold:
 @dataclass(frozen=True)
 class ValueRowsFold:
     """The input is the attention output ``P·V``: a per-channel factor folds into the V
-    rows (the last third, head-major) of the linear ``producer`` (qkv)."""
+    rows of the linear ``producer``: the last third (head-major) of a ``fused`` qkv, or
+    every row of a separate v projection."""
 
     producer: str
+    fused: bool = True
 
 
 InputFold = AdaLNFold | ValueRowsFold

@@ -8,7 +8,9 @@
     (C_out, C_in/g, 1) per group), ``L.bias``, static activation ranges
     ``L.act_quantizer.scale`` / ``.zero_point`` ((1, 1)), and optionally
     ``L.input_scale`` (C_in,) and the 16-bit low-rank branch ``L.lowrank_up`` (C_out, r) /
-    ``L.lowrank_down`` (r, C_in). Attention matmul quantizers are
+    ``L.lowrank_down`` (r, C_in). Buffers a module does not keep in its state dict
+    (non-persistent, e.g. diffusers' position embeddings) are stored too and listed in the
+    manifest's ``buffers``. Attention matmul quantizers are
     ``blocks.i.attn.{q,k,v,attn}_act.scale``/``.zero_point``. All other parameters are
     the (possibly re-parameterized) float32 tensors of the official layout.
 ``DIR/ditq.json``
@@ -108,7 +110,11 @@ def save_quantized(
         "attention": attention_manifest(model),
         "calibration": calibration,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    buffers = {n: b for n, b in model.named_buffers() if n not in state}  # non-persistent
+    if buffers:
+        manifest["buffers"] = sorted(buffers)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in {**state, **buffers}.items()}
     with write_output(out_dir, QUANTIZED_DIR, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -167,6 +173,9 @@ def load_quantized(
     try:
         for name, layer in quantized_layers(model).items():
             _prepare_layer_for_state(layer, name, tensors)
+        for name in manifest.get("buffers", []):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, tensors.pop(name))
         model.load_state_dict(tensors, strict=True, assign=True)
     except (KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:300]

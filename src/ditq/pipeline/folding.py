@@ -45,14 +45,15 @@ def fold_into_adaln(adaln: nn.Linear, shift_chunk: int, scale_chunk: int, factor
 
 
 @torch.no_grad()
-def fold_into_value_rows(qkv: nn.Module, factor: torch.Tensor) -> None:
-    """Multiply the attention output channels by ``factor`` via the V rows of qkv.
+def fold_into_value_rows(qkv: nn.Module, factor: torch.Tensor, fused: bool = True) -> None:
+    """Multiply the attention output channels by ``factor`` via the V rows of qkv (of a
+    separate v projection when not ``fused``: all its rows).
 
     ``P·(V f) = (P·V) f`` for every head since V's output channel ``j`` (rows ``2C + j`` of
     qkv, head-major) is channel ``j`` of the attention output that proj reads.
     """
     hidden = factor.numel()
-    rows = slice(2 * hidden, 3 * hidden)
+    rows = slice(2 * hidden, 3 * hidden) if fused else slice(0, hidden)
     if getattr(qkv, "packed", False):
         raise DitqError("fold smoothing factors before quantized layers are packed")
     qkv.weight[rows] *= factor.to(qkv.weight.dtype)[:, None]
@@ -100,6 +101,6 @@ def smooth_layers(
         producer = get_layer(model, fold.producer)
         fold_into_adaln(producer, fold.shift_chunk, fold.scale_chunk, 1.0 / s)
     else:
-        fold_into_value_rows(get_layer(model, fold.producer), 1.0 / s)
+        fold_into_value_rows(get_layer(model, fold.producer), 1.0 / s, fold.fused)
     for target in targets:
         scale_weight_columns(target, s)

@@ -41,6 +41,8 @@ from ditq.models.adapter import adapter_for
 from ditq.pipeline.steps import activation_quantizers, quantized_layers
 
 GIB = 2**30
+KWARG = "kwarg:"
+"""Prefix of a unit's cached keyword inputs (positional ones are ``arg0``, ``arg1``, ...)."""
 TARGET_CHUNK_ROWS = 2**16
 
 
@@ -72,7 +74,8 @@ class UnitCall:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         count = sum(key.startswith("arg") for key in batch)
-        return self.module(*(batch[f"arg{i}"] for i in range(count)))
+        kwargs = {k.removeprefix(KWARG): v for k, v in batch.items() if k.startswith(KWARG)}
+        return self.module(*(batch[f"arg{i}"] for i in range(count)), **kwargs)
 
     def checkpoint_name(self) -> str:
         return f"{self.name}.pt"
@@ -316,6 +319,7 @@ def _capture(
     if unit.is_block:
         quantized = capture_block_io(qmodel, calib, unit.name, batch_size, device, False)
         inputs = {f"arg{i}": arg for i, arg in enumerate(quantized.args)}
+        inputs.update({KWARG + key: value for key, value in quantized.kwargs.items()})
         del quantized
         target = capture_block_io(fp_model, calib, unit.name, batch_size, None, False).out
         return {**inputs, "target": target}

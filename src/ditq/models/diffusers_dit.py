@@ -1,0 +1,260 @@
+"""diffusers' ``DiTTransformer2DModel`` (the facebook/DiT-XL-2-256/512 checkpoints in
+diffusers' layout) as a ditq model family: :class:`DiffusersDiT` and its adapter.
+
+:class:`DiffusersDiT` holds the diffusers module as ``transformer`` and gives it the
+official DiT's interface (``model(x, t, y)``, ``forward_with_cfg``, ``config`` as a
+:class:`~ditq.models.dit.DiTConfig`), so that ditq's samplers, calibration sets and
+methods run on it unchanged; ``model.transformer`` keeps diffusers' forward signature and
+goes back into a ``DiTPipeline``. Two modules are swapped when it is built, both computing
+the same function:
+
+- the patch embedding's stride-p ``Conv2d`` becomes :class:`PatchLinear` (a linear over
+  flattened patches, so that it is quantized like any linear);
+- every attention runs :class:`QuantizableAttnProcessor`, which exposes the matmul hook
+  points ``q_act``, ``k_act``, ``v_act``, ``attn_act`` (identities unless quantized) and
+  uses SDPA unless ``explicit_matmuls`` is set.
+
+Structure for the adapter: per block ``norm1`` is adaLN-Zero with its own timestep and
+class embedder (``norm1.emb``) and modulation linear ``norm1.linear`` (chunks shift_msa,
+scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp); the attention has separate
+``to_q``/``to_k``/``to_v`` (one role, one input) and ``to_out.0``; the MLP is
+``ff.net.0.proj`` (GELU tanh) and ``ff.net.2``; the output modulation ``proj_out_1`` reads
+block 0's conditioning and ``proj_out_2`` projects back to patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import DitqError
+from ditq.models.adapter import (
+    AdaLNFold,
+    InputFold,
+    ModelAdapter,
+    Unit,
+    ValueRowsFold,
+    register_adapter,
+)
+from ditq.models.dit import DiT, DiTConfig
+
+CLASS_NAME = "DiTTransformer2DModel"
+BLOCK_LAYERS = {
+    "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "proj": ("attn1.to_out.0",),
+    "fc1": ("ff.net.0.proj",),
+    "fc2": ("ff.net.2",),
+}
+EMBEDDER_LAYERS = ("norm1.emb.timestep_embedder.linear_1", "norm1.emb.timestep_embedder.linear_2")
+ADALN_LINEAR = "norm1.linear"
+ADALN_CHUNKS = {"qkv": (0, 1), "fc1": (3, 4)}
+PREFIX = "transformer"
+
+
+class PatchLinear(nn.Module):
+    """A p x p convolution with stride p, run as a linear over flattened (C, p, p) patches;
+    returns the convolution's (N, C_out, H/p, W/p) output."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        out_channels, in_channels, p, _ = conv.weight.shape
+        if conv.stride != (p, p) or conv.kernel_size != (p, p) or conv.padding != (0, 0):
+            raise DitqError("PatchLinear replaces a p x p convolution with stride p only")
+        self.patch_size = p
+        self.linear = nn.Linear(in_channels * p * p, out_channels, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight.reshape(out_channels, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        out = self.linear(patches.reshape(n, h // p, w // p, c * p * p))
+        return out.permute(0, 3, 1, 2)
+
+
+class QuantizableAttnProcessor:
+    """diffusers' self-attention with ditq's matmul hook points (module docstring)."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+        batch, tokens, _ = hidden_states.shape
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, tokens, heads, -1).transpose(1, 2)
+
+        q, k, v = (split(layer(hidden_states)) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.explicit_matmuls:
+            q, k, v = attn.q_act(q), attn.k_act(k), attn.v_act(v)
+            weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = attn.attn_act(weights) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _prepare(transformer: nn.Module) -> None:
+    """Swap in :class:`PatchLinear` and :class:`QuantizableAttnProcessor` (in place)."""
+    if isinstance(transformer.pos_embed.proj, nn.Conv2d):
+        transformer.pos_embed.proj = PatchLinear(transformer.pos_embed.proj)
+    for block in transformer.transformer_blocks:
+        attn = block.attn1
+        plain = (
+            not attn.residual_connection
+            and attn.rescale_output_factor == 1
+            and attn.norm_q is None
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+        )
+        if not plain:
+            raise DitqError("this DiTTransformer2DModel's attention has options ditq cannot run")
+        for point in ("q_act", "k_act", "v_act", "attn_act"):
+            setattr(attn, point, nn.Identity())
+        attn.explicit_matmuls = False
+        attn.set_processor(QuantizableAttnProcessor())
+
+
+class DiffusersDiT(nn.Module):
+    """A ``DiTTransformer2DModel`` with the official DiT's interface (module docstring)."""
+
+    forward_with_cfg = DiT.forward_with_cfg
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        _prepare(transformer)
+        self.transformer = transformer
+        c = transformer.config
+        hidden = c.num_attention_heads * c.attention_head_dim
+        self.config = DiTConfig(
+            depth=c.num_layers,
+            hidden_size=hidden,
+            patch_size=c.patch_size,
+            num_heads=c.num_attention_heads,
+            input_size=c.sample_size,
+            in_channels=c.in_channels,
+            num_classes=c.num_embeds_ada_norm,
+            learn_sigma=c.out_channels == 2 * c.in_channels,
+            mlp_ratio=transformer.transformer_blocks[0].ff.net[0].proj.out_features / hidden,
+        )
+        self.in_channels = c.in_channels
+        self.num_classes = c.num_embeds_ada_norm
+
+    @classmethod
+    def from_config(cls, config: dict) -> DiffusersDiT:
+        from diffusers import DiTTransformer2DModel
+
+        return cls(DiTTransformer2DModel.from_config(config))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+def is_diffusers_dit(path: str | Path) -> Path | None:
+    """The directory holding a ``DiTTransformer2DModel`` (``path`` itself, or the
+    ``transformer`` folder of a pipeline directory), or None."""
+    import json
+
+    for candidate in (Path(path), Path(path) / "transformer"):
+        config = candidate / "config.json"
+        if config.is_file():
+            try:
+                if json.loads(config.read_text()).get("_class_name") == CLASS_NAME:
+                    return candidate
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def load_diffusers_dit(path: str | Path) -> DiffusersDiT:
+    """A diffusers DiT from a model directory, a pipeline directory or a hub id."""
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError as err:
+        raise DitqError(
+            "loading diffusers models needs diffusers: pip install 'ditq[diffusers]'"
+        ) from err
+    local = is_diffusers_dit(path)
+    if local is not None:
+        return DiffusersDiT(DiTTransformer2DModel.from_pretrained(str(local)).eval())
+    try:  # a hub id such as facebook/DiT-XL-2-256 (a pipeline: the transformer subfolder)
+        transformer = DiTTransformer2DModel.from_pretrained(str(path), subfolder="transformer")
+    except Exception as err:  # noqa: BLE001 - network, missing repo, wrong layout
+        raise DitqError(
+            f"{path} is neither a diffusers DiT directory nor a hub id diffusers could "
+            f"download ({type(err).__name__}); pass a local model or pipeline directory"
+        ) from err
+    return DiffusersDiT(transformer.eval())
+
+
+@register_adapter
+class DiffusersDiTAdapter(ModelAdapter):
+    family = "diffusers-dit"
+    model: DiffusersDiT
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, DiffusersDiT)
+
+    @classmethod
+    def build(cls, architecture: dict) -> nn.Module:
+        return DiffusersDiT.from_config(architecture)
+
+    def architecture(self) -> dict:
+        return dict(self.model.transformer.config)
+
+    def quantizable_layers(self) -> list[tuple[str, str]]:
+        layers = [(f"{PREFIX}.pos_embed.proj.linear", "embedders")]
+        for index in range(self.num_blocks()):
+            block = self.block_name(index)
+            layers += [(f"{block}.{name}", "embedders") for name in EMBEDDER_LAYERS]
+            layers.append((f"{block}.{ADALN_LINEAR}", "adaln"))
+            layers += [(n, "blocks") for names in self.block_layers(index).values() for n in names]
+        return layers + [(f"{PREFIX}.proj_out_1", "adaln"), (f"{PREFIX}.proj_out_2", "final_layer")]
+
+    def num_blocks(self) -> int:
+        return len(self.model.transformer.transformer_blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{PREFIX}.transformer_blocks.{index}"
+
+    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
+        block = self.block_name(index)
+        return {role: tuple(f"{block}.{n}" for n in names) for role, names in BLOCK_LAYERS.items()}
+
+    def input_fold(self, layer: str) -> InputFold | None:
+        found = self.role_of(layer)
+        if found is None:
+            return None
+        index, role = found
+        if role in ADALN_CHUNKS:
+            return AdaLNFold(f"{self.block_name(index)}.{ADALN_LINEAR}", *ADALN_CHUNKS[role])
+        if role == "proj":
+            return ValueRowsFold(self.block_layers(index)["qkv"][2], fused=False)
+        return None
+
+    def attention_modules(self) -> dict[str, nn.Module]:
+        return {
+            f"{self.block_name(i)}.attn1": block.attn1
+            for i, block in enumerate(self.model.transformer.transformer_blocks)
+        }
+
+    def sequential_units(self, quantized: list[str]) -> list[Unit]:
+        chosen = set(quantized)
+        patch = f"{PREFIX}.pos_embed.proj.linear"
+        units = [Unit(patch, False)] if patch in chosen else []
+        units += [Unit(self.block_name(i), True) for i in range(self.num_blocks())]
+        final = (f"{PREFIX}.proj_out_1", f"{PREFIX}.proj_out_2")
+        return units + [Unit(name, False) for name in final if name in chosen]
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, condition)
+
+    def tokens_per_entry(self) -> int:
+        config = self.model.config
+        return (config.input_size // config.patch_size) ** 2
