@@ -160,3 +160,32 @@ def test_an_unreachable_hub_id_is_one_clear_error(monkeypatch, tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(DitqError, match="neither one written by ditq quantize nor a diffusers"):
         ditq.load_model(tmp_path / "plain")
+
+
+def test_a_quantized_transformer_goes_back_into_a_dit_pipeline(calib, tmp_path):
+    """``model.transformer`` keeps diffusers' forward: DiTPipeline samples with it."""
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,  # DiTPipeline's null class is 1000
+    ).eval()
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8
+    ).eval()
+    scheduler = diffusers.DDIMScheduler()
+    config = METHODS["rtn"].config_class(wbits=8, abits=8)
+    model = ditq.quantize(DiffusersDiT(transformer), config, calib, progress=False)
+    ditq.save(model, tmp_path / "q")
+    quantized = ditq.load_model(tmp_path / "q").transformer
+    pipe = diffusers.DiTPipeline(transformer=quantized, vae=vae, scheduler=scheduler)
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(
+        class_labels=[1, 2], num_inference_steps=2, generator=generator, output_type="np"
+    ).images
+    assert images.shape == (2, 8, 8, 3) and bool(torch.isfinite(torch.as_tensor(images)).all())

@@ -55,7 +55,7 @@ def test_incompatible_version_and_non_ditq_directories(tmp_path):
     with pytest.raises(DitqError, match="written by ditq 9.0 in format version 99"):
         load_model(tmp_path / "q")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DitqError, match="not one written by ditq quantize"):
+    with pytest.raises(DitqError, match="neither one written by ditq quantize"):
         load_model(tmp_path / "empty")
 
 
