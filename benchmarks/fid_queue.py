@@ -59,6 +59,9 @@ OFFICIAL = {
     "ptq4dit-blocks-pct-w4a8": (
         f"--method ptq4dit --wbits 4 --abits 8 --layers blocks --recon-iters {RECON_ITERS}"
     ),
+    "ptq4dit-blocks-pct-w8a8": (
+        f"--method ptq4dit --wbits 8 --abits 8 --layers blocks --recon-iters {RECON_ITERS}"
+    ),
 }
 """PTQ4DiT with the official defaults of issue 15 (every linear and the patch embedding,
 best-of-percentiles ranges, steps 0..240, paired classes, 10-chunk reconstruction), and the
