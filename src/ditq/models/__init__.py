@@ -2,6 +2,7 @@
 
 from ditq.models.adapter import ModelAdapter, adapter_for
 from ditq.models.diffusers_dit import DiffusersDiT, DiffusersDiTAdapter
+from ditq.models.diffusers_pixart import DiffusersPixArt, DiffusersPixArtAdapter
 from ditq.models.dit import ARCHITECTURES, DiT, DiTConfig, config_for
 from ditq.models.dit_adapter import DiTAdapter
 from ditq.models.loading import infer_config, load_checkpoint, read_state_dict
@@ -12,6 +13,8 @@ __all__ = [
     "DiTAdapter",
     "DiffusersDiT",
     "DiffusersDiTAdapter",
+    "DiffusersPixArt",
+    "DiffusersPixArtAdapter",
     "DiTConfig",
     "ModelAdapter",
     "adapter_for",

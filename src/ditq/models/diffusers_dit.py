@@ -8,11 +8,12 @@ methods run on it unchanged; ``model.transformer`` keeps diffusers' forward sign
 goes back into a ``DiTPipeline``. Two modules are swapped when it is built, both computing
 the same function:
 
-- the patch embedding's stride-p ``Conv2d`` becomes :class:`PatchLinear` (a linear over
-  flattened patches, so that it is quantized like any linear);
-- every attention runs :class:`QuantizableAttnProcessor`, which exposes the matmul hook
-  points ``q_act``, ``k_act``, ``v_act``, ``attn_act`` (identities unless quantized) and
-  uses SDPA unless ``explicit_matmuls`` is set.
+- the patch embedding's stride-p ``Conv2d`` becomes
+  :class:`~ditq.models.diffusers_parts.PatchLinear` (a linear over flattened patches, so
+  that it is quantized like any linear);
+- every attention runs :class:`~ditq.models.diffusers_parts.QuantizableAttnProcessor`,
+  which exposes the matmul hook points ``q_act``, ``k_act``, ``v_act``, ``attn_act``
+  (identities unless quantized) and uses SDPA unless ``explicit_matmuls`` is set.
 
 Structure for the adapter: per block ``norm1`` is adaLN-Zero with its own timestep and
 class embedder (``norm1.emb``) and modulation linear ``norm1.linear`` (chunks shift_msa,
@@ -27,7 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import DitqError
@@ -39,6 +39,7 @@ from ditq.models.adapter import (
     ValueRowsFold,
     register_adapter,
 )
+from ditq.models.diffusers_parts import prepare_transformer
 from ditq.models.dit import DiT, DiTConfig
 
 CLASS_NAME = "DiTTransformer2DModel"
@@ -54,72 +55,6 @@ ADALN_CHUNKS = {"qkv": (0, 1), "fc1": (3, 4)}
 PREFIX = "transformer"
 
 
-class PatchLinear(nn.Module):
-    """A p x p convolution with stride p, run as a linear over flattened (C, p, p) patches;
-    returns the convolution's (N, C_out, H/p, W/p) output."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        out_channels, in_channels, p, _ = conv.weight.shape
-        if conv.stride != (p, p) or conv.kernel_size != (p, p) or conv.padding != (0, 0):
-            raise DitqError("PatchLinear replaces a p x p convolution with stride p only")
-        self.patch_size = p
-        self.linear = nn.Linear(in_channels * p * p, out_channels, bias=conv.bias is not None)
-        with torch.no_grad():
-            self.linear.weight.copy_(conv.weight.reshape(out_channels, -1))
-            if conv.bias is not None:
-                self.linear.bias.copy_(conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        p = self.patch_size
-        patches = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        out = self.linear(patches.reshape(n, h // p, w // p, c * p * p))
-        return out.permute(0, 3, 1, 2)
-
-
-class QuantizableAttnProcessor:
-    """diffusers' self-attention with ditq's matmul hook points (module docstring)."""
-
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
-        batch, tokens, _ = hidden_states.shape
-        heads = attn.heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(batch, tokens, heads, -1).transpose(1, 2)
-
-        q, k, v = (split(layer(hidden_states)) for layer in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.explicit_matmuls:
-            q, k, v = attn.q_act(q), attn.k_act(k), attn.v_act(v)
-            weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            out = attn.attn_act(weights) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def _prepare(transformer: nn.Module) -> None:
-    """Swap in :class:`PatchLinear` and :class:`QuantizableAttnProcessor` (in place)."""
-    if isinstance(transformer.pos_embed.proj, nn.Conv2d):
-        transformer.pos_embed.proj = PatchLinear(transformer.pos_embed.proj)
-    for block in transformer.transformer_blocks:
-        attn = block.attn1
-        plain = (
-            not attn.residual_connection
-            and attn.rescale_output_factor == 1
-            and attn.norm_q is None
-            and attn.spatial_norm is None
-            and attn.group_norm is None
-        )
-        if not plain:
-            raise DitqError("this DiTTransformer2DModel's attention has options ditq cannot run")
-        for point in ("q_act", "k_act", "v_act", "attn_act"):
-            setattr(attn, point, nn.Identity())
-        attn.explicit_matmuls = False
-        attn.set_processor(QuantizableAttnProcessor())
-
-
 class DiffusersDiT(nn.Module):
     """A ``DiTTransformer2DModel`` with the official DiT's interface (module docstring)."""
 
@@ -127,7 +62,7 @@ class DiffusersDiT(nn.Module):
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__()
-        _prepare(transformer)
+        prepare_transformer(transformer)
         self.transformer = transformer
         c = transformer.config
         hidden = c.num_attention_heads * c.attention_head_dim

@@ -1,0 +1,206 @@
+"""diffusers' ``PixArtTransformer2DModel`` (PixArt-α, PixArt-Σ) as a ditq model family:
+:class:`DiffusersPixArt` and its adapter.
+
+Text conditioning as a table: :class:`DiffusersPixArt` holds the text encoder's outputs of
+P prompts and of the empty prompt (``prompt_embeds`` (P + 1, L, C), ``prompt_mask``
+(P + 1, L)), and ``model(x, t, y)`` conditions entry i on prompt ``y[i]``, P being the
+empty prompt. A prompt index then plays the part of a class label everywhere in ditq
+(calibration sets, samplers, classifier-free guidance with the empty prompt as the null
+condition); ``set_prompts`` replaces the table. The text encoder and the VAE stay outside
+and in float. ``model.transformer`` keeps diffusers' forward signature.
+
+Structure for the adapter: the patch convolution (as a linear over patches), the
+adaLN-single timestep embedder (``adaln_single.emb``) and its modulation linear
+(``adaln_single.linear``, shared by every block, each block adding its own
+``scale_shift_table``) and the caption projection (``caption_projection.linear_1/2``); per
+block a self-attention (``attn1``, separate q/k/v), a cross-attention to the text tokens
+(``attn2``: ``to_q`` reads the hidden state, ``to_k``/``to_v`` the projected caption) and
+the MLP (``ff.net.0.proj``, ``ff.net.2``); ``proj_out``.
+
+Folding: the modulation of qkv's and fc1's inputs comes from one linear shared by all
+blocks plus a per-block table, so a per-block factor has no exact offline fold: it is
+applied online. proj's (and the cross-attention's output projection's) factor folds into
+the rows of its attention's v projection, exactly; the cross-attention's k/v inputs (the
+projected caption, shared by all blocks) take their factors online.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditq.errors import DitqError
+from ditq.models.adapter import InputFold, ModelAdapter, Unit, ValueRowsFold, register_adapter
+from ditq.models.diffusers_parts import prepare_transformer
+from ditq.models.dit import DiT, DiTConfig
+
+BLOCK_LAYERS = {
+    "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "proj": ("attn1.to_out.0",),
+    "cross_q": ("attn2.to_q",),
+    "cross_kv": ("attn2.to_k", "attn2.to_v"),
+    "cross_proj": ("attn2.to_out.0",),
+    "fc1": ("ff.net.0.proj",),
+    "fc2": ("ff.net.2",),
+}
+"""Roles in forward order; ``cross_*`` are the cross-attention's linears, quantized like
+the others and smoothed by no method."""
+VALUE_ROWS = {"proj": "attn1.to_v", "cross_proj": "attn2.to_v"}
+CAPTION_LAYERS = ("caption_projection.linear_1", "caption_projection.linear_2")
+PREFIX = "transformer"
+VAE_SCALE = 8
+"""Pixels per latent position (PixArt's micro-conditions are in pixels)."""
+
+
+class DiffusersPixArt(nn.Module):
+    """A ``PixArtTransformer2DModel`` with a prompt table and the official DiT's interface
+    (module docstring)."""
+
+    forward_with_cfg = DiT.forward_with_cfg
+
+    def __init__(
+        self, transformer: nn.Module, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> None:
+        super().__init__()
+        prepare_transformer(transformer)
+        self.transformer = transformer
+        self.register_buffer("prompt_embeds", prompt_embeds)
+        self.register_buffer("prompt_mask", prompt_mask)
+        self.set_prompts(prompt_embeds, prompt_mask)
+
+    def set_prompts(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Condition on these prompts: (P + 1, L, C) encoder outputs and (P + 1, L) masks,
+        the last row the empty prompt."""
+        if prompt_embeds.dim() != 3 or prompt_mask.shape != prompt_embeds.shape[:2]:
+            raise DitqError(
+                "prompt embeddings must be (prompts + 1, tokens, channels) with a (prompts + "
+                f"1, tokens) mask; got {tuple(prompt_embeds.shape)} and {tuple(prompt_mask.shape)}"
+            )
+        self.prompt_embeds, self.prompt_mask = prompt_embeds, prompt_mask
+        c = self.transformer.config
+        hidden = c.num_attention_heads * c.attention_head_dim
+        prompts = len(prompt_embeds) - 1
+        self.num_classes = prompts
+        self.in_channels = c.in_channels
+        self.config = DiTConfig(
+            depth=c.num_layers,
+            hidden_size=hidden,
+            patch_size=c.patch_size,
+            num_heads=c.num_attention_heads,
+            input_size=c.sample_size,
+            in_channels=c.in_channels,
+            num_classes=prompts,
+            learn_sigma=c.out_channels == 2 * c.in_channels,
+            mlp_ratio=self.transformer.transformer_blocks[0].ff.net[0].proj.out_features / hidden,
+        )
+
+    @classmethod
+    def from_architecture(cls, architecture: dict) -> DiffusersPixArt:
+        from diffusers import PixArtTransformer2DModel
+
+        transformer = PixArtTransformer2DModel.from_config(architecture["transformer"])
+        rows, tokens = architecture["prompts"] + 1, architecture["text_tokens"]
+        embeds = torch.zeros(rows, tokens, architecture["text_dim"])
+        return cls(transformer, embeds, torch.zeros(rows, tokens))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.adaln_single.emb.use_additional_conditions:
+            n, _, h, w = x.shape
+            pixels = torch.tensor([[h * VAE_SCALE, w * VAE_SCALE]], device=x.device)
+            added = {
+                "resolution": pixels.float().repeat(n, 1),
+                "aspect_ratio": torch.ones(n, 1, device=x.device),
+            }
+        return self.transformer(
+            x,
+            encoder_hidden_states=self.prompt_embeds[y].to(x.dtype),
+            timestep=t,
+            encoder_attention_mask=self.prompt_mask[y],
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+@register_adapter
+class DiffusersPixArtAdapter(ModelAdapter):
+    family = "diffusers-pixart"
+    model: DiffusersPixArt
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, DiffusersPixArt)
+
+    @classmethod
+    def build(cls, architecture: dict) -> nn.Module:
+        return DiffusersPixArt.from_architecture(architecture)
+
+    def architecture(self) -> dict:
+        rows, tokens, channels = self.model.prompt_embeds.shape
+        return {
+            "transformer": dict(self.model.transformer.config),
+            "prompts": rows - 1,
+            "text_tokens": tokens,
+            "text_dim": channels,
+        }
+
+    def embedder_layers(self) -> list[tuple[str, str]]:
+        """The linears before the blocks, in forward order: the patch embedding, the
+        timestep (and, at 1024 px, resolution and aspect-ratio) embedders, the adaLN-single
+        linear, the caption projection."""
+        emb = self.model.transformer.adaln_single.emb
+        timestep = [
+            (f"{PREFIX}.adaln_single.emb.{name}", "embedders")
+            for name, module in emb.named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+        return [
+            (f"{PREFIX}.pos_embed.proj.linear", "embedders"),
+            *timestep,
+            (f"{PREFIX}.adaln_single.linear", "adaln"),
+            *[(f"{PREFIX}.{name}", "embedders") for name in CAPTION_LAYERS],
+        ]
+
+    def quantizable_layers(self) -> list[tuple[str, str]]:
+        layers = self.embedder_layers()
+        for index in range(self.num_blocks()):
+            layers += [(n, "blocks") for names in self.block_layers(index).values() for n in names]
+        return layers + [(f"{PREFIX}.proj_out", "final_layer")]
+
+    def num_blocks(self) -> int:
+        return len(self.model.transformer.transformer_blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{PREFIX}.transformer_blocks.{index}"
+
+    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
+        block = self.block_name(index)
+        return {role: tuple(f"{block}.{n}" for n in names) for role, names in BLOCK_LAYERS.items()}
+
+    def input_fold(self, layer: str) -> InputFold | None:
+        found = self.role_of(layer)
+        if found is None or found[1] not in VALUE_ROWS:
+            return None
+        index, role = found
+        return ValueRowsFold(f"{self.block_name(index)}.{VALUE_ROWS[role]}", fused=False)
+
+    def attention_modules(self) -> dict[str, nn.Module]:
+        found = {}
+        for i, block in enumerate(self.model.transformer.transformer_blocks):
+            found[f"{self.block_name(i)}.attn1"] = block.attn1
+            found[f"{self.block_name(i)}.attn2"] = block.attn2
+        return found
+
+    def sequential_units(self, quantized: list[str]) -> list[Unit]:
+        chosen = set(quantized)
+        units = [Unit(name, False) for name, _ in self.embedder_layers() if name in chosen]
+        units += [Unit(self.block_name(i), True) for i in range(self.num_blocks())]
+        final = f"{PREFIX}.proj_out"
+        return units + ([Unit(final, False)] if final in chosen else [])
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, condition)
+
+    def tokens_per_entry(self) -> int:
+        config = self.model.config
+        return (config.input_size // config.patch_size) ** 2

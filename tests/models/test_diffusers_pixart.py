@@ -1,0 +1,137 @@
+"""diffusers' PixArtTransformer2DModel as a ditq family: a tiny random model built from a
+config with a random prompt table (the text encoder stays outside), against diffusers'
+own forward; every method through the adapter; saved and loaded back exactly."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import ditq
+from ditq.calib.dataset import build_calibration_set
+from ditq.diffusion.pipeline import SamplingSettings, generate
+from ditq.errors import DitqError
+from ditq.methods import METHODS
+from ditq.models.adapter import ValueRowsFold, adapter_for
+
+diffusers = pytest.importorskip("diffusers")
+from ditq.models.diffusers_pixart import DiffusersPixArt  # noqa: E402
+
+SETTINGS = {
+    "ptq4dit": {"recon_iters": 3, "recon_batch_size": 4, "recon_chunks": 2},
+    "ditas": {"lowrank_rank": 4},
+    "single-step": {"w_group_size": 8},
+}
+
+
+def parts(seed: int = 0):
+    """A tiny transformer and the table of 3 prompts + the empty one (6 text tokens of 24
+    channels, padding masked)."""
+    torch.manual_seed(seed)
+    transformer = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=24,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    ).eval()
+    generator = torch.Generator().manual_seed(5)
+    embeds = torch.randn(4, 6, 24, generator=generator)
+    mask = torch.ones(4, 6)
+    mask[:, 4:] = 0
+    mask[3, 1:] = 0  # the empty prompt: one token
+    return transformer, embeds, mask
+
+
+def inputs():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 8, 8, generator=generator)
+    return x, torch.tensor([5, 500, 900]), torch.tensor([0, 2, 3])  # 3: the empty prompt
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def calib():
+    settings = SamplingSettings(sampler="ddim", steps=4, cfg_scale=1.5, seed=11)
+    return build_calibration_set(
+        DiffusersPixArt(*parts()), 3, settings, steps="all", progress=False
+    )
+
+
+def test_the_wrapper_conditions_on_the_prompt_table_as_diffusers_does():
+    transformer, embeds, mask = parts()
+    x, t, y = inputs()
+    with torch.no_grad():
+        reference = transformer(
+            x,
+            encoder_hidden_states=embeds[y],
+            timestep=t,
+            encoder_attention_mask=mask[y],
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+        model = DiffusersPixArt(transformer, embeds, mask)
+        assert relative_error(model(x, t, y), reference) < 1e-6
+    assert model.num_classes == 3 and model.config.num_classes == 3
+    with pytest.raises(DitqError, match="prompt embeddings must be"):
+        model.set_prompts(embeds, mask[:, :3])
+
+
+def test_adapter_lists_every_linear_in_forward_order_and_folds_v_rows():
+    model = DiffusersPixArt(*parts())
+    adapter = adapter_for(model)
+    names = {module: name for name, module in model.named_modules()}
+    called = []
+    hooks = [
+        m.register_forward_pre_hook(lambda module, _: called.append(names[module]))
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    with torch.no_grad():
+        model(*inputs())
+    for hook in hooks:
+        hook.remove()
+    assert called == [name for name, _ in adapter.quantizable_layers()]
+    block = "transformer.transformer_blocks.0"
+    assert adapter.input_fold(f"{block}.attn2.to_out.0") == ValueRowsFold(
+        f"{block}.attn2.to_v", fused=False
+    )
+    assert adapter.input_fold(f"{block}.attn1.to_q") is None  # adaLN-single: online
+    assert list(adapter.attention_modules()) == [
+        f"transformer.transformer_blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)
+    ]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_quantizes_saves_and_loads_back(name, calib, tmp_path):
+    method = METHODS[name]
+    x, t, y = inputs()
+    with torch.no_grad():
+        reference = DiffusersPixArt(*parts())(x, t, y)
+    exact = method.config_class(wbits=16, abits=16, attn_bits=16, **SETTINGS.get(name, {}))
+    model = ditq.quantize(DiffusersPixArt(*parts()), exact, calib, progress=False)
+    with torch.no_grad():
+        assert relative_error(model(x, t, y), reference) < 1e-5
+    config = method.config_class(wbits=8, abits=8, **SETTINGS.get(name, {}))
+    model = ditq.quantize(DiffusersPixArt(*parts()), config, calib, progress=False)
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert 0 < relative_error(out, reference) < 0.05
+    ditq.save(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "ditq.json").read_text())["family"] == "diffusers-pixart"
+    loaded = ditq.load_model(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), out, rtol=0, atol=0)
+    images, labels = generate(
+        loaded, 2, SamplingSettings(sampler="ddim", steps=2), classes=[1], progress=False
+    )
+    assert images.shape == (2, 8, 8, 4) and labels.tolist() == [1, 1]
