@@ -24,6 +24,7 @@ from ditq.errors import DitqError
 from ditq.kernels import apply_backend, resolve_backend
 from ditq.methods import METHODS
 from ditq.models.diffusers_dit import is_diffusers_dit, load_diffusers_dit
+from ditq.models.diffusers_pixart import load_pixart, pixart_pipeline_dir
 from ditq.models.loading import load_checkpoint, resolve_dtype
 from ditq.pipeline.checkpoint import is_quantized_dir, load_quantized, save_quantized
 from ditq.pipeline.config import QuantConfig
@@ -102,11 +103,14 @@ def load_model(
     backend: str | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "fp32",
+    prompts: list[str] | None = None,
     **checkpoint_options: Any,
 ) -> nn.Module:
     """A model ready to run: a quantized directory written by :func:`save` or ``ditq
     quantize``; a diffusers ``DiTTransformer2DModel`` (a model directory, a pipeline
-    directory, or a hub id such as ``facebook/DiT-XL-2-256`` when the network allows); or a
+    directory, or a hub id such as ``facebook/DiT-XL-2-256`` when the network allows); a
+    PixArt pipeline directory, conditioned on ``prompts`` (a built-in list otherwise: the
+    text encoder runs once here, :mod:`ditq.models.diffusers_pixart`); or a
     full-precision checkpoint in the official layout (a file, an official name such as
     ``DiT-XL-2-256``, or a bundled model such as ``demo``; ``checkpoint_options`` as
     :func:`ditq.models.loading.load_checkpoint`).
@@ -121,6 +125,13 @@ def load_model(
     if quantized:
         model = load_quantized(name, device=device, dtype=resolve_dtype(dtype))
         return apply_backend(model, backend)
+    if pixart_pipeline_dir(name) is not None:
+        return load_pixart(name, prompts).to(device=device, dtype=resolve_dtype(dtype)).eval()
+    if prompts is not None:
+        raise DitqError(
+            f"prompts condition text-to-image models (a PixArt pipeline directory); {name} "
+            "takes class labels"
+        )
     if is_diffusers_dit(name) is not None or _looks_like_hub_id(name):
         return load_diffusers_dit(name).to(device=device, dtype=resolve_dtype(dtype)).eval()
     if Path(name).is_dir():

@@ -4,6 +4,7 @@ own forward; every method through the adapter; saved and loaded back exactly."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -135,3 +136,66 @@ def test_every_method_quantizes_saves_and_loads_back(name, calib, tmp_path):
         loaded, 2, SamplingSettings(sampler="ddim", steps=2), classes=[1], progress=False
     )
     assert images.shape == (2, 8, 8, 4) and labels.tolist() == [1, 1]
+
+
+def tiny_pipeline(root):
+    """A PixArt-α pipeline directory: tiny transformer, T5 encoder, word-level tokenizer
+    and VAE, all random, built from configs."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["a", "red", "fox", "in", "snow", "the", "moon", "over", "sea"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root / "tokenizer")
+    torch.manual_seed(1)
+    config = transformers.T5Config(
+        vocab_size=len(vocab), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2
+    )
+    transformers.T5EncoderModel(config).eval().save_pretrained(root / "text_encoder")
+    parts()[0].save_pretrained(root / "transformer")
+    diffusers.AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8
+    ).save_pretrained(root / "vae")
+    (root / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
+    return root
+
+
+def test_a_pipeline_directory_quantizes_with_prompts_and_samples_new_ones(tmp_path, monkeypatch):
+    from ditq.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    pipeline = tiny_pipeline(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("a red fox in snow\n\nthe moon over the sea\n")
+    monkeypatch.chdir(tmp_path)
+    quantize = ["quantize", "--model", "pipe", "--method", "rtn", "--calib-prompts", "prompts.txt"]
+    quantize += ["--calib-samples", "2", "--calib-sampler", "ddim", "--calib-num-steps", "3"]
+    quantize += ["--calib-steps", "all"]
+    assert main([*quantize, "--quiet", "--out", "q"]) == 0
+    architecture = json.loads((tmp_path / "q" / "ditq.json").read_text())["architecture"]
+    assert architecture["prompt_texts"] == ["a red fox in snow", "the moon over the sea"]
+    model = ditq.load_model(tmp_path / "q")
+    # the table holds what the pipeline's own encoder gives for the prompts, then ""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(pipeline / "tokenizer"))
+    encoder = transformers.T5EncoderModel.from_pretrained(str(pipeline / "text_encoder"))
+    tokens = tokenizer(
+        ["the moon over the sea", ""], padding="max_length", max_length=120, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    torch.testing.assert_close(model.prompt_embeds[1:], expected)
+    assert model.prompt_mask[2].sum() == 1  # the empty prompt: its end token
+    sample = ["sample", "--model", "q", "--prompt", "a fox", "--prompt", "snow", "--sampler"]
+    sample += ["ddim", "--steps", "2", "--num-samples", "2", "--quiet", "--out", "s.npz"]
+    assert main(sample) == 0
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (2, 8, 8, 3)  # decoded by the pipeline's VAE
+    assert main(["quantize", "--model", "pipe", "--method", "rtn", "--calib-prompts", "none.txt",
+                 "--out", "r"]) == 2  # fmt: skip
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -75,6 +76,18 @@ def add_sampling_args(parser: argparse.ArgumentParser, steps: int = 250) -> None
         "--respacing", help="ADM respacing string overriding --steps (e.g. ddim50, 10,15,20)"
     )
     group.add_argument("--seed", type=int, default=0)
+
+
+def read_prompts(path: str, flag: str) -> list[str]:
+    """The non-empty lines of a prompt file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DitqError(f"{flag} {path}: cannot read it ({err}); pass a text file") from err
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise DitqError(f"{flag} {path} holds no prompt: write one prompt per line")
+    return prompts
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 from ditq.api import load_model, quantize, save
 from ditq.calib.dataset import CALIBRATION_SET_FILE, CalibrationSet
 from ditq.calib.settings import PAIRED_CLASSES, CalibSettings
-from ditq.cli.common import add_model_args, model_kwargs
+from ditq.cli.common import add_model_args, model_kwargs, read_prompts
 from ditq.diffusion.pipeline import parse_classes
 from ditq.errors import DitqError
 from ditq.io import check_output
@@ -160,6 +160,12 @@ def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None
         "--calib-classes",
         help="labels cycled over the calibration samples, e.g. 0,1,2, or 'pairs' (two samples "
         "per class, classes 0..15 cycled: PTQ4DiT's official set)",
+    )
+    c.add_argument(
+        "--calib-prompts",
+        metavar="FILE",
+        help="text-to-image models (a PixArt pipeline directory): calibration prompts, one per "
+        "line (default: a small built-in list); the prompts take the place of class labels",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -311,7 +317,8 @@ def run(args: argparse.Namespace) -> None:
             flag="--save-calib-set",
         )
     progress = not args.quiet
-    model = load_model(args.model, progress=progress, **model_kwargs(args))
+    prompts = read_prompts(args.calib_prompts, "--calib-prompts") if args.calib_prompts else None
+    model = load_model(args.model, progress=progress, prompts=prompts, **model_kwargs(args))
     _check_overrides_match(config, config.layers.names(model))
     layers_to_wrap(model, config)  # shapes vs group sizes, before any work
     note = method.unpublished_setting(config)

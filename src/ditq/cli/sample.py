@@ -16,6 +16,7 @@ from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
 from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
+from ditq.models.diffusers_pixart import pipeline_vae, set_prompts
 from ditq.models.vae import load_vae
 from ditq.pipeline.checkpoint import is_quantized_dir, read_manifest
 
@@ -32,6 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--classes", help="labels cycled over the samples, e.g. 0,1,2")
+    group.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="text-to-image models (PixArt): a prompt, repeatable; the samples cycle over "
+        "them (the text encoder of the pipeline the model was quantized from encodes them)",
+    )
     group.add_argument("--num-samples", type=int, default=16)
     group.add_argument("--batch-size", type=int, default=32)
     group.add_argument("--init-noise", help="float32 N×C×H×W .npy used as x_T")
@@ -108,12 +116,14 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(
         args.model, progress=not args.quiet, backend=args.backend, **model_kwargs(args)
     )
+    if args.prompt:
+        set_prompts(model, args.prompt)
     if args.compile:
         model.compile()
     classes = parse_classes(args.classes, model.num_classes)
     pixels = model.config.in_channels == 3
     if args.vae == "auto":
-        args.vae = "none" if pixels else "ema"
+        args.vae = "none" if pixels else pipeline_vae(model) or "ema"
     if args.vae != "none" and pixels:
         raise DitqError(
             f"this model has 3 input channels (pixel space) and no VAE: drop --vae {args.vae} "

@@ -26,6 +26,9 @@ projected caption, shared by all blocks) take their factors online.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -34,6 +37,7 @@ from ditq.models.adapter import InputFold, ModelAdapter, Unit, ValueRowsFold, re
 from ditq.models.diffusers_parts import prepare_transformer
 from ditq.models.dit import DiT, DiTConfig
 
+CLASS_NAME = "PixArtTransformer2DModel"
 BLOCK_LAYERS = {
     "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
     "proj": ("attn1.to_out.0",),
@@ -49,6 +53,19 @@ VALUE_ROWS = {"proj": "attn1.to_v", "cross_proj": "attn2.to_v"}
 CAPTION_LAYERS = ("caption_projection.linear_1", "caption_projection.linear_2")
 PREFIX = "transformer"
 VAE_SCALE = 8
+MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+"""Text tokens per prompt of each pipeline (the diffusers pipelines' ``max_sequence_length``)."""
+DEFAULT_PROMPTS = (
+    "a red fox standing in fresh snow",
+    "a bowl of ramen on a wooden table, steam rising",
+    "an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at dusk",
+    "a close-up photo of a hummingbird drinking from a flower",
+    "a futuristic city skyline at night with neon lights",
+    "a cozy cabin in a pine forest, morning fog",
+    "a plate of colorful macarons on a marble counter",
+)
+"""Calibration prompts when none are given (``--calib-prompts``)."""
 """Pixels per latent position (PixArt's micro-conditions are in pixels)."""
 
 
@@ -101,7 +118,10 @@ class DiffusersPixArt(nn.Module):
         transformer = PixArtTransformer2DModel.from_config(architecture["transformer"])
         rows, tokens = architecture["prompts"] + 1, architecture["text_tokens"]
         embeds = torch.zeros(rows, tokens, architecture["text_dim"])
-        return cls(transformer, embeds, torch.zeros(rows, tokens))
+        model = cls(transformer, embeds, torch.zeros(rows, tokens))
+        model.prompt_texts = architecture.get("prompt_texts")
+        model.pipeline_dir = architecture.get("pipeline_dir")
+        return model
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         added = {"resolution": None, "aspect_ratio": None}
@@ -120,6 +140,96 @@ class DiffusersPixArt(nn.Module):
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder: nn.Module, tokenizer, prompts: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt table of ``prompts`` and the empty prompt (last), as the PixArt pipelines
+    encode them: tokens padded to ``max_length``, the encoder's last hidden state, and the
+    attention mask of the tokens."""
+    if not prompts:
+        raise DitqError("no prompts to condition on: give at least one (e.g. --calib-prompts)")
+    tokens = tokenizer(
+        [*prompts, ""],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device
+    mask = tokens.attention_mask.to(device)
+    embeds = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    return embeds.float().cpu(), mask.float().cpu()
+
+
+def pixart_pipeline_dir(path: str | Path) -> Path | None:
+    """``path`` when it is a PixArt pipeline directory (its ``transformer/`` is a
+    ``PixArtTransformer2DModel``), else None."""
+    config = Path(path) / "transformer" / "config.json"
+    try:
+        return Path(path) if json.loads(config.read_text())["_class_name"] == CLASS_NAME else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def pipeline_prompt_table(
+    path: str | Path, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_prompts` with the text encoder and tokenizer of the PixArt pipeline
+    directory ``path``, at its pipeline's token count (``MAX_TOKENS``)."""
+    try:
+        from transformers import AutoTokenizer, T5EncoderModel
+    except ImportError as err:
+        raise DitqError(
+            "PixArt's prompts need transformers: pip install 'ditq[diffusers]'"
+        ) from err
+    path = Path(path)
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    max_length = MAX_TOKENS.get(index.get("_class_name"), MAX_TOKENS["PixArtAlphaPipeline"])
+    text_encoder = T5EncoderModel.from_pretrained(str(path / "text_encoder")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    return encode_prompts(text_encoder, tokenizer, prompts, max_length)
+
+
+def load_pixart(path: str | Path, prompts: list[str] | None = None) -> DiffusersPixArt:
+    """A PixArt pipeline directory (transformer, text encoder and tokenizer) as a
+    :class:`DiffusersPixArt` conditioned on ``prompts`` (``DEFAULT_PROMPTS`` otherwise)."""
+    from diffusers import PixArtTransformer2DModel
+
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    embeds, mask = pipeline_prompt_table(path, prompts)
+    transformer = PixArtTransformer2DModel.from_pretrained(str(Path(path) / "transformer"))
+    model = DiffusersPixArt(transformer.eval(), embeds, mask)
+    model.prompt_texts, model.pipeline_dir = prompts, str(Path(path).resolve())
+    return model
+
+
+def set_prompts(model: nn.Module, prompts: list[str]) -> None:
+    """Condition ``model`` (a :class:`DiffusersPixArt`, quantized or not) on ``prompts``,
+    encoded by the text encoder of the pipeline directory it came from."""
+    if not isinstance(model, DiffusersPixArt):
+        raise DitqError("--prompt conditions text-to-image models (PixArt); this one: --classes")
+    pipeline = getattr(model, "pipeline_dir", None)
+    if pipeline is None or pixart_pipeline_dir(pipeline) is None:
+        raise DitqError(
+            f"the PixArt pipeline this model came from ({pipeline}) is not there to encode the "
+            "prompts; sample with the prompts it was quantized with (--classes)"
+        )
+    embeds, mask = pipeline_prompt_table(pipeline, prompts)
+    device, dtype = model.prompt_embeds.device, model.prompt_embeds.dtype
+    model.set_prompts(embeds.to(device, dtype), mask.to(device, dtype))
+    model.prompt_texts = list(prompts)
+
+
+def pipeline_vae(model: nn.Module) -> str | None:
+    """The ``vae`` folder of a PixArt model's pipeline directory, if there is one."""
+    pipeline = getattr(model, "pipeline_dir", None)
+    vae = Path(pipeline) / "vae" if pipeline else None
+    return str(vae) if vae is not None and (vae / "config.json").is_file() else None
 
 
 @register_adapter
@@ -142,6 +252,8 @@ class DiffusersPixArtAdapter(ModelAdapter):
             "prompts": rows - 1,
             "text_tokens": tokens,
             "text_dim": channels,
+            "prompt_texts": getattr(self.model, "prompt_texts", None),
+            "pipeline_dir": getattr(self.model, "pipeline_dir", None),
         }
 
     def embedder_layers(self) -> list[tuple[str, str]]:
