@@ -189,3 +189,107 @@ def test_a_quantized_transformer_goes_back_into_a_dit_pipeline(calib, tmp_path):
         class_labels=[1, 2], num_inference_steps=2, generator=generator, output_type="np"
     ).images
     assert images.shape == (2, 8, 8, 3) and bool(torch.isfinite(torch.as_tensor(images)).all())
+
+
+def official_to_diffusers(official) -> "diffusers.DiTTransformer2DModel":
+    """The official DiT's weights in diffusers' layout, with the mapping of diffusers'
+    ``scripts/convert_dit_to_diffusers.py``: qkv split into to_q/to_k/to_v, proj → to_out.0,
+    fc1/fc2 → ff.net.0.proj/ff.net.2, adaLN_modulation.1 → norm1.linear, the shared
+    embedders copied into every block, final_layer → proj_out_1/2."""
+    c = official.config
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=c.num_heads,
+        attention_head_dim=c.hidden_size // c.num_heads,
+        in_channels=c.in_channels,
+        out_channels=official.out_channels,
+        num_layers=c.depth,
+        sample_size=c.input_size,
+        patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes,
+    ).eval()
+    src = official.state_dict()  # the official layout (the patch weight as a 4-D conv)
+    dst = {
+        "pos_embed.proj.weight": src["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": src["x_embedder.proj.bias"],
+        "proj_out_1.weight": src["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": src["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": src["final_layer.linear.weight"],
+        "proj_out_2.bias": src["final_layer.linear.bias"],
+    }
+    for i in range(c.depth):
+        block, new = f"blocks.{i}.", f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = src[f"{block}attn.qkv.{kind}"].chunk(3)
+            embedder = f"{new}norm1.emb.timestep_embedder"
+            dst.update({
+                f"{embedder}.linear_1.{kind}": src[f"t_embedder.mlp.0.{kind}"],
+                f"{embedder}.linear_2.{kind}": src[f"t_embedder.mlp.2.{kind}"],
+                f"{new}norm1.linear.{kind}": src[f"{block}adaLN_modulation.1.{kind}"],
+                f"{new}attn1.to_q.{kind}": q,
+                f"{new}attn1.to_k.{kind}": k,
+                f"{new}attn1.to_v.{kind}": v,
+                f"{new}attn1.to_out.0.{kind}": src[f"{block}attn.proj.{kind}"],
+                f"{new}ff.net.0.proj.{kind}": src[f"{block}mlp.fc1.{kind}"],
+                f"{new}ff.net.2.{kind}": src[f"{block}mlp.fc2.{kind}"],
+            })  # fmt: skip
+        dst[f"{new}norm1.emb.class_embedder.embedding_table.weight"] = src[
+            "y_embedder.embedding_table.weight"
+        ]
+    transformer.load_state_dict(dst, strict=True)
+    return transformer
+
+
+def with_official_embeddings(transformer, official):
+    """Account for the two places where diffusers' DiT differs from the official one:
+    its sinusoidal timestep frequencies (``downscale_freq_shift=1``: ``/(half - 1)``
+    against the official ``/half``) and its float32 position table (the official one is
+    computed in float64)."""
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    transformer.pos_embed.pos_embed.copy_(official.pos_embed.detach())
+    return transformer
+
+
+def test_the_official_layout_converted_to_diffusers_computes_the_same_function():
+    from conftest import tiny_dit
+
+    official = tiny_dit(in_channels=4, learn_sigma=True, num_classes=10)
+    converted = official_to_diffusers(official)
+    x, t, y = inputs()
+    x = x[:, :4]
+    with torch.no_grad():
+        # block by block, given the same conditioning vector
+        c = official.t_embedder(t) + official.y_embedder(y)
+        h = official.x_embedder(x) + official.pos_embed
+        for ours, theirs in zip(official.blocks, converted.transformer_blocks, strict=True):
+            theirs.norm1.emb.forward = lambda *args, **kwargs: c
+            assert relative_error(theirs(h, timestep=t, class_labels=y), ours(h, c)) < 1e-6
+            h = ours(h, c)
+            del theirs.norm1.emb.forward
+        # end to end: the documented differences are real, and the only ones
+        as_converted = converted(x, timestep=t, class_labels=y).sample
+        assert relative_error(as_converted, official(x, t, y)) > 1e-3
+        aligned = DiffusersDiT(with_official_embeddings(converted, official))
+        assert relative_error(aligned(x, t, y), official(x, t, y)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["rtn", "smoothquant", "single-step", "ptq4dit"])
+def test_each_method_quantizes_both_layouts_to_the_same_function(name):
+    from conftest import tiny_dit
+
+    official = tiny_dit(in_channels=4, learn_sigma=True, num_classes=10)
+    settings = SamplingSettings(sampler="ddim", steps=4, cfg_scale=1.5, seed=11)
+    calib = build_calibration_set(official, 3, settings, steps="all", progress=False)
+    converted = DiffusersDiT(with_official_embeddings(official_to_diffusers(official), official))
+    options = {"recon_iters": 0} if name == "ptq4dit" else SETTINGS.get(name, {})
+    config = METHODS[name].config_class(wbits=4, abits=8, **options)
+    x, t, y = inputs()
+    x = x[:, :4]
+    with torch.no_grad():
+        reference = official(x, t, y)
+        ditq.quantize(official, config, calib, progress=False)
+        ditq.quantize(converted, config, calib, progress=False)
+        ours, theirs = official(x, t, y), converted(x, t, y)
+    error = relative_error(ours, reference)  # what quantization costs
+    assert error > 1e-3
+    assert relative_error(theirs, ours) < error / 20, (relative_error(theirs, ours), error)

@@ -167,11 +167,20 @@ def encode_prompts(
 
 def pixart_pipeline_dir(path: str | Path) -> Path | None:
     """``path`` when it is a PixArt pipeline directory (its ``transformer/`` is a
-    ``PixArtTransformer2DModel``), else None."""
-    config = Path(path) / "transformer" / "config.json"
+    ``PixArtTransformer2DModel``), else None; a PixArt transformer directory alone is an
+    error (its prompts need the pipeline's text encoder)."""
+    if _class_name(Path(path)) == CLASS_NAME:
+        raise DitqError(
+            f"{path} is a PixArt transformer without its text encoder: pass the pipeline "
+            "directory that holds it (transformer/, text_encoder/, tokenizer/)"
+        )
+    return Path(path) if _class_name(Path(path) / "transformer") == CLASS_NAME else None
+
+
+def _class_name(directory: Path) -> str | None:
     try:
-        return Path(path) if json.loads(config.read_text())["_class_name"] == CLASS_NAME else None
-    except (OSError, ValueError, KeyError):
+        return json.loads((directory / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
         return None
 
 
@@ -198,8 +207,10 @@ def pipeline_prompt_table(
 def load_pixart(path: str | Path, prompts: list[str] | None = None) -> DiffusersPixArt:
     """A PixArt pipeline directory (transformer, text encoder and tokenizer) as a
     :class:`DiffusersPixArt` conditioned on ``prompts`` (``DEFAULT_PROMPTS`` otherwise)."""
-    from diffusers import PixArtTransformer2DModel
-
+    try:
+        from diffusers import PixArtTransformer2DModel
+    except ImportError as err:
+        raise DitqError("PixArt needs diffusers: pip install 'ditq[diffusers]'") from err
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     embeds, mask = pipeline_prompt_table(path, prompts)
     transformer = PixArtTransformer2DModel.from_pretrained(str(Path(path) / "transformer"))
