@@ -4,13 +4,14 @@ saved and loaded back exactly; model and pipeline directories; a hub id offline.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import ditq
 from ditq.calib.dataset import build_calibration_set
-from ditq.diffusion.pipeline import SamplingSettings, generate
+from ditq.diffusion.pipeline import SamplingSettings, generate, load_scheduler
 from ditq.errors import DitqError
 from ditq.methods import METHODS
 from ditq.models.adapter import AdaLNFold, ValueRowsFold, adapter_for
@@ -293,3 +294,58 @@ def test_each_method_quantizes_both_layouts_to_the_same_function(name):
     error = relative_error(ours, reference)  # what quantization costs
     assert error > 1e-3
     assert relative_error(theirs, ours) < error / 20, (relative_error(theirs, ours), error)
+
+
+def test_sampling_with_a_diffusers_scheduler_is_what_dit_pipeline_computes(tmp_path):
+    """``generate(..., scheduler=...)`` / ``ditq sample --scheduler``: DiTPipeline's loop
+    (guidance on all four channels, learned σ dropped) from the same initial latents."""
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,  # DiTPipeline's null class is 1000
+    ).eval()
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8
+    ).eval()
+    scheduler = diffusers.DDIMScheduler()
+    scheduler.save_pretrained(tmp_path / "pipe" / "scheduler")
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    expected = pipe(
+        class_labels=[1, 2],
+        guidance_scale=4.0,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = SamplingSettings(steps=3, cfg_scale=4.0)
+    images, labels = generate(
+        DiffusersDiT(transformer),
+        2,
+        settings,
+        scheduler=load_scheduler(tmp_path / "pipe"),
+        classes=[1, 2],
+        init_noise=latents.numpy(),
+        vae=vae,
+        progress=False,
+    )
+    assert labels.tolist() == [1, 2]
+    assert np.abs(images.astype(float) - expected * 255).max() <= 1.0  # uint8 rounding
+    with pytest.raises(DitqError, match="no scheduler_config.json"):
+        load_scheduler(tmp_path)
+    from ditq.cli import main
+
+    transformer.save_pretrained(tmp_path / "pipe" / "transformer")
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    pipe_dir = str(tmp_path / "pipe")
+    command = ["sample", "--model", pipe_dir, "--scheduler", pipe_dir, "--vae", f"{pipe_dir}/vae"]
+    command += ["--steps", "3", "--num-samples", "2", "--classes", "1,2", "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as samples:
+        assert samples["arr_0"].shape == (2, 8, 8, 3)

@@ -9,8 +9,10 @@ by sample index and still reproduce a single-GPU run exactly).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,12 +96,63 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.to("cpu", dtype=torch.uint8).numpy()
 
 
+def load_scheduler(path: str | Path):
+    """One of diffusers' schedulers from its directory (a pipeline's ``scheduler/``, or the
+    pipeline directory itself)."""
+    try:
+        import diffusers
+    except ImportError as err:
+        raise DitqError(
+            "diffusers' schedulers need diffusers: pip install 'ditq[diffusers]'"
+        ) from err
+    for directory in (Path(path), Path(path) / "scheduler"):
+        config = directory / "scheduler_config.json"
+        if config.is_file():
+            name = json.loads(config.read_text()).get("_class_name", "")
+            scheduler_class = getattr(diffusers, name, None)
+            if scheduler_class is None:
+                raise DitqError(f"{config}: {name!r} is not a scheduler of this diffusers")
+            return scheduler_class.from_pretrained(str(directory))
+    raise DitqError(
+        f"--scheduler {path}: no scheduler_config.json there or in its scheduler/ folder"
+    )
+
+
+def scheduler_loop(
+    model: nn.Module,
+    scheduler,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    settings: SamplingSettings,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """diffusers' ``DiTPipeline`` loop with one of diffusers' schedulers: its timesteps for
+    ``settings.steps`` and its update, guidance on every latent channel (not the official
+    first three), the learned σ dropped; per-sample ``generators`` for stochastic updates."""
+    dtype = next(model.parameters()).dtype
+    scheduler.set_timesteps(settings.steps)
+    guided = settings.cfg_scale > 1
+    y = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        steps = torch.full((len(model_in),), int(t), device=x.device)
+        if guided:
+            out = model.forward_with_cfg(model_in.to(dtype), steps, y, settings.cfg_scale, None)
+            out = out[: len(x)]
+        else:
+            out = model(model_in.to(dtype), steps, y)
+        eps = out[:, : model.in_channels].float()
+        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+    return x
+
+
 @torch.no_grad()
 def trajectories(
     model: nn.Module,
     num_samples: int,
     settings: SamplingSettings = SamplingSettings(),
     *,
+    scheduler=None,
     classes: Sequence[int] | None = None,
     init_noise: np.ndarray | None = None,
     clip_denoised: bool = True,
@@ -157,6 +210,10 @@ def trajectories(
         def on_step(step, t_index, t_model, x_t, out, batch=batch, labels=labels) -> None:
             step_callback(batch, step, t_model, x_t, labels)
 
+        if scheduler is not None:
+            x = scheduler_loop(model, scheduler, x_T.to(device), labels, settings, generators)
+            yield batch, labels, x
+            continue
         x = sample_loop(
             denoise,
             x_T.to(device),
@@ -178,6 +235,7 @@ def generate(
     num_samples: int,
     settings: SamplingSettings = SamplingSettings(),
     *,
+    scheduler=None,
     classes: Sequence[int] | None = None,
     init_noise: np.ndarray | None = None,
     vae: nn.Module | None = None,
@@ -193,7 +251,9 @@ def generate(
     ``None``); ``init_noise`` (float32 N×C×H×W) replaces the drawn x_T; ``indices`` selects
     which sample indices of the run to generate (default all). Pixel-space models
     (``vae is None``) clip x0 to [-1, 1] unless ``settings.clip_denoised`` says otherwise;
-    latent models do not clip, as the official sampler.
+    latent models do not clip, as the official sampler. ``scheduler`` (one of diffusers'
+    schedulers) replaces the official sampler by ``DiTPipeline``'s loop
+    (:func:`scheduler_loop`); ``settings.steps`` and ``cfg_scale`` still apply.
     """
     clip = settings.clip_denoised if settings.clip_denoised is not None else vae is None
     images, labels_out = [], []
@@ -201,6 +261,7 @@ def generate(
         model,
         num_samples,
         settings,
+        scheduler=scheduler,
         classes=classes,
         init_noise=init_noise,
         clip_denoised=clip,
