@@ -203,3 +203,20 @@ def test_warm_up_runs_until_the_call_time_settles(monkeypatch):
     endless = iter(float(n) for n in range(1, 10_000))
     monkeypatch.setattr(speed.time, "perf_counter", lambda: next(endless) ** 2)
     assert speed.warm_up(lambda: None, "cpu", 2) == 2 * speed.WARMUP_MAX_ROUNDS  # capped
+
+
+def test_a_pixart_shape_benches_through_its_adapter(tmp_path, monkeypatch):
+    """``--shapes PixArt-XL/2@PIXELS`` (shrunk here): diffusers' PixArt with a random
+    prompt table, timed in BF16 and with real W8A8 kernels on its block linears."""
+    pytest.importorskip("diffusers")
+    tiny = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16)
+    tiny.update(cross_attention_dim=32, caption_channels=24)
+    monkeypatch.setattr(speed, "PIXART_OVERRIDES", tiny)
+    monkeypatch.setattr(speed, "PIXART_PROMPT_TOKENS", 5)
+    args = ["bench", "--shapes", "PixArt-XL/2@64", "--batches", "1", "--iters", "1"]
+    args += ["--warmup", "0", "--variants", "bf16,w8a8-static", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["bf16", "w8a8-static"]
+    assert all("error" not in r and r["latency_ms"] > 0 for r in rows), rows
+    assert rows[1]["kernels"]  # real low-bit layers in place of the block linears

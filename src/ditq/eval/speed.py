@@ -30,6 +30,7 @@ from ditq.errors import DitqError
 from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
 from ditq.methods.rtn import RTNConfig
 from ditq.models.adapter import adapter_for
+from ditq.models.diffusers_pixart import DiffusersPixArt
 from ditq.models.dit import DiT, config_for
 from ditq.pipeline.checkpoint import cast_unquantized
 from ditq.pipeline.config import LayerSelection
@@ -65,9 +66,34 @@ NAMED_SHAPES = {"testbed": ("DiT-S/2", {"input_size": 32, "in_channels": 3, "num
 DEFAULT_SHAPES = "DiT-XL/2@256,DiT-XL/2@512,testbed"
 
 
-def shape_model(shape: str) -> DiT:
-    """A random fp32 DiT for ``ARCH@PIXELS`` (latent side PIXELS / 8, 4 channels) or a name
-    of :data:`NAMED_SHAPES`."""
+PIXART = "PixArt-XL/2"
+PIXART_PROMPT_TOKENS = 300
+"""``PixArt-XL/2@PIXELS``: diffusers' PixArt transformer (28 blocks, width 1152, T5-XXL
+captions of 4096 channels, PixArt-Σ's 300 text tokens) with a random prompt table."""
+PIXART_OVERRIDES: dict[str, int] = {}
+"""Configuration overrides of the PixArt shape (tests shrink it)."""
+
+
+def pixart_shape_model(pixels: int) -> nn.Module:
+    """A random fp32 PixArt-XL/2 for ``pixels`` (latent side pixels / 8) with two random
+    prompts (and the empty one) of ``PIXART_PROMPT_TOKENS`` tokens."""
+    try:
+        from diffusers import PixArtTransformer2DModel
+    except ImportError as err:
+        raise DitqError(
+            f"the {PIXART} shape needs diffusers: pip install 'ditq[diffusers]'"
+        ) from err
+    torch.manual_seed(0)
+    config = {"sample_size": pixels // 8, "use_additional_conditions": False, **PIXART_OVERRIDES}
+    transformer = PixArtTransformer2DModel(**config).eval()
+    channels = transformer.config.caption_channels
+    embeds = torch.randn(3, PIXART_PROMPT_TOKENS, channels) * 0.1
+    return DiffusersPixArt(transformer, embeds, torch.ones(3, PIXART_PROMPT_TOKENS)).eval()
+
+
+def shape_model(shape: str) -> nn.Module:
+    """A random fp32 model for ``ARCH@PIXELS`` (latent side PIXELS / 8, 4 channels): an
+    official DiT architecture or ``PixArt-XL/2``; or a name of :data:`NAMED_SHAPES`."""
     if shape in NAMED_SHAPES:
         arch, overrides = NAMED_SHAPES[shape]
     else:
@@ -77,6 +103,8 @@ def shape_model(shape: str) -> DiT:
                 f"shape {shape!r}: write ARCH@PIXELS with PIXELS a multiple of 8, or one of "
                 f"{', '.join(NAMED_SHAPES)}"
             )
+        if arch == PIXART:
+            return pixart_shape_model(int(pixels))
         overrides = {"input_size": int(pixels) // 8}
     torch.manual_seed(0)
     return DiT(config_for(arch, **overrides)).eval()
