@@ -210,7 +210,7 @@ def test_a_pixart_shape_benches_through_its_adapter(tmp_path, monkeypatch):
     prompt table, timed in BF16 and with real W8A8 kernels on its block linears."""
     pytest.importorskip("diffusers")
     tiny = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16)
-    tiny.update(cross_attention_dim=32, caption_channels=24)
+    tiny.update(cross_attention_dim=32)  # caption_channels stays the shape's own (T5-XXL)
     monkeypatch.setattr(speed, "PIXART_OVERRIDES", tiny)
     monkeypatch.setattr(speed, "PIXART_PROMPT_TOKENS", 5)
     args = ["bench", "--shapes", "PixArt-XL/2@64", "--batches", "1", "--iters", "1"]
@@ -220,3 +220,5 @@ def test_a_pixart_shape_benches_through_its_adapter(tmp_path, monkeypatch):
     assert [r["variant"] for r in rows] == ["bf16", "w8a8-static"]
     assert all("error" not in r and r["latency_ms"] > 0 for r in rows), rows
     assert rows[1]["kernels"]  # real low-bit layers in place of the block linears
+    model = speed.pixart_shape_model(64)
+    assert model.transformer.caption_projection.linear_1.in_features == 4096

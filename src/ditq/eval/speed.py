@@ -84,7 +84,12 @@ def pixart_shape_model(pixels: int) -> nn.Module:
             f"the {PIXART} shape needs diffusers: pip install 'ditq[diffusers]'"
         ) from err
     torch.manual_seed(0)
-    config = {"sample_size": pixels // 8, "use_additional_conditions": False, **PIXART_OVERRIDES}
+    config = {
+        "sample_size": pixels // 8,
+        "caption_channels": 4096,  # T5-XXL; diffusers' default None builds no caption projection
+        "use_additional_conditions": False,
+        **PIXART_OVERRIDES,
+    }
     transformer = PixArtTransformer2DModel(**config).eval()
     channels = transformer.config.caption_channels
     embeds = torch.randn(3, PIXART_PROMPT_TOKENS, channels) * 0.1
