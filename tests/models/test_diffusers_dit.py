@@ -4,9 +4,11 @@ saved and loaded back exactly; model and pipeline directories; a hub id offline.
 
 import json
 
+import diffusers_cases
 import numpy as np
 import pytest
 import torch
+from diffusers_cases import SETTINGS, relative_error
 from torch import nn
 
 import ditq
@@ -22,14 +24,9 @@ from ditq.pipeline.steps import quantized_layers, wrap_layers
 diffusers = pytest.importorskip("diffusers")
 from ditq.models.diffusers_dit import DiffusersDiT  # noqa: E402
 
-SETTINGS = {
-    "ptq4dit": {"recon_iters": 3, "recon_batch_size": 4, "recon_chunks": 2},
-    "ditas": {"lowrank_rank": 4},
-    "single-step": {"w_group_size": 16},
-}
 
-
-def tiny_transformer(seed: int = 0):
+def tiny_transformer(seed: int = 0, num_classes: int = 10):
+    """A tiny DiT; with 1000 classes its null class is the one DiTPipeline uses."""
     torch.manual_seed(seed)
     return diffusers.DiTTransformer2DModel(
         num_attention_heads=2,
@@ -39,14 +36,12 @@ def tiny_transformer(seed: int = 0):
         num_layers=2,
         sample_size=8,
         patch_size=2,
-        num_embeds_ada_norm=10,
+        num_embeds_ada_norm=num_classes,
     ).eval()
 
 
 def inputs():
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 4, 8, 8, generator=generator)
-    return x, torch.tensor([5, 500, 900]), torch.tensor([1, 2, 10])  # 10: the null class
+    return diffusers_cases.inputs([1, 2, 10])  # 10: the null class
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +49,6 @@ def calib():
     settings = SamplingSettings(sampler="ddim", steps=5, cfg_scale=1.5, seed=11)
     model = DiffusersDiT(tiny_transformer())
     return build_calibration_set(model, 4, settings, steps="all", progress=False)
-
-
-def relative_error(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_the_wrapper_computes_what_diffusers_computes():
@@ -165,17 +156,7 @@ def test_an_unreachable_hub_id_is_one_clear_error(monkeypatch, tmp_path):
 
 def test_a_quantized_transformer_goes_back_into_a_dit_pipeline(calib, tmp_path):
     """``model.transformer`` keeps diffusers' forward: DiTPipeline samples with it."""
-    torch.manual_seed(0)
-    transformer = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,  # DiTPipeline's null class is 1000
-    ).eval()
+    transformer = tiny_transformer(num_classes=1000)  # DiTPipeline's null class is 1000
     vae = diffusers.AutoencoderKL(
         block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8
     ).eval()
@@ -299,17 +280,7 @@ def test_each_method_quantizes_both_layouts_to_the_same_function(name):
 def test_sampling_with_a_diffusers_scheduler_is_what_dit_pipeline_computes(tmp_path):
     """``generate(..., scheduler=...)`` / ``ditq sample --scheduler``: DiTPipeline's loop
     (guidance on all four channels, learned σ dropped) from the same initial latents."""
-    torch.manual_seed(0)
-    transformer = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,  # DiTPipeline's null class is 1000
-    ).eval()
+    transformer = tiny_transformer(num_classes=1000)  # DiTPipeline's null class is 1000
     vae = diffusers.AutoencoderKL(
         block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8
     ).eval()

@@ -5,9 +5,11 @@ own forward; every method through the adapter; saved and loaded back exactly."""
 import json
 import sys
 
+import diffusers_cases
 import numpy as np
 import pytest
 import torch
+from diffusers_cases import SETTINGS, relative_error
 from torch import nn
 
 import ditq
@@ -19,12 +21,6 @@ from ditq.models.adapter import ValueRowsFold, adapter_for
 
 diffusers = pytest.importorskip("diffusers")
 from ditq.models.diffusers_pixart import DiffusersPixArt  # noqa: E402
-
-SETTINGS = {
-    "ptq4dit": {"recon_iters": 3, "recon_batch_size": 4, "recon_chunks": 2},
-    "ditas": {"lowrank_rank": 4},
-    "single-step": {"w_group_size": 8},
-}
 
 
 def parts(seed: int = 0):
@@ -53,13 +49,7 @@ def parts(seed: int = 0):
 
 
 def inputs():
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 4, 8, 8, generator=generator)
-    return x, torch.tensor([5, 500, 900]), torch.tensor([0, 2, 3])  # 3: the empty prompt
-
-
-def relative_error(a, b):
-    return float((a - b).norm() / b.norm())
+    return diffusers_cases.inputs([0, 2, 3])  # 3: the empty prompt
 
 
 @pytest.fixture(scope="module")

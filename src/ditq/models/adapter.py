@@ -122,12 +122,14 @@ class ModelAdapter:
         raise NotImplementedError
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The denoiser's output for inputs ``x`` at timesteps ``t`` with ``condition``."""
-        raise NotImplementedError
+        """The denoiser's output for inputs ``x`` at timesteps ``t`` with ``condition``
+        (every family's model takes the official DiT's ``(x, t, y)``)."""
+        return self.model(x, t, condition)
 
     def tokens_per_entry(self) -> int:
-        """Tokens per calibration entry in a block's input."""
-        raise NotImplementedError
+        """Tokens per calibration entry in a block's input (from the model's DiTConfig)."""
+        config = self.model.config
+        return (config.input_size // config.patch_size) ** 2
 
     # Derived answers, the same for every family.
 

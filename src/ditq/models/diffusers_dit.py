@@ -34,13 +34,12 @@ from ditq.errors import DitqError
 from ditq.models.adapter import (
     AdaLNFold,
     InputFold,
-    ModelAdapter,
     Unit,
     ValueRowsFold,
     register_adapter,
 )
-from ditq.models.diffusers_parts import prepare_transformer
-from ditq.models.dit import DiT, DiTConfig
+from ditq.models.diffusers_parts import PREFIX, DiffusersAdapter, dit_config, prepare_transformer
+from ditq.models.dit import DiT
 
 CLASS_NAME = "DiTTransformer2DModel"
 BLOCK_LAYERS = {
@@ -52,7 +51,6 @@ BLOCK_LAYERS = {
 EMBEDDER_LAYERS = ("norm1.emb.timestep_embedder.linear_1", "norm1.emb.timestep_embedder.linear_2")
 ADALN_LINEAR = "norm1.linear"
 ADALN_CHUNKS = {"qkv": (0, 1), "fc1": (3, 4)}
-PREFIX = "transformer"
 
 
 class DiffusersDiT(nn.Module):
@@ -65,18 +63,7 @@ class DiffusersDiT(nn.Module):
         prepare_transformer(transformer)
         self.transformer = transformer
         c = transformer.config
-        hidden = c.num_attention_heads * c.attention_head_dim
-        self.config = DiTConfig(
-            depth=c.num_layers,
-            hidden_size=hidden,
-            patch_size=c.patch_size,
-            num_heads=c.num_attention_heads,
-            input_size=c.sample_size,
-            in_channels=c.in_channels,
-            num_classes=c.num_embeds_ada_norm,
-            learn_sigma=c.out_channels == 2 * c.in_channels,
-            mlp_ratio=transformer.transformer_blocks[0].ff.net[0].proj.out_features / hidden,
-        )
+        self.config = dit_config(transformer, c.num_embeds_ada_norm)
         self.in_channels = c.in_channels
         self.num_classes = c.num_embeds_ada_norm
 
@@ -128,8 +115,9 @@ def load_diffusers_dit(path: str | Path) -> DiffusersDiT:
 
 
 @register_adapter
-class DiffusersDiTAdapter(ModelAdapter):
+class DiffusersDiTAdapter(DiffusersAdapter):
     family = "diffusers-dit"
+    block_roles = BLOCK_LAYERS
     model: DiffusersDiT
 
     @classmethod
@@ -151,16 +139,6 @@ class DiffusersDiTAdapter(ModelAdapter):
             layers.append((f"{block}.{ADALN_LINEAR}", "adaln"))
             layers += [(n, "blocks") for names in self.block_layers(index).values() for n in names]
         return layers + [(f"{PREFIX}.proj_out_1", "adaln"), (f"{PREFIX}.proj_out_2", "final_layer")]
-
-    def num_blocks(self) -> int:
-        return len(self.model.transformer.transformer_blocks)
-
-    def block_name(self, index: int) -> str:
-        return f"{PREFIX}.transformer_blocks.{index}"
-
-    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
-        block = self.block_name(index)
-        return {role: tuple(f"{block}.{n}" for n in names) for role, names in BLOCK_LAYERS.items()}
 
     def input_fold(self, layer: str) -> InputFold | None:
         found = self.role_of(layer)
@@ -186,10 +164,3 @@ class DiffusersDiTAdapter(ModelAdapter):
         units += [Unit(self.block_name(i), True) for i in range(self.num_blocks())]
         final = (f"{PREFIX}.proj_out_1", f"{PREFIX}.proj_out_2")
         return units + [Unit(name, False) for name in final if name in chosen]
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t, condition)
-
-    def tokens_per_entry(self) -> int:
-        config = self.model.config
-        return (config.input_size // config.patch_size) ** 2

@@ -1,5 +1,6 @@
 """Pieces shared by diffusers' transformer families: the patch convolution as a linear
-over patches, and an attention processor with ditq's matmul hook points."""
+over patches, an attention processor with ditq's matmul hook points, the DiTConfig a
+diffusers transformer corresponds to, and the adapter answers both families share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import DitqError
+from ditq.models.adapter import ModelAdapter
+from ditq.models.dit import DiTConfig
+
+PREFIX = "transformer"  # the wrapped diffusers module's attribute name
 
 
 class PatchLinear(nn.Module):
@@ -93,3 +98,39 @@ def prepare_transformer(transformer: nn.Module) -> None:
             setattr(attn, point, nn.Identity())
         attn.explicit_matmuls = False
         attn.set_processor(QuantizableAttnProcessor())
+
+
+def dit_config(transformer: nn.Module, num_classes: int) -> DiTConfig:
+    """The official DiT's description of a diffusers transformer with ``num_classes``
+    conditions (class labels, or prompts for PixArt)."""
+    c = transformer.config
+    hidden = c.num_attention_heads * c.attention_head_dim
+    return DiTConfig(
+        depth=c.num_layers,
+        hidden_size=hidden,
+        patch_size=c.patch_size,
+        num_heads=c.num_attention_heads,
+        input_size=c.sample_size,
+        in_channels=c.in_channels,
+        num_classes=num_classes,
+        learn_sigma=c.out_channels == 2 * c.in_channels,
+        mlp_ratio=transformer.transformer_blocks[0].ff.net[0].proj.out_features / hidden,
+    )
+
+
+class DiffusersAdapter(ModelAdapter):
+    """What diffusers' families share: blocks in ``transformer.transformer_blocks``, each
+    with the linears of ``block_roles`` (role to names inside a block)."""
+
+    block_roles: dict[str, tuple[str, ...]]
+
+    def num_blocks(self) -> int:
+        return len(self.model.transformer.transformer_blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{PREFIX}.transformer_blocks.{index}"
+
+    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
+        block = self.block_name(index)
+        roles = self.block_roles.items()
+        return {role: tuple(f"{block}.{n}" for n in names) for role, names in roles}

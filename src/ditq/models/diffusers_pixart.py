@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ditq.errors import DitqError
-from ditq.models.adapter import InputFold, ModelAdapter, Unit, ValueRowsFold, register_adapter
-from ditq.models.diffusers_parts import prepare_transformer
-from ditq.models.dit import DiT, DiTConfig
+from ditq.models.adapter import InputFold, Unit, ValueRowsFold, register_adapter
+from ditq.models.diffusers_parts import PREFIX, DiffusersAdapter, dit_config, prepare_transformer
+from ditq.models.dit import DiT
 
 CLASS_NAME = "PixArtTransformer2DModel"
 BLOCK_LAYERS = {
@@ -51,7 +51,6 @@ BLOCK_LAYERS = {
 the others and smoothed by no method."""
 VALUE_ROWS = {"proj": "attn1.to_v", "cross_proj": "attn2.to_v"}
 CAPTION_LAYERS = ("caption_projection.linear_1", "caption_projection.linear_2")
-PREFIX = "transformer"
 VAE_SCALE = 8
 MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 """Text tokens per prompt of each pipeline (the diffusers pipelines' ``max_sequence_length``)."""
@@ -94,22 +93,10 @@ class DiffusersPixArt(nn.Module):
                 f"1, tokens) mask; got {tuple(prompt_embeds.shape)} and {tuple(prompt_mask.shape)}"
             )
         self.prompt_embeds, self.prompt_mask = prompt_embeds, prompt_mask
-        c = self.transformer.config
-        hidden = c.num_attention_heads * c.attention_head_dim
         prompts = len(prompt_embeds) - 1
         self.num_classes = prompts
-        self.in_channels = c.in_channels
-        self.config = DiTConfig(
-            depth=c.num_layers,
-            hidden_size=hidden,
-            patch_size=c.patch_size,
-            num_heads=c.num_attention_heads,
-            input_size=c.sample_size,
-            in_channels=c.in_channels,
-            num_classes=prompts,
-            learn_sigma=c.out_channels == 2 * c.in_channels,
-            mlp_ratio=self.transformer.transformer_blocks[0].ff.net[0].proj.out_features / hidden,
-        )
+        self.in_channels = self.transformer.config.in_channels
+        self.config = dit_config(self.transformer, prompts)
 
     @classmethod
     def from_architecture(cls, architecture: dict) -> DiffusersPixArt:
@@ -244,8 +231,9 @@ def pipeline_vae(model: nn.Module) -> str | None:
 
 
 @register_adapter
-class DiffusersPixArtAdapter(ModelAdapter):
+class DiffusersPixArtAdapter(DiffusersAdapter):
     family = "diffusers-pixart"
+    block_roles = BLOCK_LAYERS
     model: DiffusersPixArt
 
     @classmethod
@@ -290,16 +278,6 @@ class DiffusersPixArtAdapter(ModelAdapter):
             layers += [(n, "blocks") for names in self.block_layers(index).values() for n in names]
         return layers + [(f"{PREFIX}.proj_out", "final_layer")]
 
-    def num_blocks(self) -> int:
-        return len(self.model.transformer.transformer_blocks)
-
-    def block_name(self, index: int) -> str:
-        return f"{PREFIX}.transformer_blocks.{index}"
-
-    def block_layers(self, index: int) -> dict[str, tuple[str, ...]]:
-        block = self.block_name(index)
-        return {role: tuple(f"{block}.{n}" for n in names) for role, names in BLOCK_LAYERS.items()}
-
     def input_fold(self, layer: str) -> InputFold | None:
         found = self.role_of(layer)
         if found is None or found[1] not in VALUE_ROWS:
@@ -320,10 +298,3 @@ class DiffusersPixArtAdapter(ModelAdapter):
         units += [Unit(self.block_name(i), True) for i in range(self.num_blocks())]
         final = f"{PREFIX}.proj_out"
         return units + ([Unit(final, False)] if final in chosen else [])
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t, condition)
-
-    def tokens_per_entry(self) -> int:
-        config = self.model.config
-        return (config.input_size // config.patch_size) ** 2

@@ -12,7 +12,6 @@ attention quantizers, then the final layer's two linears one by one.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ditq.models.adapter import (
@@ -84,9 +83,3 @@ class DiTAdapter(ModelAdapter):
         units = [Unit(name, False) for name in EMBEDDER_LAYERS if name in chosen]
         units += [Unit(self.block_name(i), True) for i in range(self.num_blocks())]
         return units + [Unit(name, False) for name, _ in FINAL_LAYERS if name in chosen]
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t, condition)
-
-    def tokens_per_entry(self) -> int:
-        return self.model.x_embedder.num_patches
