@@ -68,6 +68,18 @@ best-of-percentiles ranges, steps 0..240, paired classes, 10-chunk reconstructio
 block-only coverage with the percentile search, to separate the two changes."""
 
 
+GROUPS64 = "--w-group-size 64 --a-dynamic --a-granularity group --a-group-size 64"
+W4A4 = {
+    "rtn-w4a4": "--method rtn --wbits 4 --abits 4",
+    "gptq-w4a4": f"--method gptq --wbits 4 --abits 4 {GROUPS64}",
+    "svdquant-w4a4": "--method svdquant",
+    "svdquant-gptq-rotate-w4a4": "--method svdquant --weight-solver gptq --rotate",
+    "gptq-w4a8": "--method gptq",
+}
+"""Issue 18: W4A4 with RTN (today's baseline), GPTQ with SVDQuant's activation groups,
+SVDQuant, SVDQuant with GPTQ on its residual and rotations; GPTQ at W4A8."""
+
+
 @dataclass(order=True)
 class Job:
     priority: int
@@ -87,6 +99,9 @@ def plan(names: list[str]) -> list[Job]:
     if "official" in names:
         jobs += [Job(1, r, 50, f) for r, f in OFFICIAL.items()]
         jobs += [Job(2, r, 250, f) for r, f in OFFICIAL.items()]
+    if "w4a4" in names:
+        jobs += [Job(1, r, 50, f) for r, f in W4A4.items()]
+        jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
     if "headline" in names:
         jobs += [Job(4, r, 100, f) for r, f in HEADLINE.items()]
     return sorted(jobs)

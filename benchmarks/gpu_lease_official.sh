@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One single-GPU lease (nvidia-h200) for PTQ4DiT's official-default rows (fid_queue.py
-# --plan official), in stages that each fit one device call. A call carries at most 64 MiB
+# --plan official; PLAN=w4a4 GPUS=0,0,0,0,0 for issue 18's rows), in stages that each fit one device call. A call carries at most 64 MiB
 # with the working tree, so the testbed checkpoint and the Inception weights travel in two
 # parts each (split -n 2) and CIFAR-10 alone; jobs run detached under /tmp/dq.
 #
@@ -27,9 +27,9 @@ PY
 }
 MEASURED=$D/code/benchmarks/results/matrix_official_h100  # an earlier lease's eval JSONs
 queue() {
-  local done=(); [ -d $MEASURED ] && done=(--results $MEASURED)
+  local done=(); [ -d $MEASURED ] && [ "${PLAN:-official}" = official ] && done=(--results $MEASURED)
   setsid nohup python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt \
-    --out $D/matrix --gpus 0,0,0 --plan official --ref $D/ref.npz --inception $D/inception.pth \
+    --out $D/matrix --gpus ${GPUS:-0,0,0} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth \
     --steps "${STEPS:-50,250}" "${done[@]}" "$@" >> $D/queue.log 2>&1 < /dev/null &
 }
 case $stage in
@@ -52,7 +52,7 @@ wait)
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
-    --gpus 0,0,0 --plan official --ref $D/ref.npz --inception $D/inception.pth --eval-only \
+    --gpus ${GPUS:-0,0,0} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth --eval-only \
     --steps "${STEPS:-50,250}" \
     >> $D/queue.log 2>&1
   progress

@@ -55,7 +55,7 @@ def test_demo_writes_runs_sqnr_and_report(demo_run, capsys):
 def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--bits", "8bit", "--quiet"]) == 2
     assert "--bits" in capsys.readouterr().err
-    assert main(["demo", "--out", str(tmp_path / "x"), "--methods", "gptq", "--quiet"]) == 2
+    assert main(["demo", "--out", str(tmp_path / "x"), "--methods", "nosuch", "--quiet"]) == 2
     assert not (tmp_path / "x").exists()
 
 

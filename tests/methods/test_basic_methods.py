@@ -33,6 +33,8 @@ def test_w16a16_is_exact_and_w8a8_is_close(name, calib):
     kwargs = {
         "single-step": {"w_group_size": 16},
         "ptq4dit": {"attn_bits": 16, "recon_iters": 0},  # W16A16: attention in float too
+        "gptq": {"w_group_size": 16},
+        "svdquant": {"w_group_size": 16, "a_group_size": 16, "lowrank_rank": 4},
     }.get(name, {})
     exact = tiny_dit()
     run_unpacked(method, exact, method.config_class(wbits=16, abits=16, **kwargs), calib)

@@ -7,6 +7,8 @@ SETTINGS = {
     "ptq4dit": {"recon_iters": 3, "recon_batch_size": 4, "recon_chunks": 2},
     "ditas": {"lowrank_rank": 4},
     "single-step": {"w_group_size": 8},
+    "gptq": {"w_group_size": 8},
+    "svdquant": {"w_group_size": 8, "a_group_size": 8, "lowrank_rank": 4},
 }
 
 

@@ -37,6 +37,7 @@ class RecordingSolver:
     """A solver that records what it finds: calibrated quantizers, the FP copy untouched."""
 
     name = "recording"
+    needs_targets = True
 
     def __init__(self, log):
         self.log = log

@@ -63,6 +63,16 @@ def test_online_input_scale_and_lowrank_branch():
     assert "low-rank r=2" in repr(layer)
 
 
+def test_lowrank_factors_are_stored_contiguous():
+    """SVD factors arrive as transposed views; stored as such, the branch's matmuls differ
+    in the last bit from the contiguous factors a loaded checkpoint holds."""
+    layer = QuantLinear.from_linear(_linear(), FLOAT, FLOAT)
+    up, down = torch.randn(2, 8).T, torch.randn(16, 2).T
+    layer.set_lowrank(up, down)
+    assert layer.lowrank_up.is_contiguous() and layer.lowrank_down.is_contiguous()
+    assert torch.equal(layer.lowrank_up, up) and torch.equal(layer.lowrank_down, down)
+
+
 def test_static_activation_quantizer_quantizes_the_input():
     linear = _linear()
     layer = QuantLinear.from_linear(linear, FLOAT, QuantSpec(bits=4, granularity=PerTensor()))

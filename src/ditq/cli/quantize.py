@@ -19,7 +19,14 @@ from ditq.io import check_output
 from ditq.methods import METHODS, Method
 from ditq.models.adapter import LAYER_GROUPS
 from ditq.pipeline.checkpoint import QUANTIZED_DIR
-from ditq.pipeline.config import W_GRANULARITIES, LayerOverride, LayerSelection, QuantConfig
+from ditq.pipeline.config import (
+    A_GRANULARITIES,
+    W_GRANULARITIES,
+    WEIGHT_SOLVERS,
+    LayerOverride,
+    LayerSelection,
+    QuantConfig,
+)
 from ditq.pipeline.run import record_of
 from ditq.pipeline.steps import layers_to_wrap, quantized_layers
 from ditq.quant.spec import RANGE_METHODS, UNQUANTIZED_BITS
@@ -91,12 +98,39 @@ def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None
     q.add_argument("--w-symmetric", action="store_true", default=None)
     q.add_argument("--w-range", choices=RANGE_METHODS)
     q.add_argument("--w-fmt", choices=("int", "fp8_e4m3"))
-    q.add_argument("--a-granularity", choices=("tensor", "token"))
+    q.add_argument(
+        "--a-granularity",
+        choices=A_GRANULARITIES,
+        help="activation ranges per tensor, per token (with --a-dynamic), or per group of "
+        "--a-group-size input channels (dynamic: per token and group)",
+    )
+    q.add_argument("--a-group-size", type=int)
     q.add_argument("--a-dynamic", action="store_true", default=None)
     q.add_argument("--a-symmetric", action="store_true", default=None)
     q.add_argument("--a-range", choices=RANGE_METHODS)
     q.add_argument("--a-fmt", choices=("int", "fp8_e4m3"))
     q.add_argument("--attn-bits", type=int, help="attention matmul inputs (16 = float)")
+    q.add_argument(
+        "--weight-solver",
+        choices=WEIGHT_SOLVERS,
+        help="round weights to nearest (rtn) or with GPTQ, block by block (gptq)",
+    )
+    q.add_argument("--gptq-damp", type=float, help="GPTQ damping, fraction of mean diag H")
+    q.add_argument("--gptq-block-size", type=int, help="GPTQ lazy-batch columns")
+    q.add_argument(
+        "--gptq-act-order",
+        type=lambda text: text.lower() in ("1", "true", "yes", "on"),
+        metavar="BOOL",
+        help="GPTQ: quantize columns by decreasing Hessian diagonal (default true)",
+    )
+    q.add_argument(
+        "--rotate",
+        action="store_true",
+        default=None,
+        help="rotate every quantized linear's input by a randomized Hadamard matrix (online) "
+        "and its weight offline",
+    )
+    q.add_argument("--rotate-seed", type=int, help="seed of the rotations' random signs")
     q.add_argument(
         "--layers",
         help=f"comma-separated layer groups to quantize, from {', '.join(LAYER_GROUPS)} "
@@ -357,10 +391,11 @@ def run(args: argparse.Namespace) -> None:
     save(model, args.out, overwrite=args.overwrite)
     report = record_of(model).report
     weight_sqnr, total = report["weight_sqnr_db"], report["wall_time_s"]["total"]
+    solver = report["method"].get("reconstruction", {}).get("solver", "a solver")
     sqnr_text = (
         f"mean weight SQNR {sum(weight_sqnr.values()) / len(weight_sqnr):.1f} dB"
         if weight_sqnr
-        else "weight SQNR n/a (rounding learned by reconstruction)"
+        else f"weight SQNR n/a (rounding solved by {solver})"
     )
     attention = f"A{config.attn_bits}" if config.attn_bits < 16 else "float"
     print(

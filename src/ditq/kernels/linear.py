@@ -41,8 +41,11 @@ The DiTAS low-rank branch ``L (R x')`` with ``x' = x / s``: ``s`` is folded into
 conversion (``R' = R / s``) and ``T = x R'ᵀ`` is one small cuBLAS GEMM. ``int`` adds
 ``T Lᵀ`` inside its epilogue; the dequantizing path batches it into the main GEMM as
 ``[x̂, T] [Ŵ, L]ᵀ``: one extra launch per layer either way, not two plus an add (the FP8
-path adds it with two small GEMMs). Weight layers left unquantized (``wbits=16``) and
-the attention matmul quantizers stay simulated.
+path adds it with two small GEMMs). A layer with an online Hadamard rotation computes
+``(x / s) H`` with torch ops first (a Walsh–Hadamard transform) and then runs as above.
+Weight layers left unquantized (``wbits=16``), layers with per-group activation ranges
+(no kernel quantizes activations in groups yet) and the attention matmul quantizers stay
+simulated; ``convert_model`` names them.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import DitqError
+from ditq.quant.hadamard import rotate
 from ditq.quant.layers import QuantLinear
 from ditq.quant.packing import unpack_int4
 from ditq.quant.quantizer import FP8_E4M3_MAX, MIN_SCALE, qparams_from_range
@@ -209,7 +213,16 @@ class RealQuantLinear(nn.Module):
         self._prepare_weight(layer)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         self.register_buffer("static_qparams", _static_qparams(layer))
-        scale = layer.input_scale
+        scale, signs = layer.input_scale, layer.rotation_signs
+        # A rotated layer transforms its rows first ((x / s) H, torch ops), then runs as a
+        # layer without input scale; otherwise the scale is fused into the quantization.
+        self.register_buffer("rotation_signs", None if signs is None else signs.detach().clone())
+        rotation_scale = scale if signs is not None else None
+        self.register_buffer(
+            "rotation_input_scale", None if rotation_scale is None else scale.detach().clone()
+        )
+        if signs is not None:
+            scale = None
         self.register_buffer("input_scale", None if scale is None else scale.detach().clone())
         down, up = layer.lowrank_down, layer.lowrank_up
         if down is not None and scale is not None:
@@ -287,6 +300,10 @@ class RealQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
+        if self.rotation_signs is not None:
+            if self.rotation_input_scale is not None:
+                rows = rows / self.rotation_input_scale.to(rows.dtype)
+            rows = rotate(rows, self.rotation_signs).contiguous()
         if rows.device.type == "cuda" and self.kind != "reference":
             y = self._forward_cuda(rows)
         else:
@@ -456,7 +473,7 @@ class FusedQuantMlp(nn.Module):
     @staticmethod
     def fusable(mlp: nn.Module) -> bool:
         """int kernels on both layers, GELU (tanh) between them, a static int input range and
-        no low-rank branch on fc2."""
+        no low-rank branch or rotation on fc2."""
         fc1, fc2, act = (getattr(mlp, name, None) for name in ("fc1", "fc2", "act"))
         return (
             isinstance(fc1, RealQuantLinear)
@@ -467,6 +484,7 @@ class FusedQuantMlp(nn.Module):
             and fc2.act.fmt == "int"
             and fc2.static_qparams is not None
             and fc2.lowrank_down is None
+            and fc2.rotation_signs is None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -493,16 +511,27 @@ class FusedQuantMlp(nn.Module):
                                    rows.dtype)  # fmt: skip
 
 
+def has_kernel(layer: QuantLinear) -> bool:
+    """Whether a packed layer can run as a :class:`RealQuantLinear`: activations in float,
+    or quantized per tensor or per token."""
+    act = layer.act_quantizer.spec
+    return not act.enabled or isinstance(act.granularity, (PerTensor, PerToken))
+
+
 def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
     """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
     ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
-    simulated, as do the attention matmul quantizers. Warns when some layers have a
+    simulated, as do layers without a kernel (:func:`has_kernel`, named in a warning) and
+    the attention matmul quantizers. Warns when some layers have a
     format without a GPU kernel (``reference``: they dequantize, then matmul).
     ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (on an H200 at
     DiT-XL/2 batch 64: 1.14x BF16 instead of 1.03x for PTQ4DiT's W8A8 format)."""
-    slow = []
+    slow, simulated = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:
+            if not has_kernel(module):
+                simulated.append(f"{name} ({module.act_quantizer.spec.describe()})")
+                continue
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             real = RealQuantLinear.from_quant_linear(module)
@@ -516,6 +545,12 @@ def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
             f"matmul, e.g. {slow[0]}; the kernels take int weights per channel/tensor or in "
             f"groups of {'/'.join(map(str, INT_GROUP_SIZES))} with int activations, and FP8 "
             "weights per channel/tensor with FP8 activations (ditq.kernels.linear)",
+            stacklevel=2,
+        )
+    if simulated:
+        warnings.warn(
+            f"{len(simulated)} layers stay simulated (no kernel quantizes their activations), "
+            f"e.g. {simulated[0]}; real kernels take per-tensor or per-token activation ranges",
             stacklevel=2,
         )
     if fuse_mlp:

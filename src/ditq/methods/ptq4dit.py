@@ -88,6 +88,7 @@ from ditq.pipeline.adaround_solver import AdaRoundSolver, ReconSettings
 from ditq.pipeline.config import LayerSelection, QuantConfig
 from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
+from ditq.pipeline.sequential import Solver
 from ditq.quant.smoothing import smoothing_factor
 
 BALANCE_MODES = ("none", "csb", "csb+ssc")
@@ -156,6 +157,11 @@ class PTQ4DiTConfig(QuantConfig):
             )
         if self.recon_iters < 0:
             raise DitqError(f"--recon-iters must be 0 (off) or positive, got {self.recon_iters}")
+        if self.weight_solver != "rtn" and self.recon_iters:
+            raise DitqError(
+                "PTQ4DiT's weights are rounded by its block reconstruction; --weight-solver "
+                f"{self.weight_solver} replaces it only with --recon-iters 0"
+            )
         if self.recon_batch_size < 1:
             raise DitqError(f"--recon-batch-size must be at least 1, got {self.recon_batch_size}")
         if self.recon_chunks < 1:
@@ -316,9 +322,9 @@ class PTQ4DiT(Method):
             "balanced_layers": balanced,
         }
 
-    def solver(self, config: QuantConfig) -> AdaRoundSolver | None:
+    def solver(self, config: QuantConfig) -> Solver | None:
         if config.recon_iters == 0:
-            return None
+            return super().solver(config)
         settings = ReconSettings(
             iters=config.recon_iters,
             batch_size=config.recon_batch_size,

@@ -13,11 +13,11 @@ from torch import nn
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.stats import activation_salience, weight_salience
 from ditq.errors import DitqError
-from ditq.models.adapter import BLOCK_ROLES, adapter_for
+from ditq.models.adapter import BLOCK_ROLES
 from ditq.pipeline.config import QuantConfig
 from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
-from ditq.pipeline.steps import layers_to_wrap
+from ditq.pipeline.steps import quantized_role_groups
 from ditq.quant.smoothing import smoothing_factor
 
 
@@ -46,15 +46,6 @@ class SmoothQuantConfig(QuantConfig):
         self.smooth = tuple(self.smooth)
 
 
-def smoothed_groups(model: nn.Module, config: SmoothQuantConfig) -> list[tuple[str, ...]]:
-    """The ``config.smooth`` linears of every block that ``config`` quantizes, by role (the
-    linears of a role share one input and one factor; a role with a layer kept in float,
-    or left out of the layer selection, is not smoothed)."""
-    quantized = layers_to_wrap(model, config)
-    groups = adapter_for(model).role_groups(config.smooth)
-    return [group for group in groups if all(name in quantized for name in group)]
-
-
 @dataclass(frozen=True)
 class SmoothQuant(Method):
     """Salience of the FP model's inputs, then the smoothing factors folded."""
@@ -65,7 +56,7 @@ class SmoothQuant(Method):
     def analyze(
         self, model: nn.Module, config: QuantConfig, calib: CalibrationSet | None, ctx: RunContext
     ) -> dict[tuple[str, ...], torch.Tensor]:
-        groups = smoothed_groups(model, config)
+        groups = quantized_role_groups(model, config, config.smooth)
         salience = activation_salience(
             model,
             calib,

@@ -135,6 +135,7 @@ class AdaRoundSolver:
     ``act_scales``."""
 
     name = "adaround"
+    needs_targets = True
 
     def __init__(self, settings: ReconSettings) -> None:
         self.settings = settings

@@ -7,7 +7,8 @@
     ``.zero_point`` (float32; shapes per granularity: (C_out, 1) per channel,
     (C_out, C_in/g, 1) per group), ``L.bias``, static activation ranges
     ``L.act_quantizer.scale`` / ``.zero_point`` ((1, 1)), and optionally
-    ``L.input_scale`` (C_in,) and the 16-bit low-rank branch ``L.lowrank_up`` (C_out, r) /
+    ``L.input_scale`` (C_in,), the signs of an online Hadamard rotation
+    ``L.rotation_signs`` (C_in,) and the 16-bit low-rank branch ``L.lowrank_up`` (C_out, r) /
     ``L.lowrank_down`` (r, C_in). Buffers a module does not keep in its state dict
     (non-persistent, e.g. diffusers' position embeddings) are stored too and listed in the
     manifest's ``buffers``. Attention matmul quantizers are
@@ -60,12 +61,14 @@ QUANTIZED_DIR = OutputKind("ditq quantized directory", True, is_quantized_dir)
 
 
 def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per quantized layer: weight and activation specs, online scale, low-rank rank."""
+    """Per quantized layer: weight and activation specs, online scale and rotation,
+    low-rank rank."""
     return {
         name: {
             "weight": layer.weight_quantizer.spec.to_dict(),
             "act": layer.act_quantizer.spec.to_dict(),
             "input_scale": layer.input_scale is not None,
+            "rotation": layer.rotation_signs is not None,
             "lowrank_rank": layer.lowrank_rank,
         }
         for name, layer in quantized_layers(model).items()
@@ -213,7 +216,8 @@ def _prepare_layer_for_state(layer: QuantLinear, name: str, tensors: dict) -> No
     if f"{name}.weight_codes" in tensors:
         layer.weight = None
         layer.weight_codes = torch.empty_like(tensors[f"{name}.weight_codes"], device="meta")
-    if f"{name}.input_scale" in tensors:
-        layer.input_scale = torch.empty_like(tensors[f"{name}.input_scale"], device="meta")
+    for buffer in ("input_scale", "rotation_signs"):
+        if f"{name}.{buffer}" in tensors:
+            setattr(layer, buffer, torch.empty_like(tensors[f"{name}.{buffer}"], device="meta"))
     if f"{name}.lowrank_up" in tensors:
         layer.set_lowrank(tensors[f"{name}.lowrank_up"], tensors[f"{name}.lowrank_down"])

@@ -16,6 +16,7 @@ from torch import nn
 
 from ditq.errors import DitqError
 from ditq.models.adapter import LAYER_GROUPS, adapter_for
+from ditq.quant.gptq import GPTQSettings
 from ditq.quant.spec import (
     UNQUANTIZED_BITS,
     Granularity,
@@ -39,7 +40,13 @@ WEIGHT_GRANULARITIES: dict[str, Callable[[int], Granularity]] = {
 of g input channels (``group``), of g output channels per input column (``column_group``;
 ``column_group_strided``: rows strided by C_out / g, DiTAS' official layout)."""
 W_GRANULARITIES = tuple(WEIGHT_GRANULARITIES)
-A_GRANULARITIES = ("tensor", "token")
+WEIGHT_SOLVERS = ("rtn", "gptq")
+"""How weights are rounded after their ranges are set: to nearest, or by GPTQ (block by
+block, :mod:`ditq.pipeline.gptq_solver`)."""
+A_GRANULARITIES = ("tensor", "token", "group")
+"""``a_granularity`` names: one range per tensor (static or dynamic), per token (dynamic),
+or per group of ``a_group_size`` input channels (dynamic: per token and group, SVDQuant's
+W4A4 activations; static: per channel group over all tokens, min/max ranges)."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,15 @@ class QuantConfig:
     are valid). ``w_group_size`` is the g of the grouped ``w_granularity`` values (see
     ``WEIGHT_GRANULARITIES``); it must divide the grouped channels of every quantized layer,
     and 2..4-bit codes, stored two per byte, need an even number of input channels (both
-    checked when the layers are wrapped). ``attn_bits`` quantizes the inputs of the two
-    attention matmuls (q, k, v, softmax output) when below 16. ``overrides`` maps a layer
-    name or glob pattern (``blocks.0.*``, ``*.fc2``) to a :class:`LayerOverride`.
+    checked when the layers are wrapped); ``a_group_size`` is the g of
+    ``a_granularity="group"`` (it must divide every quantized layer's input channels).
+    ``attn_bits`` quantizes the inputs of the two attention matmuls (q, k, v, softmax
+    output) when below 16. ``weight_solver`` rounds weights to nearest (``rtn``) or with
+    GPTQ (``gptq``; ``gptq_*``: its damping, lazy-batch columns and act-order, see
+    :class:`ditq.quant.gptq.GPTQSettings`). ``rotate`` rotates every quantized linear's
+    input by a randomized Hadamard matrix (online) and its weight offline (seeded by
+    ``rotate_seed``; :mod:`ditq.pipeline.rotation`). ``overrides`` maps a layer name or
+    glob pattern (``blocks.0.*``, ``*.fc2``) to a :class:`LayerOverride`.
     """
 
     wbits: int = 8
@@ -98,11 +111,18 @@ class QuantConfig:
     w_range: str = "minmax"
     w_fmt: str = "int"
     a_granularity: str = "tensor"
+    a_group_size: int = 64
     a_dynamic: bool = False
     a_symmetric: bool = False
     a_range: str = "minmax"
     a_fmt: str = "int"
     attn_bits: int = UNQUANTIZED_BITS
+    weight_solver: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
+    rotate: bool = False
+    rotate_seed: int = 0
     layers: LayerSelection = field(default_factory=LayerSelection)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
 
@@ -121,6 +141,17 @@ class QuantConfig:
             raise DitqError(
                 "per-token activation ranges are computed from each live tensor: add "
                 "--a-dynamic, or use --a-granularity tensor for static ranges"
+            )
+        if self.weight_solver not in WEIGHT_SOLVERS:
+            raise DitqError(
+                f"weight solver {self.weight_solver!r} is unknown; choose one of "
+                f"{', '.join(WEIGHT_SOLVERS)}"
+            )
+        self.gptq_settings()  # validates
+        if self.a_granularity == "group" and not self.a_dynamic and self.a_range != "minmax":
+            raise DitqError(
+                f"static per-group activation ranges are min/max ranges; --a-range "
+                f"{self.a_range} needs --a-granularity tensor (or add --a-dynamic)"
             )
         self.overrides = {
             k: v if isinstance(v, LayerOverride) else LayerOverride(**v)
@@ -168,11 +199,18 @@ class QuantConfig:
         return QuantSpec(
             bits=bits,
             symmetric=self.a_symmetric or self.a_fmt == "fp8_e4m3",
-            granularity=PerToken() if self.a_granularity == "token" else PerTensor(),
+            granularity=self._act_granularity(),
             dynamic=self.a_dynamic,
             fmt=self.a_fmt,
             range_method="minmax" if self.a_dynamic else self.a_range,
         )
+
+    def _act_granularity(self) -> Granularity:
+        if self.a_granularity == "token":
+            return PerToken()
+        if self.a_granularity == "group":
+            return PerGroup(self.a_group_size)
+        return PerTensor()
 
     def attention_spec(self) -> QuantSpec:
         """Spec of the attention matmul inputs (static per tensor unless ``a_dynamic``)."""
@@ -183,6 +221,9 @@ class QuantConfig:
             dynamic=self.a_dynamic,
             range_method="minmax" if self.a_dynamic else self.a_range,
         )
+
+    def gptq_settings(self) -> GPTQSettings:
+        return GPTQSettings(self.gptq_damp, self.gptq_block_size, self.gptq_act_order)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

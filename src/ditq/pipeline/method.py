@@ -4,7 +4,8 @@ A method is a configuration dataclass (a :class:`~ditq.pipeline.config.QuantConf
 :class:`Method`: its published calibration set, statistics taken on the FP model before
 any layer is wrapped (``analyze``), transformations of the wrapped model's float weights
 (``transform``: smoothing folds, low-rank branches) and a solver for the sequential driver
-(``solver``: e.g. block reconstruction). The pipeline owns the order; a method owns none of
+(``solver``: e.g. block reconstruction; by default GPTQ when the configuration's
+``weight_solver`` is ``gptq``). The pipeline owns the order; a method owns none of
 the steps between.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.settings import CalibSettings
 from ditq.pipeline.config import QuantConfig
+from ditq.pipeline.gptq_solver import GPTQSolver
 from ditq.pipeline.sequential import Solver
 
 
@@ -62,7 +64,10 @@ class Method:
         return {}
 
     def solver(self, config: QuantConfig) -> Solver | None:
-        """The solver the sequential driver runs after the ranges are set, if any."""
+        """The solver the sequential driver runs after the ranges are set, if any: by
+        default GPTQ when ``config.weight_solver`` asks for it."""
+        if config.weight_solver == "gptq":
+            return GPTQSolver(config.gptq_settings())
         return None
 
     def unpublished_setting(self, config: QuantConfig) -> str | None:

@@ -2,10 +2,11 @@
 tests run it (through :func:`ditq.quantize`); its order is the rule every method obeys:
 
 1. check that the selected layers can take the configured formats (before any work);
-2. copy the FP model when the method has a solver (its targets come from the FP model);
+2. copy the FP model when the method's solver learns from FP targets (reconstruction);
 3. ``method.analyze``: statistics of the FP model;
 4. wrap the selected layers (:func:`ditq.pipeline.steps.wrap_layers`);
-5. ``method.transform``: changes of the float weights (smoothing folds, low-rank branches);
+5. ``method.transform``: changes of the float weights (smoothing folds, low-rank branches),
+   then, with ``config.rotate``, the Hadamard rotations (:mod:`ditq.pipeline.rotation`);
 6. weight ranges, then static activation ranges on the calibration set (with the weights
    quantized): weights are calibrated before the solver runs, never after it, since a
    solver (AdaRound) hardens the rounding into the weights;
@@ -30,6 +31,7 @@ from torch import nn
 from ditq.calib.dataset import CalibrationSet
 from ditq.errors import DitqError
 from ditq.pipeline.method import Method, RunContext
+from ditq.pipeline.rotation import rotate_layers
 from ditq.pipeline.sequential import run_sequential
 from ditq.pipeline.steps import (
     calibrate_activations,
@@ -81,10 +83,12 @@ def run_method(
         )
     layers_to_wrap(model, config)
     solver = method.solver(config)
-    fp_model = copy.deepcopy(model) if solver is not None else None
+    fp_model = copy.deepcopy(model) if solver is not None and solver.needs_targets else None
     analysis = method.analyze(model, config, calib, ctx)
     wrap_layers(model, config)
     report = dict(method.transform(model, config, analysis, ctx))
+    if config.rotate:
+        report["rotation"] = rotate_layers(model, config.rotate_seed)
     report["calibrated_timesteps"] = calib.timesteps() if calib is not None else []
     calibrate_weights(model, ctx.progress)
     report["activation_ranges"] = (

@@ -1,6 +1,6 @@
 """The sequential driver: calibration unit by unit (block by block), with input capture,
-propagation and resume, around a solver (e.g.
-:class:`ditq.pipeline.adaround_solver.AdaRoundSolver`).
+propagation and resume, around a solver (:class:`ditq.pipeline.adaround_solver.AdaRoundSolver`,
+:class:`ditq.pipeline.gptq_solver.GPTQSolver`).
 
 The model adapter lists the units in forward order (``ModelAdapter.sequential_units``: each
 block with the quantized layers inside it; with ``layerwise_extra`` also every quantized
@@ -85,6 +85,8 @@ class Solver(Protocol):
     """What the driver asks of a solver."""
 
     name: str
+    needs_targets: bool
+    """Whether ``solve`` reads the FP model's outputs (``data``'s ``target``)."""
 
     def result_fields(self) -> dict[str, Any]:
         """The settings that change the result (they key the resume checkpoints)."""
@@ -157,7 +159,7 @@ class UnitData:
 
 def run_sequential(
     qmodel: nn.Module,
-    fp_model: nn.Module,
+    fp_model: nn.Module | None,
     calib: CalibrationSet,
     solver: Solver,
     settings: SequentialSettings | None = None,
@@ -173,7 +175,8 @@ def run_sequential(
     ``qmodel``: the wrapped model on ``device`` (unpacked ``QuantLinear`` layers with
     calibrated weight quantizers, calibrated static activation quantizers); ``fp_model``:
     the original FP model (not wrapped; any device), whose block outputs ``qmodel``'s
-    blocks must match (a re-parameterized ``qmodel`` computes the same function in float).
+    blocks must match (a re-parameterized ``qmodel`` computes the same function in float);
+    None for a solver that needs no targets.
     ``batch_size``: calibration batch of the capture forwards. ``cache_dir``: where
     finished units are saved for resuming, and large cached activations spill to.
 
@@ -188,7 +191,7 @@ def run_sequential(
         "units": {},
     }
     device = torch.device(device)
-    _check_models(qmodel, fp_model, calib, device)
+    _check_models(qmodel, fp_model, calib, solver, device)
     units = _units(qmodel, solver, settings)
     if units:
         cache = Path(cache_dir) if cache_dir is not None else None
@@ -231,7 +234,7 @@ def _units(qmodel: nn.Module, solver: Solver, settings: SequentialSettings) -> l
 def _solve_unit(
     unit: UnitCall,
     qmodel: nn.Module,
-    fp_model: nn.Module,
+    fp_model: nn.Module | None,
     calib: CalibrationSet,
     solver: Solver,
     settings: SequentialSettings,
@@ -270,14 +273,22 @@ def _solve_unit(
 
 
 def _check_models(
-    qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, device: torch.device
+    qmodel: nn.Module,
+    fp_model: nn.Module | None,
+    calib: CalibrationSet,
+    solver: Solver,
+    device: torch.device,
 ) -> None:
-    if fp_model is qmodel or quantized_layers(fp_model):
+    if fp_model is None:
+        if solver.needs_targets:
+            raise DitqError(f"the {solver.name} solver needs the FP model's outputs: pass fp_model")
+    elif fp_model is qmodel or quantized_layers(fp_model):
         raise DitqError(
             "reconstruction targets come from the full-precision model: pass the original, "
             "unwrapped FP model as fp_model (e.g. a copy.deepcopy taken before wrap_layers)"
         )
-    fp_blocks, q_blocks = adapter_for(fp_model).num_blocks(), adapter_for(qmodel).num_blocks()
+    q_blocks = adapter_for(qmodel).num_blocks()
+    fp_blocks = q_blocks if fp_model is None else adapter_for(fp_model).num_blocks()
     if fp_blocks != q_blocks:
         raise DitqError(
             f"fp_model has {fp_blocks} blocks but the quantized model {q_blocks}; pass the FP "
@@ -310,20 +321,25 @@ def _check_models(
 def _capture(
     unit: UnitCall,
     qmodel: nn.Module,
-    fp_model: nn.Module,
+    fp_model: nn.Module | None,
     calib: CalibrationSet,
     batch_size: int,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Inputs from the quantized model, targets from the FP model, on the CPU, per entry."""
+    """Inputs from the quantized model and, with an ``fp_model``, targets from it, on the
+    CPU, per entry."""
     if unit.is_block:
         quantized = capture_block_io(qmodel, calib, unit.name, batch_size, device, False)
         inputs = {f"arg{i}": arg for i, arg in enumerate(quantized.args)}
         inputs.update({KWARG + key: value for key, value in quantized.kwargs.items()})
         del quantized
+        if fp_model is None:
+            return inputs
         target = capture_block_io(fp_model, calib, unit.name, batch_size, None, False).out
         return {**inputs, "target": target}
     rows = capture_inputs(qmodel, calib, unit.name, batch_size, device, progress=False)
+    if fp_model is None:
+        return {"arg0": _per_entry(rows, len(calib))}
     fp_layer = get_layer(fp_model, unit.name)
     fp_rows = capture_inputs(fp_model, calib, unit.name, batch_size, progress=False)
     fp_device = next(fp_layer.parameters()).device

@@ -22,6 +22,7 @@ from ditq.pipeline.config import QuantConfig
 from ditq.quant.layers import QuantLinear
 from ditq.quant.observer import observer_for, range_from_observer
 from ditq.quant.quantizer import Quantizer
+from ditq.quant.spec import PerGroup
 
 
 def layers_to_wrap(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
@@ -40,8 +41,28 @@ def layers_to_wrap(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear
         config.weight_spec(name).check_weight_shape(
             module.out_features, module.in_features, layer=name
         )
+        act = config.act_spec(name)
+        if act.enabled and isinstance(act.granularity, PerGroup):
+            size = act.granularity.group_size
+            if module.in_features % size:
+                raise DitqError(
+                    f"activation group size {size} (--a-group-size) does not divide the "
+                    f"{module.in_features} input channels of {name}; use a divisor of "
+                    f"{module.in_features}, or keep {name} in float (--keep-float)"
+                )
         found[name] = module
     return found
+
+
+def quantized_role_groups(
+    model: nn.Module, config: QuantConfig, roles: tuple[str, ...]
+) -> list[tuple[str, ...]]:
+    """The block linears of ``roles`` that ``config`` quantizes, by role and block (the
+    linears of a group share one input; a group with a layer kept in float, or left out of
+    the layer selection, is left out)."""
+    quantized = layers_to_wrap(model, config)
+    groups = adapter_for(model).role_groups(roles)
+    return [group for group in groups if all(name in quantized for name in group)]
 
 
 def wrap_layers(model: nn.Module, config: QuantConfig) -> dict[str, QuantLinear]:

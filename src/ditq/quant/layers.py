@@ -1,12 +1,15 @@
 """Quantized layers with simulated (fake) quantization.
 
-``QuantLinear`` computes ``Y = Q_a(X / s) · Q_w(W)ᵀ + b [+ (X / s) Rᵀ Lᵀ]``:
+``QuantLinear`` computes ``Y = Q_a(X̃) · Q_w(W)ᵀ + b [+ X̃ Rᵀ Lᵀ]`` with ``X̃ = (X / s) H``:
 
 - ``Q_w``: ``weight_quantizer`` (any :class:`~ditq.quant.QuantSpec`),
 - ``Q_a``: ``act_quantizer`` on the layer input (static or dynamic),
 - ``s``: an optional per-input-channel ``input_scale`` applied online (smoothing whose
   divisor cannot be folded into a preceding op, e.g. fc2 after GELU; METHODS.md DiTAS),
-- ``L R``: an optional 16-bit low-rank branch (DiTAS' training-free low-rank module).
+- ``H``: an optional randomized Hadamard rotation applied online (``rotation_signs``;
+  :mod:`ditq.quant.hadamard`), the weight and the branch's R rotated offline to match,
+- ``L R``: an optional 16-bit low-rank branch (DiTAS' training-free low-rank module,
+  SVDQuant's branch).
 
 The weight lives in one of two forms. While a method works on it, ``weight`` is a float
 ``Parameter`` and is fake-quantized on every call (differentiable, for reconstruction).
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditq.errors import DitqError
+from ditq.quant.hadamard import rotate
 from ditq.quant.quantizer import Quantizer
 from ditq.quant.spec import QuantSpec
 
@@ -30,6 +35,7 @@ class QuantLinear(nn.Module):
 
     weight_codes: torch.Tensor | None
     input_scale: torch.Tensor | None
+    rotation_signs: torch.Tensor | None
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class QuantLinear(nn.Module):
         self.act_quantizer = Quantizer(act_spec)
         self.register_buffer("weight_codes", None)
         self.register_buffer("input_scale", None)
+        self.register_buffer("rotation_signs", None)
         self.lowrank_down: nn.Parameter | None = None  # R: (rank, in_features)
         self.lowrank_up: nn.Parameter | None = None  # L: (out_features, rank)
         self._dequantized: torch.Tensor | None = None
@@ -83,9 +90,34 @@ class QuantLinear(nn.Module):
             self.weight_quantizer.find_params(self.weight.detach())
 
     def set_lowrank(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Install the 16-bit branch ``L (R x)`` with ``L = up`` (out, r), ``R = down`` (r, in)."""
-        self.lowrank_up = nn.Parameter(up.detach().clone().float(), requires_grad=False)
-        self.lowrank_down = nn.Parameter(down.detach().clone().float(), requires_grad=False)
+        """Install the 16-bit branch ``L (R x)`` with ``L = up`` (out, r), ``R = down`` (r, in),
+        stored contiguous as a loaded checkpoint has them (the same matmuls, bit for bit)."""
+        for name, factor in (("lowrank_up", up), ("lowrank_down", down)):
+            stored = factor.detach().float().clone(memory_format=torch.contiguous_format)
+            setattr(self, name, nn.Parameter(stored, requires_grad=False))
+
+    @torch.no_grad()
+    def set_rotation(self, signs: torch.Tensor) -> None:
+        """Rotate the input online by ``H = diag(signs) · blockdiag(Hadamard) / √b`` and the
+        float weight (and the low-rank branch's R) offline by the same H: the output is
+        unchanged in float (``X Wᵀ = (X H)(W H)ᵀ``). Before ranges are searched."""
+        if self.packed:
+            raise DitqError("rotate a layer before its weight is packed")
+        if self.rotation_signs is not None:
+            raise DitqError("this layer is already rotated")
+        signs = signs.detach().float().to(self.weight.device)
+        self.weight.data = rotate(self.weight.data, signs)
+        if self.lowrank_down is not None:
+            self.lowrank_down.data = rotate(self.lowrank_down.data, signs)
+        self.rotation_signs = signs
+
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``X̃ = (X / s) H``: what the weight multiplies (module docstring)."""
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        if self.rotation_signs is not None:
+            x = rotate(x, self.rotation_signs)
+        return x
 
     def pack(self) -> None:
         """Replace the float weight by its integer codes; the layer's output is unchanged."""
@@ -104,8 +136,7 @@ class QuantLinear(nn.Module):
         return self._dequantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
+        x = self.transformed_input(x)
         weight = self.quantized_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(self.act_quantizer(x), weight, bias)
@@ -123,6 +154,8 @@ class QuantLinear(nn.Module):
         parts = [f"in={self.in_features}, out={self.out_features}"]
         if self.input_scale is not None:
             parts.append("online input scale")
+        if self.rotation_signs is not None:
+            parts.append("online Hadamard rotation")
         if self.lowrank_rank:
             parts.append(f"low-rank r={self.lowrank_rank}")
         if self.packed:

@@ -13,7 +13,7 @@ import torch
 
 from ditq.errors import DitqError
 from ditq.quant.quantizer import TensorPair, find_range, range_dtype
-from ditq.quant.spec import PerTensor, QuantSpec
+from ditq.quant.spec import PerGroup, PerTensor, QuantSpec
 
 DEFAULT_MAX_SAMPLES = 1_000_000
 
@@ -149,36 +149,46 @@ class SampleObserver:
         return self.samples
 
 
-def _require_static_per_tensor(spec: QuantSpec) -> None:
+def _require_static_activation(spec: QuantSpec) -> None:
     if not spec.needs_calibration:
         raise DitqError(
             f"{spec.describe()} needs no calibration, so it has no observer; "
             "check spec.needs_calibration first"
         )
-    if not isinstance(spec.granularity, PerTensor):
+    grouped = isinstance(spec.granularity, PerGroup) and spec.range_method == "minmax"
+    if not isinstance(spec.granularity, PerTensor) and not grouped:
         raise DitqError(
-            f"static activation ranges are per tensor, got {spec.describe()}; use "
-            "granularity=PerTensor(), or PerToken() with dynamic=True for per-token ranges"
+            f"static activation ranges are per tensor or min/max per channel group, got "
+            f"{spec.describe()}; use granularity=PerTensor(), or PerToken() with "
+            "dynamic=True for per-token ranges"
         )
 
 
 def observer_for(
     spec: QuantSpec, max_samples: int = DEFAULT_MAX_SAMPLES
 ) -> MinMaxObserver | SampleObserver:
-    """The observer a static per-tensor activation spec needs: ``MinMaxObserver`` for
-    ``minmax``, ``SampleObserver`` for ``percentile`` and ``mse``."""
-    _require_static_per_tensor(spec)
+    """The observer a static activation spec needs: ``MinMaxObserver`` for ``minmax``
+    (per channel for per-group ranges), ``SampleObserver`` for ``percentile`` and ``mse``."""
+    _require_static_activation(spec)
     if spec.range_method == "minmax":
-        return MinMaxObserver()
+        return MinMaxObserver(per_channel=isinstance(spec.granularity, PerGroup))
     return SampleObserver(max_samples)
 
 
 def range_from_observer(observer: MinMaxObserver | SampleObserver, spec: QuantSpec) -> TensorPair:
-    """``(x_min, x_max)``, each of shape (1, 1), for ``spec``'s range method from the
-    statistics of ``observer_for(spec)``; pass them to ``Quantizer.set_range``."""
-    _require_static_per_tensor(spec)
+    """``(x_min, x_max)`` for ``spec``'s range method from the statistics of
+    ``observer_for(spec)``: shape (1, 1) per tensor, (C / g, 1) per group of g channels;
+    pass them to ``Quantizer.set_range``."""
+    _require_static_activation(spec)
     if isinstance(observer, SampleObserver):
         return find_range(observer.result(), spec)
+    if isinstance(observer, MinMaxObserver) and isinstance(spec.granularity, PerGroup):
+        x_min, x_max = observer.result()
+        size = spec.granularity.group_size
+        return (
+            x_min.reshape(-1, size).amin(dim=-1, keepdim=True),
+            x_max.reshape(-1, size).amax(dim=-1, keepdim=True),
+        )
     if (
         isinstance(observer, MinMaxObserver)
         and not observer.per_channel

@@ -329,7 +329,11 @@ class Quantizer(nn.Module):
 
     def _calibrated_qparams(self, groups: torch.Tensor) -> TensorPair:
         self._require_calibrated()
-        if self.scale.shape[:-1] != groups.shape[:-1]:
+        # Leading dims broadcast: a static per-group activation range, (C/g, 1), serves
+        # every token of a (..., C/g, g) view.
+        if self.scale.dim() > groups.dim() or (
+            self.scale.shape[:-1] != groups.shape[groups.dim() - self.scale.dim() : -1]
+        ):
             raise DitqError(
                 f"quantizer {self.spec.describe()} was calibrated with scales of shape "
                 f"{tuple(self.scale.shape)}, which do not fit a tensor grouped as "

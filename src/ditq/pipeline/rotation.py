@@ -1,0 +1,51 @@
+"""Randomized Hadamard rotation of quantized linears (METHODS.md, "Beyond the seeds:
+Rotation"; QuaRot, applied to DiTs by ConvRot and DiRotQ): any method's ``--rotate``.
+
+Each quantized linear gets its own random signs (seeded by the configuration's seed and
+the layer's name) and computes ``Q_a((X / s) H) · Q_w(W H)ᵀ``: the weight (and a low-rank
+branch's R) is rotated offline, the input online before the activation quantizer
+(:meth:`ditq.quant.layers.QuantLinear.set_rotation`). The pipeline rotates after the
+method's transform (smooth, then rotate) and before weight ranges and any solver (rotate,
+then solve); a method may rotate earlier itself (SVDQuant, before its SVD), and layers
+already rotated are left as they are.
+
+Where we differ from the published recipes: every input is rotated online, including
+proj's, which the papers fold head-wise into the V rows of qkv (a block-diagonal H per
+head commutes with attention); the online form is exact for every layout and costs one
+Walsh–Hadamard transform per token.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ditq.pipeline.steps import quantized_layers
+from ditq.quant.hadamard import hadamard_block, random_signs
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """The signs' seed of layer ``name``: the configuration's seed mixed with the name."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def rotate_layers(
+    model: nn.Module, seed: int, names: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """Rotate the quantized linears ``names`` (default: all) not rotated yet; returns
+    ``{"seed", "layers", "block_sizes"}`` (Hadamard block size → layer count)."""
+    layers = quantized_layers(model)
+    chosen = list(layers) if names is None else list(names)
+    rotated, blocks = 0, {}
+    for name in chosen:
+        layer = layers[name]
+        if layer.rotation_signs is not None:
+            continue
+        layer.set_rotation(random_signs(layer.in_features, layer_seed(seed, name)))
+        rotated += 1
+        block = hadamard_block(layer.in_features)
+        blocks[block] = blocks.get(block, 0) + 1
+    return {"seed": seed, "layers": rotated, "block_sizes": blocks}
