@@ -9,6 +9,7 @@ from kernel_cases import FORMATS, packed_layer
 from ditq.errors import DitqError
 from ditq.kernels import RealQuantLinear, convert_model, resolve_backend
 from ditq.kernels.linear import layer_kind
+from ditq.quant.hadamard import random_signs
 from ditq.quant.layers import QuantLinear
 
 from conftest import tiny_dit
@@ -133,3 +134,39 @@ def test_fp8_layers_narrower_than_scaled_mm_takes_dequantize():
     narrow, _ = packed_layer(*FORMATS["fp8"], K=12, rank=0)
     wide, _ = packed_layer(*FORMATS["fp8"], K=16, rank=0)
     assert layer_kind(narrow) == "reference" and layer_kind(wide) == "fp8"
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_rotated_layers_run_real_after_the_hadamard_transform(name):
+    """The cuda backend's claim for ``--rotate``: a rotated layer (online scale and low-rank
+    branch too) converts, and its path equals the simulated layer."""
+    w_spec, a_spec = FORMATS[name]
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 48), w_spec, a_spec)
+    layer.input_scale = torch.rand(64) + 0.5
+    layer.set_lowrank(0.1 * torch.randn(48, 4), 0.1 * torch.randn(4, 64))
+    layer.set_rotation(random_signs(64, 3))
+    layer.calibrate_weight()
+    x = 2 * torch.randn(3, 5, 64)
+    if a_spec.needs_calibration:
+        layer.act_quantizer.find_params(layer.transformed_input(x))
+    layer.pack()
+    out, ref = RealQuantLinear.from_quant_linear(layer)(x), layer(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_per_group_activation_layers_stay_simulated_and_are_named():
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.methods import RTNConfig
+
+    model = tiny_dit()
+    inputs = denoiser_inputs(model, 1, "cpu", torch.float32)
+    config = RTNConfig(wbits=8, abits=8, a_dynamic=True, a_granularity="group", a_group_size=16)
+    quantize_random(model, config, inputs)
+    with torch.no_grad():
+        ref = model(*inputs)
+    with pytest.warns(UserWarning, match=r"8 layers stay simulated .* blocks\.0\.attn\.qkv"):
+        convert_model(model)
+    assert not any(isinstance(m, RealQuantLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), ref)
