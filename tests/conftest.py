@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ditq.calib.dataset import build_calibration_set
+from ditq.diffusion.pipeline import SamplingSettings
 from ditq.models import DiT, DiTConfig
 from ditq.pipeline.method import Method, RunContext
 from ditq.pipeline.run import run_method
@@ -25,6 +27,24 @@ def tiny_dit(seed: int = 0, **overrides) -> DiT:
     torch.manual_seed(seed)
     config = DiTConfig(**{**TINY.to_dict(), **overrides})
     return DiT(config).eval()
+
+
+def output_error(model: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """Relative L2 distance of ``model``'s output to ``reference``'s on fixed random inputs
+    of the tiny DiT."""
+    torch.manual_seed(9)
+    x, t, y = torch.randn(6, 3, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        out, ref = model(x, t, y), reference(x, t, y)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    """The tiny DiT's calibration set: 4 DDIM trajectories of 6 steps, every step recorded
+    (a test module may define its own)."""
+    settings = SamplingSettings(sampler="ddim", steps=6, cfg_scale=1.5, seed=11)
+    return build_calibration_set(tiny_dit(), 4, settings, steps="all", progress=False)
 
 
 def run_unpacked(method: Method, model: DiT, config, calib, **context) -> dict:

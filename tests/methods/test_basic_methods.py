@@ -4,27 +4,11 @@
 import pytest
 import torch
 
-from ditq.calib.dataset import build_calibration_set
-from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.methods import METHODS, SingleStepConfig, SmoothQuantConfig
 from ditq.pipeline.steps import quantized_layers
 
-from conftest import run_unpacked, tiny_dit
-
-
-@pytest.fixture(scope="module")
-def calib():
-    settings = SamplingSettings(sampler="ddim", steps=6, cfg_scale=1.5, seed=11)
-    return build_calibration_set(tiny_dit(), 4, settings, steps="all", progress=False)
-
-
-def _error(model, reference):
-    torch.manual_seed(9)
-    x, t, y = torch.randn(6, 3, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 5, (6,))
-    with torch.no_grad():
-        out, ref = model(x, t, y), reference(x, t, y)
-    return ((out - ref).norm() / ref.norm()).item()
+from conftest import output_error, run_unpacked, tiny_dit
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -38,10 +22,10 @@ def test_w16a16_is_exact_and_w8a8_is_close(name, calib):
     }.get(name, {})
     exact = tiny_dit()
     run_unpacked(method, exact, method.config_class(wbits=16, abits=16, **kwargs), calib)
-    assert _error(exact, tiny_dit()) < 1e-5
+    assert output_error(exact, tiny_dit()) < 1e-5
     model = tiny_dit()
     run_unpacked(method, model, method.config_class(wbits=8, abits=8, **kwargs), calib)
-    assert 0 < _error(model, tiny_dit()) < 0.05
+    assert 0 < output_error(model, tiny_dit()) < 0.05
     # the block linears; PTQ4DiT's official coverage adds the adaLN, embedder and final linears
     assert len(quantized_layers(model)) == (15 if name == "ptq4dit" else 8)
 
@@ -59,7 +43,7 @@ def test_smoothquant_reduces_activation_outliers(calib):
     smooth = SmoothQuantConfig(wbits=8, abits=8, alpha=0.5)
     report = run_unpacked(METHODS["smoothquant"], model, smooth, calib)
     assert report["smoothing_factors"]["blocks.0.attn.qkv"]["max"] > 2
-    assert _error(model, reference) < 0.5 * _error(plain, reference)
+    assert output_error(model, reference) < 0.5 * output_error(plain, reference)
 
 
 def test_single_step_defaults_and_first_step_calibration(calib):

@@ -4,32 +4,20 @@ rotations, SVDQuant's layer computed by hand, and the CLI round trip of each."""
 import pytest
 import torch
 
-from ditq.calib.dataset import build_calibration_set
 from ditq.cli import main
-from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.methods import METHODS
 from ditq.methods.svdquant import SVDQuantConfig
 from ditq.pipeline.steps import quantized_layers
 from ditq.quant.quantizer import Quantizer
 
-from conftest import run_unpacked, tiny_dit
+from conftest import output_error, run_unpacked, tiny_dit
 
 GROUPS = {"w_group_size": 16, "a_group_size": 16}
 
 
-@pytest.fixture(scope="module")
-def calib():
-    settings = SamplingSettings(sampler="ddim", steps=6, cfg_scale=1.5, seed=11)
-    return build_calibration_set(tiny_dit(), 4, settings, steps="all", progress=False)
-
-
 def error(model):
-    torch.manual_seed(9)
-    x, t, y = torch.randn(6, 3, 8, 8), torch.randint(0, 1000, (6,)), torch.randint(0, 5, (6,))
-    with torch.no_grad():
-        out, ref = model(x, t, y), tiny_dit()(x, t, y)
-    return ((out - ref).norm() / ref.norm()).item()
+    return output_error(model, tiny_dit())
 
 
 def quantized(name, calib, **kwargs):

@@ -35,12 +35,6 @@ FLOAT = {"wbits": 16, "abits": 16, "attn_bits": 16, "recon_iters": 0}
 MODES = [("none", False), ("csb", False), ("csb+ssc", False), ("csb+ssc", True)]
 
 
-@pytest.fixture(scope="module")
-def calib():
-    settings = SamplingSettings(sampler="ddim", steps=6, cfg_scale=1.5, seed=11)
-    return build_calibration_set(tiny_dit(), 4, settings, steps="all", progress=False)
-
-
 def _run(model, calib, **settings):
     """PTQ4DiT without reconstruction on the block linears (``--layers blocks``) unless
     ``settings`` say otherwise."""

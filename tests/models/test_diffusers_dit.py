@@ -8,7 +8,7 @@ import diffusers_cases
 import numpy as np
 import pytest
 import torch
-from diffusers_cases import SETTINGS, relative_error
+from diffusers_cases import SETTINGS, linears_in_call_order, relative_error
 from torch import nn
 
 import ditq
@@ -66,18 +66,8 @@ def test_the_wrapper_computes_what_diffusers_computes():
 def test_adapter_lists_every_linear_in_forward_order_and_folds_exactly():
     model = DiffusersDiT(tiny_transformer())
     adapter = adapter_for(model)
-    names = {module: name for name, module in model.named_modules()}
-    called = []
-    hooks = [
-        m.register_forward_pre_hook(lambda module, _: called.append(names[module]))
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    ]
     x, t, y = inputs()
-    with torch.no_grad():
-        reference = model(x, t, y)
-    for hook in hooks:
-        hook.remove()
+    called, reference = linears_in_call_order(model, x, t, y)
     listed = [name for name, _ in adapter.quantizable_layers()]
     # the forward calls block 0's timestep embedder again for the output modulation
     assert list(dict.fromkeys(called)) == listed

@@ -9,8 +9,7 @@ import diffusers_cases
 import numpy as np
 import pytest
 import torch
-from diffusers_cases import SETTINGS, relative_error
-from torch import nn
+from diffusers_cases import SETTINGS, linears_in_call_order, relative_error
 
 import ditq
 from ditq.calib.dataset import build_calibration_set
@@ -81,17 +80,7 @@ def test_the_wrapper_conditions_on_the_prompt_table_as_diffusers_does():
 def test_adapter_lists_every_linear_in_forward_order_and_folds_v_rows():
     model = DiffusersPixArt(*parts())
     adapter = adapter_for(model)
-    names = {module: name for name, module in model.named_modules()}
-    called = []
-    hooks = [
-        m.register_forward_pre_hook(lambda module, _: called.append(names[module]))
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    ]
-    with torch.no_grad():
-        model(*inputs())
-    for hook in hooks:
-        hook.remove()
+    called, _ = linears_in_call_order(model, *inputs())
     assert called == [name for name, _ in adapter.quantizable_layers()]
     block = "transformer.transformer_blocks.0"
     assert adapter.input_fold(f"{block}.attn2.to_out.0") == ValueRowsFold(

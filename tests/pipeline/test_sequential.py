@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import ditq.pipeline.sequential as sequential
-from ditq.calib.dataset import build_calibration_set
 from ditq.calib.hooks import capture_block_io
-from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.methods import METHODS, RTNConfig
 from ditq.pipeline.adaround_solver import (
@@ -27,12 +25,6 @@ from ditq.quant.quantizer import Quantizer
 from conftest import run_unpacked, tiny_dit
 
 W4A8 = dict(wbits=4, abits=8, attn_bits=8)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    settings = SamplingSettings(sampler="ddim", steps=6, cfg_scale=1.5, seed=11)
-    return build_calibration_set(tiny_dit(), 4, settings, steps="all", progress=False)
 
 
 def _rtn(calib, depth=2, **config):

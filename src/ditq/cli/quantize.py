@@ -119,7 +119,7 @@ def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None
     q.add_argument("--gptq-block-size", type=int, help="GPTQ lazy-batch columns")
     q.add_argument(
         "--gptq-act-order",
-        type=lambda text: text.lower() in ("1", "true", "yes", "on"),
+        type=_parse_field(True),
         metavar="BOOL",
         help="GPTQ: quantize columns by decreasing Hessian diagonal (default true)",
     )

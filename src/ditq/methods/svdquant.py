@@ -48,9 +48,9 @@ from ditq.models.adapter import BLOCK_ROLES
 from ditq.pipeline.config import QuantConfig
 from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
-from ditq.pipeline.rotation import layer_seed, rotate_layers
+from ditq.pipeline.rotation import layer_signs, rotate_layers
 from ditq.pipeline.steps import quantized_role_groups
-from ditq.quant.hadamard import random_signs, rotate
+from ditq.quant.hadamard import rotate
 from ditq.quant.lowrank import rank_r_factors
 from ditq.quant.observer import observer_for, range_from_observer
 from ditq.quant.quantizer import Quantizer
@@ -191,9 +191,7 @@ class SVDQuant(Method):
             x = rows.to(device=device, dtype=torch.float32)
             w_salience = weight_salience(*(layer.weight for layer in layers))
             signs = {
-                name: random_signs(layer.in_features, layer_seed(config.rotate_seed, name)).to(
-                    device
-                )
+                name: layer_signs(config.rotate_seed, name, layer.in_features).to(device)
                 if config.rotate
                 else None
                 for name, layer in zip(group, layers, strict=True)

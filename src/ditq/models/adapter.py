@@ -14,7 +14,8 @@ the model's adapter (:func:`adapter_for`). One adapter module per family answers
 - the units of sequential (block-by-block) calibration, in forward order;
 - how to call the denoiser on ``(x, t, condition)`` and how many tokens an entry has.
 
-A new family subclasses :class:`ModelAdapter` and registers with :func:`register_adapter`.
+A new family subclasses :class:`ModelAdapter` (its ``model_class`` and answers) and
+registers with :func:`register_adapter`.
 """
 
 from __future__ import annotations
@@ -76,13 +77,15 @@ class ModelAdapter:
 
     family = ""
     """The family's name, recorded in quantized directories."""
+    model_class: type[nn.Module] = nn.Module
+    """The model class this adapter answers for."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        raise NotImplementedError
+        return isinstance(model, cls.model_class)
 
     @classmethod
     def build(cls, architecture: dict) -> nn.Module:

@@ -118,11 +118,8 @@ def load_diffusers_dit(path: str | Path) -> DiffusersDiT:
 class DiffusersDiTAdapter(DiffusersAdapter):
     family = "diffusers-dit"
     block_roles = BLOCK_LAYERS
+    model_class = DiffusersDiT
     model: DiffusersDiT
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, DiffusersDiT)
 
     @classmethod
     def build(cls, architecture: dict) -> nn.Module:

@@ -234,11 +234,8 @@ def pipeline_vae(model: nn.Module) -> str | None:
 class DiffusersPixArtAdapter(DiffusersAdapter):
     family = "diffusers-pixart"
     block_roles = BLOCK_LAYERS
+    model_class = DiffusersPixArt
     model: DiffusersPixArt
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, DiffusersPixArt)
 
     @classmethod
     def build(cls, architecture: dict) -> nn.Module:

@@ -35,11 +35,8 @@ ADALN_CHUNKS = {"qkv": (0, 1), "fc1": (3, 4)}
 @register_adapter
 class DiTAdapter(ModelAdapter):
     family = "dit"
+    model_class = DiT
     model: DiT
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, DiT)
 
     @classmethod
     def build(cls, architecture: dict) -> nn.Module:

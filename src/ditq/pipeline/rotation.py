@@ -18,18 +18,21 @@ Walsh–Hadamard transform per token.
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ditq.pipeline.steps import quantized_layers
 from ditq.quant.hadamard import hadamard_block, random_signs
 
 
-def layer_seed(seed: int, name: str) -> int:
-    """The signs' seed of layer ``name``: the configuration's seed mixed with the name."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+def layer_signs(seed: int, name: str, width: int) -> torch.Tensor:
+    """The random signs of layer ``name`` (``width`` input channels), seeded by the
+    configuration's seed mixed with the name."""
+    return random_signs(width, (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
 def rotate_layers(
@@ -39,13 +42,10 @@ def rotate_layers(
     ``{"seed", "layers", "block_sizes"}`` (Hadamard block size → layer count)."""
     layers = quantized_layers(model)
     chosen = list(layers) if names is None else list(names)
-    rotated, blocks = 0, {}
+    blocks: Counter[int] = Counter()
     for name in chosen:
         layer = layers[name]
-        if layer.rotation_signs is not None:
-            continue
-        layer.set_rotation(random_signs(layer.in_features, layer_seed(seed, name)))
-        rotated += 1
-        block = hadamard_block(layer.in_features)
-        blocks[block] = blocks.get(block, 0) + 1
-    return {"seed": seed, "layers": rotated, "block_sizes": blocks}
+        if layer.rotation_signs is None:
+            layer.set_rotation(layer_signs(seed, name, layer.in_features))
+            blocks[hadamard_block(layer.in_features)] += 1
+    return {"seed": seed, "layers": blocks.total(), "block_sizes": dict(blocks)}

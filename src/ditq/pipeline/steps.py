@@ -22,7 +22,6 @@ from ditq.pipeline.config import QuantConfig
 from ditq.quant.layers import QuantLinear
 from ditq.quant.observer import observer_for, range_from_observer
 from ditq.quant.quantizer import Quantizer
-from ditq.quant.spec import PerGroup
 
 
 def layers_to_wrap(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
@@ -42,14 +41,8 @@ def layers_to_wrap(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear
             module.out_features, module.in_features, layer=name
         )
         act = config.act_spec(name)
-        if act.enabled and isinstance(act.granularity, PerGroup):
-            size = act.granularity.group_size
-            if module.in_features % size:
-                raise DitqError(
-                    f"activation group size {size} (--a-group-size) does not divide the "
-                    f"{module.in_features} input channels of {name}; use a divisor of "
-                    f"{module.in_features}, or keep {name} in float (--keep-float)"
-                )
+        if act.enabled:
+            act.check_divides(module.in_features, layer=name, tensor="activation")
         found[name] = module
     return found
 

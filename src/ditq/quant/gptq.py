@@ -114,9 +114,8 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 class _ColumnGrid:
     """The quantizer's step and zero point of each weight element, column by column."""
 
-    def __init__(self, quantizer: Quantizer, shape: torch.Size) -> None:
+    def __init__(self, quantizer: Quantizer) -> None:
         self.quantizer, self.spec = quantizer, quantizer.spec
-        self.rows = shape[0]
 
     def set_group_range(self, group: int, columns: torch.Tensor) -> None:
         """Fix group ``group``'s ranges from ``columns`` (rows, g), as they are now."""
@@ -169,7 +168,7 @@ def gptq_quantize(
     )
     w, h = w[:, order], h[order][:, order]
     hinv = _upper_inverse_cholesky(h, settings.damp)
-    grid = _ColumnGrid(quantizer, w.shape)
+    grid = _ColumnGrid(quantizer)
     granularity = quantizer.spec.granularity
     dynamic_groups = isinstance(granularity, PerGroup) and not settings.act_order
     original = order.tolist()

@@ -71,16 +71,22 @@ class _GroupSize:
                 f"divisor of the {self.grouped_axis} channels, e.g. {kind}(128)"
             )
 
-    def check_divides(self, num_channels: int, layer: str = "") -> None:
-        """Raise DitqError unless ``group_size`` divides ``num_channels`` (the grouped dim)."""
+    def check_divides(self, num_channels: int, layer: str = "", tensor: str = "weight") -> None:
+        """Raise DitqError unless ``group_size`` divides ``num_channels`` (the grouped dim)
+        of a ``tensor`` ("weight" or "activation"), naming the flags that fix it."""
         if num_channels % self.group_size == 0:
             return
         divisor = max(d for d in range(1, self.group_size + 1) if num_channels % d == 0)
         where = f"layer {layer!r} with " if layer else ""
+        other = (
+            "per-channel weights (--w-granularity channel)"
+            if tensor == "weight"
+            else "per-token activations (--a-granularity token)"
+        )
         raise DitqError(
-            f"weight group size {self.group_size} (--w-group-size) does not divide "
+            f"{tensor} group size {self.group_size} (--{tensor[0]}-group-size) does not divide "
             f"{where}{num_channels} {self.grouped_axis} channels; use a divisor of "
-            f"{num_channels} such as {divisor}, or per-channel weights (--w-granularity channel)"
+            f"{num_channels} such as {divisor}, or {other}"
         )
 
 
@@ -238,10 +244,10 @@ class QuantSpec:
         """True for enabled static specs: their range must be found before use."""
         return self.enabled and not self.dynamic
 
-    def check_divides(self, num_channels: int, layer: str = "") -> None:
+    def check_divides(self, num_channels: int, layer: str = "", tensor: str = "weight") -> None:
         """Raise DitqError if a per-group spec's group size does not divide the channels."""
         if isinstance(self.granularity, PerGroup):
-            self.granularity.check_divides(num_channels, layer)
+            self.granularity.check_divides(num_channels, layer, tensor)
 
     def check_weight_shape(self, out_features: int, in_features: int, layer: str = "") -> None:
         """Raise DitqError unless this spec fits a (``out_features``, ``in_features``) weight:
