@@ -174,6 +174,14 @@ def test_saved_calibration_set_is_reused_and_checked(model_args, tmp_path, capsy
             "--alpha is a setting of smoothquant; --method rtn does not take it",
         ),
         (["--method", "rtn", "--recon-iters", "5"], "--recon-iters is a setting of ptq4dit"),
+        (
+            ["--method", "rtn", "--w-granularity", "channel", "--w-group-size", "16"],
+            "--w-group-size needs grouped ranges, not --w-granularity channel",
+        ),
+        (
+            ["--method", "rtn", "--a-granularity", "tensor", "--a-group-size", "16"],
+            "--a-group-size needs grouped ranges, not --a-granularity tensor",
+        ),
     ],
 )
 def test_bad_settings_are_one_clear_error_and_write_nothing(
@@ -183,6 +191,17 @@ def test_bad_settings_are_one_clear_error_and_write_nothing(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_group_size_alone_selects_groups(model_args, tmp_path):
+    """A group size without a granularity means groups (it was silently ignored: rtn's
+    weights stayed per channel)."""
+    out = tmp_path / "q"
+    flags = ["--method", "rtn", "--wbits", "4", "--w-group-size", "16", "--a-group-size", "16"]
+    assert _quantize(model_args, out, *flags) == 0
+    config = json.loads((out / "ditq.json").read_text())["method_config"]
+    assert (config["w_granularity"], config["w_group_size"]) == ("group", 16)
+    assert (config["a_granularity"], config["a_group_size"]) == ("group", 16)
 
 
 def test_smoothquant_respects_keep_float(model_args, tmp_path):

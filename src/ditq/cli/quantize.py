@@ -283,6 +283,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, LayerOverride]:
     return overrides
 
 
+def _group_sizes_imply_groups(method: Method, args: argparse.Namespace, values: dict) -> None:
+    """``--w-group-size``/``--a-group-size`` without a granularity select groups (a size
+    would otherwise be ignored); next to a granularity without groups they are an error."""
+    defaults = method.config_class.__dataclass_fields__
+    for side, grouped in (("w", lambda g: "group" in g), ("a", lambda g: g == "group")):
+        if getattr(args, f"{side}_group_size", None) is None:
+            continue
+        granularity = getattr(args, f"{side}_granularity", None)
+        if granularity is None and not grouped(defaults[f"{side}_granularity"].default):
+            values[f"{side}_granularity"] = "group"
+        elif granularity is not None and not grouped(granularity):
+            raise DitqError(
+                f"--{side}-group-size needs grouped ranges, not --{side}-granularity "
+                f"{granularity}: use --{side}-granularity group or drop --{side}-group-size"
+            )
+
+
 def method_config(method: Method, args: argparse.Namespace) -> QuantConfig:
     """The method's configuration: its defaults, overridden by the flags that were given."""
     values = {"overrides": _overrides(args)}
@@ -295,6 +312,7 @@ def method_config(method: Method, args: argparse.Namespace) -> QuantConfig:
     layers = _layer_selection(args.layers)
     if layers is not None:
         values["layers"] = layers
+    _group_sizes_imply_groups(method, args, values)
     if args.attn_bits is None and values.get("abits", 0) >= UNQUANTIZED_BITS:
         values["attn_bits"] = UNQUANTIZED_BITS  # float activations: float attention too
     return method.config_class(**values)
