@@ -15,7 +15,8 @@ in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if th
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
-the percentile search, DDPM 50/250). ``--gpus 0,0,0`` runs three workers on one GPU.
+the percentile search, DDPM 50/250), ``w4a4`` and ``w4a4-more`` (issue 18: W4A4 and GPTQ).
+``--gpus 0,0,0`` runs three workers on one GPU.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ W4A4 = {
 }
 """Issue 18: W4A4 with RTN (today's baseline), GPTQ with SVDQuant's activation groups,
 SVDQuant, SVDQuant with GPTQ on its residual and rotations; GPTQ at W4A8."""
+GROUPS64_RTN = f"--w-granularity group {GROUPS64}"  # rtn's weights are per channel by default
+W4A4_MORE = [
+    (1, "svdquant-gptq-rotate-w4a4", 250, W4A4["svdquant-gptq-rotate-w4a4"]),
+    (1, "rotate-w4a4", 50, f"--method rtn --wbits 4 --abits 4 --rotate {GROUPS64_RTN}"),
+    (1, "gptq-rotate-w4a4", 50, f"--method gptq --wbits 4 --abits 4 --rotate {GROUPS64}"),
+    (2, "ditas-w4a4", 50, "--method ditas --wbits 4 --abits 4"),
+    (3, "gptq-w4a8", 250, W4A4["gptq-w4a8"]),
+    (3, "svdquant-w4a4", 250, W4A4["svdquant-w4a4"]),
+]
+"""Issue 18's second lease (``--plan w4a4-more``), most wanted first: the W4A4 target's
+DDPM 250 row, rotation alone and with GPTQ (SVDQuant's activation groups), DiTAS at W4A4
+as a baseline, then the DDPM 250 rows of GPTQ W4A8 and SVDQuant alone."""
 
 
 @dataclass(order=True)
@@ -102,6 +115,8 @@ def plan(names: list[str]) -> list[Job]:
     if "w4a4" in names:
         jobs += [Job(1, r, 50, f) for r, f in W4A4.items()]
         jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
+    if "w4a4-more" in names:
+        jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
     if "headline" in names:
         jobs += [Job(4, r, 100, f) for r, f in HEADLINE.items()]
     return sorted(jobs)

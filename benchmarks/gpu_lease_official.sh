@@ -11,6 +11,9 @@
 #   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
 #   stage wait   sleep, then show progress
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
+# TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
+# (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
+# both are done, so that the two times are measured with the GPU alone.
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -29,26 +32,38 @@ MEASURED=$D/code/benchmarks/results/matrix_official_h100  # an earlier lease's e
 queue() {
   local done=(); [ -d $MEASURED ] && [ "${PLAN:-official}" = official ] && done=(--results $MEASURED)
   setsid nohup python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt \
-    --out $D/matrix --gpus ${GPUS:-0,0,0} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth \
+    --out $D/matrix --gpus ${QUEUE_GPUS:-${GPUS:-0,0,0}} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth \
     --steps "${STEPS:-50,250}" "${done[@]}" "$@" >> $D/queue.log 2>&1 < /dev/null &
 }
 case $stage in
 ship1)
   mkdir -p $D && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks $D/code/
   cp .carry/ckpt.part.aa .carry/inception.part.aa $D/
-  python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D ;;
+  python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D
+  if [ "${TIMING:-0}" = 1 ]; then
+    setsid nohup python $D/code/benchmarks/calibration_time.py --shape DiT-XL/2@256 \
+      --method gptq --out $D/timing_xl.json > $D/timing.log 2>&1 < /dev/null &
+    echo $! > $D/timing_xl.pid
+  fi ;;
 ship2)
   cat $D/ckpt.part.aa .carry2/ckpt.part.ab > $D/dit_s2_cifar10.pt
   cat $D/inception.part.aa .carry2/inception.part.ab > $D/inception.pth
   sha256sum $D/dit_s2_cifar10.pt $D/inception.pth
-  queue; sleep "${SLEEP:-30}"; progress ;;
+  if [ "${TIMING:-0}" = 1 ]; then
+    setsid nohup bash -c "while kill -0 $(cat $D/timing_xl.pid) 2> /dev/null; do sleep 2; done
+      python $D/code/benchmarks/calibration_time.py --model $D/dit_s2_cifar10.pt --method gptq \
+        --out $D/timing_s2.json >> $D/timing.log 2>&1; touch $D/timing.done" \
+      > /dev/null 2>&1 < /dev/null &
+    QUEUE_GPUS=$(echo "${GPUS:-0,0,0}" | sed "s|\([0-9]\)|\1:$D/timing.done|g")
+  fi
+  queue; sleep "${SLEEP:-30}"; progress; cat $D/timing.log 2>/dev/null | tail -n 5 ;;
 ref)
   cp .carry3/cifar_train.npz $D/
   python -m ditq eval --build-ref $D/cifar_train.npz --inception-weights $D/inception.pth \
     --out $D/ref.npz --device cuda --batch-size 500 --quiet
   ls -la $D; progress ;;
 wait)
-  sleep "${SLEEP:-500}"; progress ;;
+  sleep "${SLEEP:-500}"; progress; tail -n 3 $D/timing.log 2>/dev/null ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
@@ -58,6 +73,7 @@ finish)
   progress
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
+  cp $D/timing* $OUT/ 2>/dev/null
   tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
   cat $D/report.log | head -n 40 ;;
 esac

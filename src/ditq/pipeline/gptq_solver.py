@@ -3,8 +3,8 @@ the reference implementation runs it (IST-DASLab/gptq ``opt_sequential``, sequen
 within a block): the unit's inputs come from the model quantized so far, and the linears
 of a unit are solved in forward order, stage by stage. A stage is the first unsolved
 linear and every other unsolved one that reads the same input (a fused qkv alone, or
-separate q, k and v together); its Hessians come from one pass of the cached inputs
-through the unit with the stages before it already solved.
+separate q, k and v together, found from one batch); its Hessians, and only its, come
+from one pass of the cached inputs through the unit with the stages before it solved.
 
 A layer's Hessian is taken on what its weight multiplies: the input after its online
 scale and rotation, before activation quantization (``QuantLinear.transformed_input``,
@@ -60,11 +60,9 @@ class GPTQSolver:
         pending = _solvable(unit.module)
         report: dict[str, Any] = {"stages": 0, "layers": {}}
         while pending:
-            hessians, first_inputs = self._hessian_pass(unit, data, pending)
-            leader = first_inputs[next(iter(first_inputs))] if first_inputs else None
-            stage = [n for n in pending if first_inputs.get(n) is leader] or list(pending)
-            for name in stage:
-                layer = pending.pop(name)
+            stage = {name: pending.pop(name) for name in self._next_stage(unit, data, pending)}
+            hessians = self._hessian_pass(unit, data, stage)
+            for name, layer in stage.items():
                 hessian = hessians[name].result()
                 weight = layer.weight.data
                 rtn = layer.weight_quantizer(weight)
@@ -78,31 +76,44 @@ class GPTQSolver:
         return report
 
     @torch.no_grad()
+    def _next_stage(
+        self, unit: UnitCall, data: UnitData, pending: dict[str, QuantLinear]
+    ) -> list[str]:
+        """The first of ``pending`` to be called and those that read the same input tensor,
+        from one batch through the unit (every pending layer when none is reached)."""
+        first_inputs: dict[str, torch.Tensor] = {}
+        handles = [
+            layer.register_forward_pre_hook(
+                lambda _module, args, name=name: first_inputs.setdefault(name, args[0])
+            )
+            for name, layer in pending.items()
+        ]
+        try:
+            unit.forward(data.batch(torch.arange(min(PASS_BATCH, len(data)))))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not first_inputs:
+            return list(pending)
+        leader = first_inputs[next(iter(first_inputs))]
+        return [name for name in pending if first_inputs.get(name) is leader]
+
+    @torch.no_grad()
     def _hessian_pass(
         self, unit: UnitCall, data: UnitData, layers: dict[str, QuantLinear]
-    ) -> tuple[dict[str, HessianAccumulator], dict[str, torch.Tensor]]:
-        """Hessians of ``layers`` from the cached inputs, and each layer's raw input in
-        the first batch, in call order (the same tensor for linears that read one input;
-        held, so that no later tensor can reuse its memory)."""
+    ) -> dict[str, HessianAccumulator]:
+        """Hessians of ``layers`` from one pass of the cached inputs through the unit."""
         hessians = {name: HessianAccumulator() for name in layers}
-        first_inputs: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, layer in layers.items():
-            accumulator = hessians[name]
-
-            def raw(_module, args, name=name):
-                first_inputs.setdefault(name, args[0])
-
-            handles.append(layer.register_forward_pre_hook(raw))
-            handles.append(
-                layer.act_quantizer.register_forward_pre_hook(
-                    lambda _module, args, acc=accumulator: acc.update(args[0])
-                )
+        handles = [
+            layer.act_quantizer.register_forward_pre_hook(
+                lambda _module, args, acc=hessians[name]: acc.update(args[0])
             )
+            for name, layer in layers.items()
+        ]
         try:
             for index in torch.arange(len(data)).split(PASS_BATCH):
                 unit.forward(data.batch(index))
         finally:
             for handle in handles:
                 handle.remove()
-        return hessians, first_inputs
+        return hessians
