@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
 
     base = shape_model(args.shape) if args.shape else ditq.load_model(args.model)
@@ -54,7 +55,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        ditq.quantize(model, config, batch_size=args.batch_size, progress=False)
+        ditq.quantize(model, config, batch_size=args.batch_size, progress=not args.quiet)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -65,6 +66,9 @@ def main() -> None:
             "wall_time_s": report["wall_time_s"],
             "calibration_entries": report.get("calibration_entries"),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if args.device.startswith("cuda")
+            else None,
+            "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2)
             if args.device.startswith("cuda")
             else None,
         }

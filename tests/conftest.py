@@ -7,11 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import ditq.pipeline.sequential as sequential
 from ditq.calib.dataset import build_calibration_set
+from ditq.calib.hooks import capture_block_io
 from ditq.diffusion.pipeline import SamplingSettings
 from ditq.models import DiT, DiTConfig
+from ditq.models.adapter import adapter_for
 from ditq.pipeline.method import Method, RunContext
 from ditq.pipeline.run import run_method
+from ditq.quant.layers import QuantLinear
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TESTBED = SHARED / "models" / "dit_s2_cifar10.pt"
@@ -82,3 +86,59 @@ def cifar_test_path() -> Path:
     if not CIFAR_TEST.is_file():
         pytest.skip(f"CIFAR-10 test set not found at {CIFAR_TEST}")
     return CIFAR_TEST
+
+
+class ScalingRecorder:
+    """A sequential-driver solver that records each unit's cached inputs and targets, then
+    changes the unit (every quantized linear's weight x 0.9), so that what later units see
+    depends on it."""
+
+    name = "scaling-recorder"
+    needs_targets = True
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def result_fields(self) -> dict:
+        return {}
+
+    def has_work(self, module: torch.nn.Module) -> bool:
+        return any(isinstance(m, QuantLinear) for m in module.modules())
+
+    def solve(self, unit, data, position: int, progress: bool) -> dict:
+        batch = data.batch(torch.arange(len(data)))
+        self.seen[unit.name] = {key: value.cpu() for key, value in batch.items()}
+        for module in unit.module.modules():
+            if isinstance(module, QuantLinear):
+                module.weight.data.mul_(0.9)
+        return {}
+
+
+def check_block_inputs_match_capture(qmodel, fp, calib, monkeypatch) -> None:
+    """Every block unit of a sequential run sees the inputs that running the model up to
+    it gives, and the FP model's block outputs as targets, although the driver captures
+    only the first block of a chain and computes the others from the block before."""
+    captured = []
+    capture = sequential.capture_block_io
+
+    def spy(model, calib, block, *args, **kwargs):
+        captured.append(block)
+        return capture(model, calib, block, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "capture_block_io", spy)
+    recorder = ScalingRecorder()
+    sequential.run_sequential(qmodel, fp, calib, recorder, progress=False)
+    monkeypatch.undo()
+    adapter = adapter_for(qmodel)
+    blocks = [adapter.block_name(i) for i in range(adapter.num_blocks())]
+    assert captured == [blocks[0], blocks[0]]  # the quantized and the FP model, once
+    for block in blocks:
+        q = capture_block_io(qmodel, calib, block, progress=False)
+        f = capture_block_io(fp, calib, block, progress=False)
+        expected = {f"arg{i}": arg for i, arg in enumerate(q.args)}
+        expected |= {sequential.KWARG + k: v for k, v in q.kwargs.items()}
+        expected["target"] = f.out
+        seen = recorder.seen[block]
+        assert set(seen) == set(expected), block
+        for key, value in expected.items():
+            torch.testing.assert_close(seen[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -17,6 +17,9 @@ from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
 from ditq.methods import METHODS
 from ditq.models.adapter import ValueRowsFold, adapter_for
+from ditq.pipeline.config import LayerSelection
+
+from conftest import check_block_inputs_match_capture, run_unpacked
 
 diffusers = pytest.importorskip("diffusers")
 from ditq.models.diffusers_pixart import DiffusersPixArt  # noqa: E402
@@ -119,6 +122,18 @@ def test_every_method_quantizes_saves_and_loads_back(name, calib, tmp_path):
         loaded, 2, SamplingSettings(sampler="ddim", steps=2), classes=[1], progress=False
     )
     assert images.shape == (2, 8, 8, 4) and labels.tolist() == [1, 1]
+
+
+def test_chained_blocks_get_the_inputs_a_capture_would(calib, monkeypatch):
+    """The sequential driver's block chain on PixArt: the caption and timestep keyword
+    inputs carried from block to block equal a capture (the caption projection and adaLN
+    linears quantized, so the FP and quantized keyword inputs differ)."""
+    model = DiffusersPixArt(*parts())
+    config = METHODS["rtn"].config_class(
+        wbits=4, abits=8, layers=LayerSelection(embedders=True, adaln=True)
+    )
+    run_unpacked(METHODS["rtn"], model, config, calib)
+    check_block_inputs_match_capture(model, DiffusersPixArt(*parts()), calib, monkeypatch)
 
 
 def tiny_pipeline(root):

@@ -4,7 +4,6 @@ reduction, learned step sizes, unit order, resuming, no-op and bad input."""
 import pytest
 import torch
 
-import ditq.pipeline.sequential as sequential
 from ditq.calib.hooks import capture_block_io
 from ditq.errors import DitqError
 from ditq.methods import METHODS, RTNConfig
@@ -22,7 +21,7 @@ from ditq.pipeline.steps import activation_quantizers, pack_model, quantized_lay
 from ditq.quant.layers import QuantLinear
 from ditq.quant.quantizer import Quantizer
 
-from conftest import run_unpacked, tiny_dit
+from conftest import check_block_inputs_match_capture, run_unpacked, tiny_dit
 
 W4A8 = dict(wbits=4, abits=8, attn_bits=8)
 
@@ -139,14 +138,14 @@ def test_interrupted_run_resumes_to_the_same_model(calib, tmp_path, monkeypatch)
     reconstruct_model(reference, fp, calib, settings, progress=False)
 
     spilling = SequentialSettings(host_cache_gb=0.0)
-    capture = sequential.capture_block_io
+    solve = AdaRoundSolver.solve
 
-    def crash_at_block_1(model, calib, block, *args, **kwargs):
-        if block == "blocks.1":
+    def crash_at_block_1(self, unit, *args, **kwargs):
+        if unit.name == "blocks.1":
             raise KeyboardInterrupt
-        return capture(model, calib, block, *args, **kwargs)
+        return solve(self, unit, *args, **kwargs)
 
-    monkeypatch.setattr(sequential, "capture_block_io", crash_at_block_1)
+    monkeypatch.setattr(AdaRoundSolver, "solve", crash_at_block_1)
     with pytest.raises(KeyboardInterrupt):
         reconstruct_model(
             _rtn(calib, **selection),
@@ -229,3 +228,12 @@ def test_official_data_schedule_visits_each_chunk_in_turn():
     assert torch.equal(minibatch_pools(103, 1, generator)[0], torch.arange(103))
     with pytest.raises(DitqError, match="--recon-chunks"):
         minibatch_pools(5, 10, generator)
+
+
+def test_chained_blocks_get_the_inputs_a_capture_would(calib, monkeypatch):
+    """Block inputs computed from the block before (the driver's chain) equal a capture
+    from the model run up to the block, with quantized embedders (so the FP and quantized
+    conditionings differ) and solved blocks in between."""
+    fp = tiny_dit(depth=3)
+    model = _rtn(calib, depth=3, layers=LayerSelection(embedders=True, adaln=True))
+    check_block_inputs_match_capture(model, fp, calib, monkeypatch)

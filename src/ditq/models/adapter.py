@@ -80,6 +80,11 @@ class ModelAdapter:
     model_class: type[nn.Module] = nn.Module
     """The model class this adapter answers for."""
 
+    chained_blocks = False
+    """Whether block ``i + 1`` is called on block ``i``'s output as its first positional
+    input and on the same other inputs (then the sequential driver computes a block's
+    inputs from the block before it instead of running the model up to it)."""
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 

@@ -123,6 +123,7 @@ class DiffusersAdapter(ModelAdapter):
     with the linears of ``block_roles`` (role to names inside a block)."""
 
     block_roles: dict[str, tuple[str, ...]]
+    chained_blocks = True
 
     def num_blocks(self) -> int:
         return len(self.model.transformer.transformer_blocks)

@@ -37,6 +37,7 @@ class DiTAdapter(ModelAdapter):
     family = "dit"
     model_class = DiT
     model: DiT
+    chained_blocks = True
 
     @classmethod
     def build(cls, architecture: dict) -> nn.Module:

@@ -4,7 +4,9 @@ within a block): the unit's inputs come from the model quantized so far, and the
 of a unit are solved in forward order, stage by stage. A stage is the first unsolved
 linear and every other unsolved one that reads the same input (a fused qkv alone, or
 separate q, k and v together, found from one batch); its Hessians, and only its, come
-from one pass of the cached inputs through the unit with the stages before it solved.
+from one pass of the cached inputs through the unit with the stages before it solved,
+each forward stopped once the stage's layers have their inputs (a layer is assumed to be
+called once per forward of its unit, as in every supported family).
 
 A layer's Hessian is taken on what its weight multiplies: the input after its online
 scale and rotation, before activation quantization (``QuantLinear.transformed_input``,
@@ -13,6 +15,7 @@ hooked at the activation quantizer), as the reference takes float inputs.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,40 +83,63 @@ class GPTQSolver:
         self, unit: UnitCall, data: UnitData, pending: dict[str, QuantLinear]
     ) -> list[str]:
         """The first of ``pending`` to be called and those that read the same input tensor,
-        from one batch through the unit (every pending layer when none is reached)."""
-        first_inputs: dict[str, torch.Tensor] = {}
+        from one batch through the unit up to the first layer that reads another (every
+        pending layer when none is reached)."""
+        stage: list[str] = []
+        leader: list[torch.Tensor] = []
+
+        def record(_module, args, name):
+            if leader and args[0] is not leader[0]:
+                raise _Reached
+            leader[:] = [args[0]]
+            stage.append(name)
+
         handles = [
-            layer.register_forward_pre_hook(
-                lambda _module, args, name=name: first_inputs.setdefault(name, args[0])
-            )
+            layer.register_forward_pre_hook(lambda m, args, name=name: record(m, args, name))
             for name, layer in pending.items()
         ]
         try:
-            unit.forward(data.batch(torch.arange(min(PASS_BATCH, len(data)))))
+            _forward_until_reached(unit, data.batch(torch.arange(min(PASS_BATCH, len(data)))))
         finally:
             for handle in handles:
                 handle.remove()
-        if not first_inputs:
-            return list(pending)
-        leader = first_inputs[next(iter(first_inputs))]
-        return [name for name in pending if first_inputs.get(name) is leader]
+        return stage or list(pending)
 
     @torch.no_grad()
     def _hessian_pass(
         self, unit: UnitCall, data: UnitData, layers: dict[str, QuantLinear]
     ) -> dict[str, HessianAccumulator]:
-        """Hessians of ``layers`` from one pass of the cached inputs through the unit."""
+        """Hessians of ``layers`` from one pass of the cached inputs through the unit, each
+        batch's forward ending once every layer of the stage has its input."""
         hessians = {name: HessianAccumulator() for name in layers}
+        fed: set[str] = set()
+
+        def accumulate(args, name):
+            hessians[name].update(args[0])
+            fed.add(name)
+            if len(fed) == len(layers):
+                raise _Reached
+
         handles = [
             layer.act_quantizer.register_forward_pre_hook(
-                lambda _module, args, acc=hessians[name]: acc.update(args[0])
+                lambda _module, args, name=name: accumulate(args, name)
             )
             for name, layer in layers.items()
         ]
         try:
             for index in torch.arange(len(data)).split(PASS_BATCH):
-                unit.forward(data.batch(index))
+                fed.clear()
+                _forward_until_reached(unit, data.batch(index))
         finally:
             for handle in handles:
                 handle.remove()
         return hessians
+
+
+class _Reached(Exception):
+    """Raised by a hook once a forward has given what the pass needs."""
+
+
+def _forward_until_reached(unit: UnitCall, batch: dict[str, torch.Tensor]) -> None:
+    with suppress(_Reached):
+        unit.forward(batch)

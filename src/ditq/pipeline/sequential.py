@@ -11,7 +11,12 @@ linear outside the blocks). For each unit the solver has work on:
    full-precision model (:func:`ditq.calib.hooks.capture_block_io`,
    :func:`ditq.calib.hooks.capture_inputs`), kept on the device, in host memory or on disk
    (:class:`UnitData`);
-2. the solver changes the unit in place (``solver.solve``) and returns its report entry.
+2. the solver changes the unit in place (``solver.solve``) and returns its report entry;
+3. where the next unit is the next block and the family's blocks are chained
+   (``ModelAdapter.chained_blocks``), the solved block runs on its cached inputs to give
+   the next block's, and the next FP block on the FP inputs to give its targets (as the
+   reference GPTQ propagates), instead of running both models up to that block: the
+   driver's forwards grow with the depth, not with its square.
 
 With a ``cache_dir`` every finished unit is saved there (``{unit name}.pt``) and skipped
 by a rerun on the same model, solver settings and calibration set, so an interrupted run
@@ -34,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.calib.dataset import CalibrationSet
-from ditq.calib.hooks import capture_block_io, capture_inputs, get_layer
+from ditq.calib.hooks import BlockIO, capture_block_io, capture_inputs, get_layer
 from ditq.errors import DitqError
 from ditq.io import atomic_path
 from ditq.models.adapter import adapter_for
@@ -196,10 +201,12 @@ def run_sequential(
     if units:
         cache = Path(cache_dir) if cache_dir is not None else None
         context = _run_digest(solver, settings, calib) if cache is not None else ""
+        chained = _chained_pairs(qmodel, units)
+        carried = None
         for position, unit in enumerate(
             tqdm(units, desc=solver.name, unit="unit", disable=not progress)
         ):
-            report["units"][unit.name] = _solve_unit(
+            report["units"][unit.name], carried = _solve_unit(
                 unit,
                 qmodel,
                 fp_model,
@@ -212,6 +219,8 @@ def run_sequential(
                 progress=progress,
                 cache_dir=cache,
                 context=context,
+                carried=carried,
+                next_block=chained.get(unit.name),
             )
     report["seconds"] = time.perf_counter() - start
     return report
@@ -231,6 +240,30 @@ def _units(qmodel: nn.Module, solver: Solver, settings: SequentialSettings) -> l
     return units
 
 
+def _chained_pairs(qmodel: nn.Module, units: list[UnitCall]) -> dict[str, UnitCall]:
+    """Block unit name to the unit of the next block, where the next unit is the next
+    block of a model whose blocks are chained (``ModelAdapter.chained_blocks``)."""
+    adapter = adapter_for(qmodel)
+    if not adapter.chained_blocks:
+        return {}
+    index = {adapter.block_name(i): i for i in range(adapter.num_blocks())}
+    return {
+        unit.name: following
+        for unit, following in zip(units, units[1:], strict=False)
+        if unit.is_block and following.is_block and index[following.name] == index[unit.name] + 1
+    }
+
+
+@dataclass
+class Carried:
+    """The next block's inputs (and, with targets, its FP inputs), computed from the block
+    just solved, on the CPU, per entry."""
+
+    unit: str
+    inputs: dict[str, torch.Tensor]
+    fp_inputs: dict[str, torch.Tensor] | None
+
+
 def _solve_unit(
     unit: UnitCall,
     qmodel: nn.Module,
@@ -245,20 +278,43 @@ def _solve_unit(
     progress: bool,
     cache_dir: Path | None,
     context: str,
-) -> dict[str, Any]:
+    carried: Carried | None,
+    next_block: UnitCall | None,
+) -> tuple[dict[str, Any], Carried | None]:
+    """Solve ``unit`` from inputs ``carried`` from the block before it, or else captured;
+    returns its report entry and, with a ``next_block``, that block's inputs."""
     start = time.perf_counter()
     checkpoint = cache_dir / unit.checkpoint_name() if cache_dir is not None else None
     fingerprint = _fingerprint(unit, context) if checkpoint is not None else ""
     if checkpoint is not None and checkpoint.is_file():
-        return _resume(unit, checkpoint, fingerprint)
-    tensors = _capture(unit, qmodel, fp_model, calib, batch_size, device)
+        return _resume(unit, checkpoint, fingerprint), None
+    if carried is not None and carried.unit == unit.name:
+        tensors, fp_inputs = dict(carried.inputs), carried.fp_inputs
+        if fp_inputs is not None:
+            fp_block = get_layer(fp_model, unit.name)
+            tensors["target"] = _outputs(UnitCall(unit.name, fp_block, True), fp_inputs, batch_size)
+    else:
+        tensors, fp_inputs = _capture(unit, qmodel, fp_model, calib, batch_size, device)
+    del carried
     spill_dir = cache_dir / f"tmp_{unit.name}" if cache_dir is not None else None
     data = UnitData(tensors, device, settings, spill_dir)
+    unchanged = {k: v for k, v in tensors.items() if k not in ("arg0", "target")}
+    target = tensors.get("target")
     del tensors
     try:
         solved = solver.solve(unit, data, position, progress)
+        following = None
+        if next_block is not None:
+            outputs = _outputs(unit, data, batch_size)
+            following = Carried(
+                next_block.name,
+                {**unchanged, "arg0": outputs},
+                None if fp_inputs is None else {**fp_inputs, "arg0": target},
+            )
     finally:
         data.close()
+        if device.type == "cuda":  # the next unit's cache, not a split of this one's
+            torch.cuda.empty_cache()
     entry = {
         **solved,
         "seconds": time.perf_counter() - start,
@@ -269,7 +325,26 @@ def _solve_unit(
         state = {k: v.detach().cpu() for k, v in unit.module.state_dict().items()}
         with atomic_path(checkpoint) as tmp:
             torch.save({"fingerprint": fingerprint, "state": state, "report": entry}, tmp)
-    return entry
+    return entry, following
+
+
+@torch.no_grad()
+def _outputs(
+    unit: UnitCall, data: UnitData | dict[str, torch.Tensor], batch_size: int
+) -> torch.Tensor:
+    """The unit's outputs on every entry of ``data`` (cached data or CPU tensors), on the
+    CPU."""
+    if isinstance(data, dict):
+        device = next(unit.module.parameters()).device
+        length = len(data["arg0"])
+
+        def batch(index: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: v[index].to(device) for k, v in data.items()}
+    else:
+        length, batch = len(data), data.batch
+    return torch.cat(
+        [unit.forward(batch(index)).cpu() for index in torch.arange(length).split(batch_size)]
+    )
 
 
 def _check_models(
@@ -325,21 +400,21 @@ def _capture(
     calib: CalibrationSet,
     batch_size: int,
     device: torch.device,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Inputs from the quantized model and, with an ``fp_model``, targets from it, on the
-    CPU, per entry."""
+    CPU, per entry; and a block's inputs in the FP model (None for a single linear or
+    without an ``fp_model``)."""
     if unit.is_block:
-        quantized = capture_block_io(qmodel, calib, unit.name, batch_size, device, False)
-        inputs = {f"arg{i}": arg for i, arg in enumerate(quantized.args)}
-        inputs.update({KWARG + key: value for key, value in quantized.kwargs.items()})
-        del quantized
+        inputs = _block_inputs(
+            capture_block_io(qmodel, calib, unit.name, batch_size, device, False)
+        )
         if fp_model is None:
-            return inputs
-        target = capture_block_io(fp_model, calib, unit.name, batch_size, None, False).out
-        return {**inputs, "target": target}
+            return inputs, None
+        fp = capture_block_io(fp_model, calib, unit.name, batch_size, None, False)
+        return {**inputs, "target": fp.out}, _block_inputs(fp)
     rows = capture_inputs(qmodel, calib, unit.name, batch_size, device, progress=False)
     if fp_model is None:
-        return {"arg0": _per_entry(rows, len(calib))}
+        return {"arg0": _per_entry(rows, len(calib))}, None
     fp_layer = get_layer(fp_model, unit.name)
     fp_rows = capture_inputs(fp_model, calib, unit.name, batch_size, progress=False)
     fp_device = next(fp_layer.parameters()).device
@@ -347,7 +422,13 @@ def _capture(
         target = torch.cat(
             [fp_layer(chunk.to(fp_device)).cpu() for chunk in fp_rows.split(TARGET_CHUNK_ROWS)]
         )
-    return {"arg0": _per_entry(rows, len(calib)), "target": _per_entry(target, len(calib))}
+    inputs = {"arg0": _per_entry(rows, len(calib)), "target": _per_entry(target, len(calib))}
+    return inputs, None
+
+
+def _block_inputs(captured: BlockIO) -> dict[str, torch.Tensor]:
+    inputs = {f"arg{i}": arg for i, arg in enumerate(captured.args)}
+    return {**inputs, **{KWARG + key: value for key, value in captured.kwargs.items()}}
 
 
 def _per_entry(rows: torch.Tensor, entries: int) -> torch.Tensor:
