@@ -1,5 +1,7 @@
 """``ditq demo``: the bundled DiT quantized by PTQ4DiT, DiTAS and single-step calibration at
 W8A8 and W4A8, sampled on the same noise, compared in a report: a few minutes on a CPU.
+``--methods`` takes any method and ``--bits`` any settings (``--methods rtn,svdquant --bits
+w4a4``: W4A4 in a minute).
 
 Fast settings (every one is written into the run directories and the report):
 
@@ -81,9 +83,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "block takes minutes; official 20,000)",
     )
     parser.add_argument(
-        "--methods", default=",".join(DEMO_METHODS), help="comma-separated subset of methods"
+        "--methods",
+        default=",".join(DEMO_METHODS),
+        help=f"comma-separated methods, any of {', '.join(METHODS)}",
     )
-    parser.add_argument("--bits", default="w8a8,w4a8", help="comma-separated WxAy settings")
+    parser.add_argument(
+        "--bits", default="w8a8,w4a8", help="comma-separated WxAy settings, e.g. w8a8,w4a8,w4a4"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
