@@ -19,6 +19,14 @@ FORMATS = {
     "w4a8 column-group": (QuantSpec(4, True, PerColumnGroup(8, strided=True)), STATIC_ASYM),
     "w4a16 group": (QuantSpec(4, True, PerGroup(16)), QuantSpec(16)),
     "w3a6": (QuantSpec(3, False, PerChannel()), QuantSpec(6, False)),
+    "w4a4 groups (svdquant)": (
+        QuantSpec(4, True, PerGroup(32)),
+        QuantSpec(4, True, PerGroup(32), dynamic=True),
+    ),
+    "w4a8 channel, a asym groups": (
+        QuantSpec(4, False, PerChannel()),
+        QuantSpec(8, False, PerGroup(32), dynamic=True),
+    ),
     "fp8": (
         QuantSpec(8, True, PerChannel(), fmt="fp8_e4m3"),
         QuantSpec(8, True, PerToken(), dynamic=True, fmt="fp8_e4m3"),

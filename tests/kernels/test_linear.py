@@ -155,18 +155,31 @@ def test_rotated_layers_run_real_after_the_hadamard_transform(name):
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_per_group_activation_layers_stay_simulated_and_are_named():
+@pytest.mark.parametrize(
+    "dynamic, group, kind",
+    [(True, 32, "int"), (True, 16, "dequant"), (False, 16, None)],
+    ids=["dynamic-kernel-group", "dynamic-other-group", "static-groups"],
+)
+def test_per_group_activation_layers_convert_where_a_kernel_takes_them(dynamic, group, kind):
+    """Dynamic per-token-group activations run on the int kernel (K block = the group) or
+    dequantize; static per-group ranges stay simulated, named in a warning."""
     from ditq.eval.speed import denoiser_inputs, quantize_random
     from ditq.methods import RTNConfig
 
     model = tiny_dit()
     inputs = denoiser_inputs(model, 1, "cpu", torch.float32)
-    config = RTNConfig(wbits=8, abits=8, a_dynamic=True, a_granularity="group", a_group_size=16)
+    config = RTNConfig(wbits=8, abits=8, a_dynamic=dynamic, a_granularity="group",
+                       a_group_size=group)  # fmt: skip
     quantize_random(model, config, inputs)
     with torch.no_grad():
         ref = model(*inputs)
-    with pytest.warns(UserWarning, match=r"8 layers stay simulated .* blocks\.0\.attn\.qkv"):
+    if kind is None:
+        with pytest.warns(UserWarning, match=r"8 layers stay simulated .* blocks\.0\.attn\.qkv"):
+            convert_model(model)
+        assert not any(isinstance(m, RealQuantLinear) for m in model.modules())
+    else:
         convert_model(model)
-    assert not any(isinstance(m, RealQuantLinear) for m in model.modules())
+        kinds = {m.kind for m in model.modules() if isinstance(m, RealQuantLinear)}
+        assert kinds == {kind}
     with torch.no_grad():
-        torch.testing.assert_close(model(*inputs), ref)
+        torch.testing.assert_close(model(*inputs), ref, rtol=1e-4, atol=1e-5)

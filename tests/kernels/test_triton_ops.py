@@ -51,7 +51,10 @@ def reference64(real: RealQuantLinear, rows: torch.Tensor) -> torch.Tensor:
         codes, scale, zero, _ = quantize_activation(
             rows, real.act, real.input_scale, real.static_qparams
         )
-        x_hat = (codes.double() - zero.double()[:, None]) * scale.double()[:, None]
+        repeat = real.act.group_size or real.in_features  # per-row tables to (M, K)
+        scale = scale.double().reshape(len(rows), -1).repeat_interleave(repeat, dim=1)
+        zero = zero.double().reshape(len(rows), -1).repeat_interleave(repeat, dim=1)
+        x_hat = (codes.double() - zero) * scale
     y = x_hat @ real.dequantized_weight().double().T
     if real.bias is not None:
         y = y + real.bias.double()
@@ -83,6 +86,27 @@ def test_activation_codes_equal_torch_twin(name):
     )
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["w4a4 groups (svdquant)", "w4a8 channel, a asym groups"])
+@pytest.mark.parametrize("K", [64, 96], ids=["groups-power-of-two", "three-groups"])
+def test_group_activation_codes_equal_torch_twin(name, K):
+    layer, x = packed_layer(*FORMATS[name], online_scale=True, rank=0, K=K)
+    real = RealQuantLinear.from_quant_linear(layer)
+    rows = x.reshape(-1, K)
+    codes, scale, zero, sums = quantize_activation(rows, real.act, real.input_scale, None)
+    assert sums is None and scale.shape == zero.shape == (len(rows), K // 32)
+    got = triton_ops.quantize_act_groups(
+        rows, real.input_scale, 32, real.act.qmin, real.act.qmax, real.act.symmetric
+    )
+    for a, b in zip(got, (codes, scale, zero), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the simulated quantizer's values, from the codes
+    x_hat = (
+        codes.double() - zero.double().repeat_interleave(32, 1)
+    ) * scale.double().repeat_interleave(32, 1)
+    simulated = layer.act_quantizer(rows / layer.input_scale).double()
+    torch.testing.assert_close(x_hat, simulated, rtol=1e-6, atol=1e-6)
 
 
 def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0):

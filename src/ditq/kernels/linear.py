@@ -11,9 +11,9 @@ kind           formats                                    CUDA path
 ``int``        int weights (2-8 bits) per-tensor/channel,  Triton ``quantize_act`` (or its
                or per-group with g in {32, 64, 128, 256};  torch twin, fused by Inductor) +
                int activations (static per-tensor,         autotuned ``int_gemm`` (int8 tensor
-               dynamic per-tensor or per-token)            cores; packed int4 codes unpacked
-                                                           to int8 by one elementwise kernel
-                                                           per call, dequantization in the
+               dynamic per-tensor, per-token, or per       cores; packed int4 codes unpacked
+               token and group of g in {32, ..., 256}      to int8 by one elementwise kernel
+               with weight groups a multiple of g)         per call, dequantization in the
                                                            epilogue)
 ``dequant``    int weights of any granularity (per-column  weight dequantized to the compute
                group, other group sizes) with int or       dtype per call (one elementwise
@@ -43,9 +43,9 @@ conversion (``R' = R / s``) and ``T = x R'ᵀ`` is one small cuBLAS GEMM. ``int`
 ``[x̂, T] [Ŵ, L]ᵀ``: one extra launch per layer either way, not two plus an add (the FP8
 path adds it with two small GEMMs). A layer with an online Hadamard rotation computes
 ``(x / s) H`` with torch ops first (a Walsh–Hadamard transform) and then runs as above.
-Weight layers left unquantized (``wbits=16``), layers with per-group activation ranges
-(no kernel quantizes activations in groups yet) and the attention matmul quantizers stay
-simulated; ``convert_model`` names them.
+Weight layers left unquantized (``wbits=16``), layers with static per-group activation
+ranges (no kernel takes them) and the attention matmul quantizers stay simulated;
+``convert_model`` names them.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ class ActFormat:
     symmetric: bool = True
     per_token: bool = False
     dynamic: bool = False
+    group_size: int = 0
+    """Dynamic ranges per token and group of this many input channels (0: none)."""
     spec: QuantSpec | None = None
     """The activation spec (built once: dataclass validation cannot run under torch.compile)."""
 
@@ -101,6 +103,7 @@ def _act_format(spec: QuantSpec) -> ActFormat:
     if not spec.enabled:
         return ActFormat(None)
     qmin, qmax = integer_range(spec.bits, spec.symmetric) if spec.fmt == "int" else (0, 0)
+    grouped = isinstance(spec.granularity, PerGroup) and spec.dynamic
     return ActFormat(
         spec.fmt,
         qmin,
@@ -108,6 +111,7 @@ def _act_format(spec: QuantSpec) -> ActFormat:
         spec.symmetric,
         isinstance(spec.granularity, PerToken),
         spec.dynamic,
+        spec.granularity.group_size if grouped else 0,
         spec,
     )
 
@@ -131,6 +135,10 @@ def layer_kind(layer: QuantLinear) -> str:
     if a.enabled and a.fmt != "int":
         return "reference"
     grouped = isinstance(w.granularity, PerGroup) and w.granularity.group_size in INT_GROUP_SIZES
+    if a.enabled and isinstance(a.granularity, PerGroup):  # the kernel's K block is a's group
+        size = a.granularity.group_size
+        fits = per_channel or (grouped and w.granularity.group_size % size == 0)
+        return "int" if size in INT_GROUP_SIZES and fits else "dequant"
     return "int" if a.enabled and (per_channel or grouped) else "dequant"
 
 
@@ -141,15 +149,18 @@ def quantize_activation(
     static_qparams: torch.Tensor | None,
     code_sums: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Torch twin of the Triton ``quantize_act``: codes (M, K) int8 (or float8_e4m3fn),
-    per-row scale (fp32), shifted zero point (int32) and code sum (int32; None unless
-    ``code_sums``: the sum is a row reduction that keeps Inductor from fusing a static
-    quantization as a plain elementwise op) of a (M, K) input, with the simulated
-    quantizer's arithmetic (divide by ``input_scale`` in the input dtype, ranges in fp32,
-    round half to even)."""
+    """Torch twin of the Triton ``quantize_act`` (and ``quantize_act_groups``): codes (M, K)
+    int8 (or float8_e4m3fn), per-row scale (fp32), shifted zero point (int32) and code sum
+    (int32; None unless ``code_sums``: the sum is a row reduction that keeps Inductor from
+    fusing a static quantization as a plain elementwise op) of a (M, K) input, with the
+    simulated quantizer's arithmetic (divide by ``input_scale`` in the input dtype, ranges
+    in fp32, round half to even). Per-group ranges: scale and zero point (M, K / g), no sum
+    (the GEMM sums each group's codes itself)."""
     if input_scale is not None:
         x = x / input_scale.to(x.dtype)
     xf = x.float()
+    if act.group_size:
+        return _quantize_groups(xf, act)
     if static_qparams is not None:
         scale, zero = static_qparams[0].expand(len(x), 1), static_qparams[1].expand(len(x), 1)
     else:
@@ -171,6 +182,21 @@ def quantize_activation(
         scale.reshape(-1).contiguous(),
         (zero.reshape(-1) - shift).to(torch.int32),
         codes.sum(dim=-1, dtype=torch.int32) if code_sums else None,
+    )
+
+
+def _quantize_groups(
+    xf: torch.Tensor, act: ActFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    groups = xf.reshape(len(xf), -1, act.group_size)
+    scale, zero = qparams_from_range(*torch.aminmax(groups, dim=-1, keepdim=True), act.spec)
+    shift = 0 if act.symmetric else ASYM_SHIFT
+    codes = (torch.round(groups / scale) + zero).clamp(act.qmin, act.qmax) - shift
+    return (
+        codes.to(torch.int8).reshape(xf.shape),
+        scale.reshape(len(xf), -1).contiguous(),
+        (zero.reshape(len(xf), -1) - shift).to(torch.int32),
+        None,
     )
 
 
@@ -205,11 +231,12 @@ class RealQuantLinear(nn.Module):
         self.act = _act_format(layer.act_quantizer.spec)
         self.weight_spec = w_spec
         self.packed_int4 = w_spec.fmt == "int" and w_spec.bits <= PACKED_BITS
-        self.group_size = (
-            w_spec.granularity.group_size
-            if isinstance(w_spec.granularity, PerGroup) and self.kind == "int"
-            else 0
-        )
+        self.group_size = 0
+        """The ``int`` kernel's K block: the activation group, else the weight group, else 0."""
+        if self.kind == "int" and self.act.group_size:
+            self.group_size = self.act.group_size
+        elif self.kind == "int" and isinstance(w_spec.granularity, PerGroup):
+            self.group_size = w_spec.granularity.group_size
         self._prepare_weight(layer)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         self.register_buffer("static_qparams", _static_qparams(layer))
@@ -262,7 +289,11 @@ class RealQuantLinear(nn.Module):
         """Scales laid out per kind: (N,) per channel, (N, K/g) per group, or the
         quantizer's own layout (``dequant``, addressed through ``scale_index``)."""
         granularity, N = self.weight_spec.granularity, self.out_features
-        if self.kind in ("int", "fp8"):
+        if self.kind == "int" and self.act.group_size:  # tables per activation group
+            groups = self.in_features // self.group_size
+            scale, zero = (_group_table(t, N, groups) for t in (scale, zero))
+            granularity = PerGroup(self.group_size)
+        elif self.kind in ("int", "fp8"):
             scale = scale.reshape(N, -1) if self.group_size else scale.reshape(-1).expand(N)
             zero = zero.reshape(scale.shape) if self.group_size else zero.reshape(-1).expand(N)
         self.scale_index = _scale_index(granularity, scale.shape, N, self.in_features)
@@ -323,7 +354,12 @@ class RealQuantLinear(nn.Module):
             codes, scale, zero, _ = quantize_activation(
                 rows, self.act, self.input_scale, qp, code_sums=False
             )
-            x = ((codes.float() - zero.float()[:, None]) * scale[:, None]).to(rows.dtype)
+            if self.act.group_size:  # (M, K / g) tables to (M, K)
+                scale = scale.repeat_interleave(self.act.group_size, dim=1)
+                zero = zero.repeat_interleave(self.act.group_size, dim=1)
+            else:
+                scale, zero = scale[:, None], zero[:, None]
+            x = ((codes.float() - zero.float()) * scale).to(rows.dtype)
         weight = self.dequantized_weight().to(rows.dtype)
         t = self._lowrank_t(rows)
         if t is not None:  # batched low-rank branch: [x̂, T] [Ŵ, L]ᵀ
@@ -362,7 +398,7 @@ class RealQuantLinear(nn.Module):
         return (
             codes, scale, zero, sums, self._int8_weight(), self.w_scale, self.w_zero,
             self.w_sum, self.bias, lowrank_t, self.lowrank_up, self.group_size,
-            not self.act.symmetric,
+            not self.act.symmetric, bool(self.act.group_size),
         )  # fmt: skip
 
     def _static_row_qparams(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,6 +418,12 @@ class RealQuantLinear(nn.Module):
             )
         from ditq.kernels import triton_ops
 
+        if self.act.group_size:
+            codes, scale, zero = triton_ops.quantize_act_groups(
+                rows, self.input_scale, self.act.group_size, self.act.qmin, self.act.qmax,
+                self.act.symmetric,
+            )  # fmt: skip
+            return codes, scale, zero, None
         if qp is None and not self.act.per_token:
             qp = _dynamic_tensor_qparams(rows, self.act, self.input_scale)
         return triton_ops.quantize_act(
@@ -423,6 +465,13 @@ class RealQuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, kind={self.kind}, "
             f"weight={self.weight_spec.describe()}"
         )
+
+
+def _group_table(table: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """A per-tensor, per-channel or per-group (of a multiple of the new group size) weight
+    table as (rows, groups)."""
+    table = table.reshape(1, 1) if table.numel() == 1 else table.reshape(rows, -1)
+    return table.expand(rows, -1).repeat_interleave(groups // table.shape[1], dim=1)
 
 
 def _scale_index(
@@ -513,9 +562,10 @@ class FusedQuantMlp(nn.Module):
 
 def has_kernel(layer: QuantLinear) -> bool:
     """Whether a packed layer can run as a :class:`RealQuantLinear`: activations in float,
-    or quantized per tensor or per token."""
+    quantized per tensor or per token, or dynamic per token and group."""
     act = layer.act_quantizer.spec
-    return not act.enabled or isinstance(act.granularity, (PerTensor, PerToken))
+    dynamic_groups = isinstance(act.granularity, PerGroup) and act.dynamic
+    return not act.enabled or isinstance(act.granularity, (PerTensor, PerToken)) or dynamic_groups
 
 
 def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
@@ -550,7 +600,8 @@ def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
     if simulated:
         warnings.warn(
             f"{len(simulated)} layers stay simulated (no kernel quantizes their activations), "
-            f"e.g. {simulated[0]}; real kernels take per-tensor or per-token activation ranges",
+            f"e.g. {simulated[0]}; real kernels take per-tensor, per-token or dynamic per-group "
+            "activation ranges",
             stacklevel=2,
         )
     if fuse_mlp:

@@ -1,7 +1,7 @@
 """Triton kernels of the ``cuda`` backend (written for sm_90; they also run in the Triton
 interpreter, ``TRITON_INTERPRET=1``, which is how the CPU tests check them).
 
-Two kernels, each wrapped as a ``torch.library`` custom op so that ``torch.compile`` keeps
+Three kernels, each wrapped as a ``torch.library`` custom op so that ``torch.compile`` keeps
 them as opaque calls and fuses the BF16 code around them:
 
 - ``quantize_act``: activation codes of a (M, K) tensor, one program per row: optional
@@ -11,12 +11,16 @@ them as opaque calls and fuses the BF16 code around them:
   -128 into int8 (``q' = q - 128``, ``z' = z - 128``) so that tensor cores take them.
   Returns codes, per-row scale, per-row zero point ``z'`` and per-row code sum ``Σ_k q'``.
   (Under ``torch.compile`` the torch twin runs instead, fused into the preceding op.)
+- ``quantize_act_groups``: the same with a dynamic range per token and group of g input
+  channels (SVDQuant's W4A4 activations): scale and zero point (M, K / g).
 - ``int_gemm``: int8 activation codes x int8 weight codes -> int32 on tensor cores,
   dequantization in the epilogue. Per-channel weights accumulate the whole K in int32:
   ``y = Δx·Δw·(Σ q'x q'w − z'w Σ q'x − z'x Σ q'w + K z'x z'w) + b``. Per-group weights
   (W4A8, W8A8 with groups) use BLOCK_K = group size: each K block's int32 partial sum,
   zero-point corrected with the block's code sums, is scaled by that group's weight scale
-  and added to an fp32 accumulator. Packed int4 weights are unpacked to int8 codes by the
+  and added to an fp32 accumulator; activations with a range per group (BLOCK_K = their
+  group, the weight tables laid out per that group) scale it by their own group's scale
+  too. Packed int4 weights are unpacked to int8 codes by the
   caller first (one small elementwise kernel per call: on an H200 the int4 nibbles
   unpacked inside this kernel made it 1.8x slower than reading int8 codes, see
   ``benchmarks/RESULTS.md``). Tile sizes are autotuned per (M, N, K) on the GPU among the
@@ -108,6 +112,50 @@ def _quantize_act_kernel(
 
 
 @triton.jit
+def _quantize_act_groups_kernel(
+    x_ptr,
+    s_ptr,
+    q_ptr,
+    scale_ptr,
+    zp_ptr,
+    K,
+    NUM_GROUPS,
+    stride_xm,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    SHIFT: tl.constexpr,
+    HAS_S: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    G: tl.constexpr,
+    GROUPS_P: tl.constexpr,
+):
+    """One row's codes with a dynamic range per group of G channels (a GROUPS_P x G tile)."""
+    row = tl.program_id(0)
+    group = tl.arange(0, GROUPS_P)
+    offs = group[:, None] * G + tl.arange(0, G)[None, :]
+    mask = (group < NUM_GROUPS)[:, None] & (offs < K)
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0)
+    if HAS_S:
+        s = tl.load(s_ptr + offs, mask=mask, other=1.0).to(x.dtype)
+        x = tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)  # as torch: x / s
+    x = x.to(tl.float32)
+    x_min = tl.minimum(tl.min(x, axis=1), 0.0)  # masked entries are 0: inside every range
+    x_max = tl.maximum(tl.max(x, axis=1), 0.0)
+    if SYMMETRIC:
+        scale = tl.maximum(tl.math.div_rn(tl.maximum(-x_min, x_max), QMAX * 1.0), 1e-8)
+        zero = tl.zeros_like(scale)
+    else:
+        scale = tl.maximum(tl.math.div_rn(x_max - x_min, (QMAX - QMIN) * 1.0), 1e-8)
+        zero = _round_half_even(tl.math.div_rn(-x_min, scale))
+    codes = _round_half_even(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+    codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
+    tl.store(q_ptr + row * K + offs, codes.to(tl.int32).to(tl.int8), mask=mask)
+    group_ok = group < NUM_GROUPS
+    tl.store(scale_ptr + row * NUM_GROUPS + group, scale, mask=group_ok)
+    tl.store(zp_ptr + row * NUM_GROUPS + group, (zero - SHIFT).to(tl.int32), mask=group_ok)
+
+
+@triton.jit
 def _int_gemm_kernel(
     a_ptr,
     w_ptr,
@@ -132,6 +180,7 @@ def _int_gemm_kernel(
     stride_wn,
     stride_om,
     GROUPED: tl.constexpr,
+    X_GROUPED: tl.constexpr,
     HAS_XZP: tl.constexpr,
     HAS_WZP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -167,7 +216,8 @@ def _int_gemm_kernel(
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         m_ok, n_ok = offs_m < M, offs_n < N
-        xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
+        if not X_GROUPED:
+            xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
         acc_f = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BK)):
@@ -189,6 +239,8 @@ def _int_gemm_kernel(
             part = tl.dot(a, w, out_dtype=tl.int32)
             if GROUPED:
                 g_idx = offs_n * NUM_GROUPS + kb
+                if X_GROUPED:  # the activation's own range in this K block
+                    xz = tl.load(xz_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0)
                 if HAS_WZP:
                     wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
                     part -= wz[None, :] * tl.sum(a.to(tl.int32), axis=1)[:, None]
@@ -197,13 +249,19 @@ def _int_gemm_kernel(
                 if HAS_XZP:
                     part -= xz[:, None] * tl.load(wsum_ptr + g_idx, mask=n_ok, other=0)[None, :]
                 ws = tl.load(ws_ptr + g_idx, mask=n_ok, other=0.0)
-                acc_f += part.to(tl.float32) * ws[None, :]
+                if X_GROUPED:
+                    xs = tl.load(xs_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0.0)
+                    acc_f += part.to(tl.float32) * (xs[:, None] * ws[None, :])
+                else:
+                    acc_f += part.to(tl.float32) * ws[None, :]
             else:
                 acc_i += part
-        xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-        if GROUPED:
-            acc = acc_f * xs[:, None]
+        if X_GROUPED:
+            acc = acc_f
+        elif GROUPED:
+            acc = acc_f * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
         else:
+            xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
             if HAS_WZP:
                 wz = tl.load(wz_ptr + offs_n, mask=n_ok, other=0)
                 acc_i -= wz[None, :] * tl.load(xsum_ptr + offs_m, mask=m_ok, other=0)[:, None]
@@ -409,6 +467,56 @@ def _(x, input_scale, static_qparams, qmin, qmax, symmetric):
     return (x.new_empty((M, K), dtype=torch.int8), *rows)
 
 
+@torch.library.custom_op("ditq::quantize_act_groups", mutates_args=())
+def quantize_act_groups(
+    x: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    group_size: int,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (M, K) int8, scale (M, K / g) fp32 and shifted zero point (M, K / g) int32 of a
+    (M, K) tensor with a dynamic range per token and group of ``group_size`` channels."""
+    M, K = x.shape
+    groups = K // group_size
+    codes = torch.empty((M, K), device=x.device, dtype=torch.int8)
+    scale = torch.empty((M, groups), device=x.device, dtype=torch.float32)
+    zero = torch.empty((M, groups), device=x.device, dtype=torch.int32)
+    if M:
+        groups_p = triton.next_power_of_2(groups)
+        _quantize_act_groups_kernel[(M,)](
+            x,
+            input_scale if input_scale is not None else _placeholder(x),
+            codes,
+            scale,
+            zero,
+            K,
+            groups,
+            x.stride(0),
+            QMIN=qmin,
+            QMAX=qmax,
+            SHIFT=0 if symmetric else _SHIFT,
+            HAS_S=input_scale is not None,
+            SYMMETRIC=symmetric,
+            G=group_size,
+            GROUPS_P=groups_p,
+            num_warps=8 if groups_p * group_size >= 2048 else 4,
+        )
+    return codes, scale, zero
+
+
+@quantize_act_groups.register_fake
+def _(x, input_scale, group_size, qmin, qmax, symmetric):
+    M, K = x.shape
+    groups = K // group_size
+    return (
+        x.new_empty((M, K), dtype=torch.int8),
+        x.new_empty((M, groups), dtype=torch.float32),
+        x.new_empty((M, groups), dtype=torch.int32),
+    )
+
+
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -427,6 +535,7 @@ def int_gemm(
     lowrank_up: torch.Tensor | None,
     group_size: int,
     has_x_zero: bool,
+    x_grouped: bool,
     out_dtype: torch.dtype,
     next_qparams: torch.Tensor | None = None,
     next_input_scale: torch.Tensor | None = None,
@@ -436,8 +545,9 @@ def int_gemm(
 ) -> torch.Tensor:
     """``y`` (M, N) in ``out_dtype`` from int8 activation codes (M, K) and int8 weight codes
     (N, K); ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the
-    input-channel group size (w_scale (N, K / g)). ``x_sum`` is read only for per-channel
-    weights with zero points.
+    input-channel group size (w_scale (N, K / g)). ``x_grouped``: ``x_scale``/``x_zero`` are
+    (M, K / g), one range per token and group (then ``group_size`` is that group). ``x_sum``
+    is read only for per-channel weights with zero points.
 
     With ``next_qparams`` (the next layer's static input [scale, zero point]) the epilogue
     instead applies GELU (tanh) to ``y`` (rounded to ``out_dtype``), divides by
@@ -476,8 +586,9 @@ def int_gemm(
         optional(w_zero), w_sum, optional(bias), optional(lowrank_t), optional(lowrank_up), out,
         optional(next_qparams), optional(next_input_scale), M, N, K,
         max(1, K // group_size) if group_size else 1, weight.stride(0), out.stride(0),
-        GROUPED=bool(group_size), HAS_XZP=has_x_zero, HAS_WZP=w_zero is not None,
-        HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank), DOT=_DOT_DTYPE,
+        GROUPED=bool(group_size), X_GROUPED=x_grouped, HAS_XZP=has_x_zero,
+        HAS_WZP=w_zero is not None, HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank),
+        DOT=_DOT_DTYPE,
         GELU_QUANT=quantized, HAS_OS=next_input_scale is not None,
         FAST_MATH=not INTERPRETED, ACT=_TL_DTYPES[out_dtype],
         QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
@@ -487,7 +598,7 @@ def int_gemm(
 
 @int_gemm.register_fake
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-      lowrank_up, group_size, has_x_zero, out_dtype, next_qparams=None, next_input_scale=None,
-      next_qmin=0, next_qmax=0, next_symmetric=True):  # fmt: skip
+      lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams=None,
+      next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True):  # fmt: skip
     dtype = torch.int8 if next_qparams is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
