@@ -15,7 +15,8 @@ in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if th
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
-the percentile search, DDPM 50/250), ``w4a4`` and ``w4a4-more`` (issue 18: W4A4 and GPTQ).
+the percentile search, DDPM 50/250), ``w4a4``, ``w4a4-more`` and ``w4a4-250`` (issue 18:
+W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``).
 ``--gpus 0,0,0`` runs three workers on one GPU.
 """
 
@@ -91,6 +92,15 @@ W4A4_MORE = [
 """Issue 18's second lease (``--plan w4a4-more``), most wanted first: the W4A4 target's
 DDPM 250 row, rotation alone and with GPTQ (SVDQuant's activation groups), DiTAS at W4A4
 as a baseline, then the DDPM 250 rows of GPTQ W4A8 and SVDQuant alone."""
+W4A4_250 = [
+    (1, "svdquant-gptq-rotate-w4a4", 50),
+    (1, "svdquant-gptq-rotate-w4a4", 250),
+    (2, "gptq-w4a8", 250),
+    (3, "svdquant-w4a4", 250),
+]
+"""``--plan w4a4-250``: the DDPM 250 rows of issue 18 sampled on the real kernels (the
+simulated W4A4 model is too slow for 10,000 samples at 250 steps in one lease), with the
+best W4A4 row at DDPM 50 too, to compare with its simulated FID."""
 
 
 @dataclass(order=True)
@@ -100,6 +110,8 @@ class Job:
     steps: int = field(compare=False)
     flags: str = field(compare=False)
     num_samples: int = field(compare=False, default=10_000)
+    backend: str = field(compare=False, default="simulated")
+    """How ``ditq sample`` runs the quantized model: simulated, or cuda (real kernels)."""
 
 
 def plan(names: list[str]) -> list[Job]:
@@ -117,6 +129,8 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
+    if "w4a4-250" in names:
+        jobs += [Job(p, r, steps, W4A4[r], backend="cuda") for p, r, steps in W4A4_250]
     if "headline" in names:
         jobs += [Job(4, r, 100, f) for r, f in HEADLINE.items()]
     return sorted(jobs)
@@ -229,7 +243,7 @@ class Queue:
             "--dtype",
             "bf16",
             "--backend",
-            "simulated",
+            job.backend,
             "--device",
             self.args.device,
             "--quiet",

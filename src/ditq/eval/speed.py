@@ -51,6 +51,16 @@ QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "w4a8-channel": dict(wbits=4, abits=8),
     "w4a8-all": dict(wbits=4, abits=8, layers=LayerSelection(adaln=True, final_layer=True)),
     "w4a16": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
+    "w4a4-groups": dict(
+        wbits=4,
+        abits=4,
+        w_symmetric=True,
+        w_granularity="group",
+        a_symmetric=True,
+        a_granularity="group",
+        a_group_size=64,
+        a_dynamic=True,
+    ),
 }
 """RTN configurations of the quantized variants (``w_group_size``: 128, or 32 when 128
 does not divide the width). Weights are asymmetric per output channel unless noted
@@ -143,8 +153,13 @@ def quantize_random(model: DiT, config: RTNConfig, example: tuple[torch.Tensor, 
 
 
 def quant_config(variant: str, hidden: int) -> RTNConfig:
+    """The variant's configuration; weight groups of 128 where the width allows, else 32,
+    or the activation group where the weight group is not a multiple of it."""
+    settings = QUANT_CONFIGS[variant]
     group = 128 if hidden % 128 == 0 else 32
-    return RTNConfig(**QUANT_CONFIGS[variant], w_group_size=group)
+    if group % settings.get("a_group_size", group):
+        group = settings["a_group_size"]
+    return RTNConfig(**settings, w_group_size=group)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
