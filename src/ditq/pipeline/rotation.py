@@ -12,7 +12,9 @@ already rotated are left as they are.
 Where we differ from the published recipes: every input is rotated online, including
 proj's, which the papers fold head-wise into the V rows of qkv (a block-diagonal H per
 head commutes with attention); the online form is exact for every layout and costs one
-Walsh–Hadamard transform per token.
+Walsh–Hadamard transform per token. A head-wise fold needs Hadamard blocks inside a head:
+DiT-XL/2's heads are 72 wide, so its blocks would be 8 channels (128 online), too small
+to spread an outlier.
 """
 
 from __future__ import annotations
