@@ -174,22 +174,6 @@ def test_testbed_shape_is_the_shared_checkpoint_architecture():
     assert model.x_embedder.num_patches == 256
 
 
-def test_cuda_graph_steps_begin_at_every_denoiser_call(monkeypatch):
-    from ditq.eval.speed import denoiser_inputs, mark_cuda_graph_steps
-
-    marks = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    model = tiny_dit()
-    inputs = denoiser_inputs(model, 1, "cpu", torch.float32)
-    expected = model.forward_with_cfg(*inputs, cfg_scale=1.5)
-    mark_cuda_graph_steps(model)
-    torch.testing.assert_close(model.forward_with_cfg(*inputs, cfg_scale=1.5), expected)
-    assert marks  # at least one mark per call, before any block runs
-    count = len(marks)
-    model(*inputs)
-    assert len(marks) == count + 1
-
-
 def test_warm_up_runs_until_the_call_time_settles(monkeypatch):
     durations = iter([5.0] * 4 + [2.0] * 4 + [1.0] * 4 + [1.01] * 4 + [1.0] * 40)
     clock = {"now": 0.0}

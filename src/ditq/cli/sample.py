@@ -16,6 +16,8 @@ from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
 from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
+from ditq.kernels import compile_blocks, use_cuda_graphs
+from ditq.kernels.compile import CUDA_GRAPH_MAX_BATCH
 from ditq.models.diffusers_pixart import pipeline_vae, set_prompts
 from ditq.models.vae import load_vae
 from ditq.pipeline.checkpoint import is_quantized_dir, read_manifest
@@ -70,6 +72,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch.compile the denoiser (minutes saved on 10k-sample GPU runs; the first "
         "batch pays the compilation)",
     )
+    group.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --compile on a GPU: compile each block to replay CUDA graphs (default: on "
+        f"for --batch-size up to {CUDA_GRAPH_MAX_BATCH}, whose calls are bound by launches)",
+    )
     parser.add_argument(
         "--backend",
         help="how a quantized model runs: simulated (fake quantization) or cuda (real low-bit "
@@ -117,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
     init_noise = load_init_noise(args.init_noise)
     ranks = init_from_env(args.device)
     args.device = ranks.device
+    graphs = use_cuda_graphs(args.cuda_graphs, args.compile, args.device, args.batch_size)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official sample.py: TF32 on
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -125,7 +135,9 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.prompt:
         set_prompts(model, args.prompt)
-    if args.compile:
+    if graphs:
+        compile_blocks(model, cuda_graphs=True)
+    elif args.compile:
         model.compile()
     classes = parse_classes(args.classes, model.num_classes)
     pixels = model.config.in_channels == 3

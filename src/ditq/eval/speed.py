@@ -27,7 +27,7 @@ from ditq.api import quantize
 from ditq.calib.dataset import CalibrationSet
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
-from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
+from ditq.kernels import FusedQuantMlp, RealQuantLinear, compile_blocks, convert_model
 from ditq.methods.rtn import RTNConfig
 from ditq.models.adapter import adapter_for
 from ditq.models.diffusers_pixart import DiffusersPixArt
@@ -193,20 +193,6 @@ def _torchao_apply(model: DiT, variant: str) -> None:
     quantize_(model, config, filter_fn=lambda _module, name: name in block_linears)
 
 
-def mark_cuda_graph_steps(model: nn.Module) -> None:
-    """Begin a new CUDA-graph step at every denoiser call of ``model`` (its previous
-    outputs are consumed by then), as ``torch.compile(mode="reduce-overhead")`` asks of
-    inference loops."""
-    for name in ("forward", "forward_with_cfg"):
-        method = getattr(model, name)
-
-        def marked(*args, _method=method, **kwargs):
-            torch.compiler.cudagraph_mark_step_begin()
-            return _method(*args, **kwargs)
-
-        setattr(model, name, marked)
-
-
 def build_variant(
     base: DiT,
     variant: str,
@@ -242,13 +228,9 @@ def build_variant(
         if variant in TORCHAO:
             _torchao_apply(model, variant)
     if info["compiled"]:
-        adapter = adapter_for(model)
-        for index in range(adapter.num_blocks()):
-            block = model.get_submodule(adapter.block_name(index))
-            block.compile(mode="reduce-overhead" if cuda_graphs else None)
+        compile_blocks(model, cuda_graphs)
         if cuda_graphs:
             info["cuda_graphs"] = True
-            mark_cuda_graph_steps(model)
     info["memory_bytes"] = state_bytes(model)
     return model, info
 

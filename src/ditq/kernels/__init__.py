@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ditq.errors import DitqError
+from ditq.kernels.compile import compile_blocks, use_cuda_graphs
 from ditq.kernels.linear import (
     FusedQuantMlp,
     RealQuantLinear,
@@ -54,8 +55,10 @@ __all__ = [
     "FusedQuantMlp",
     "RealQuantLinear",
     "apply_backend",
+    "compile_blocks",
     "convert_model",
     "layer_kind",
     "quantize_activation",
     "resolve_backend",
+    "use_cuda_graphs",
 ]

@@ -1,0 +1,58 @@
+"""Compiled execution of a denoiser for sampling and timing: each block under
+``torch.compile`` (Inductor fuses the code around the kernels' custom ops), optionally
+replaying CUDA graphs (``mode="reduce-overhead"``: one launch per block instead of one per
+kernel, which small batches need)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditq.errors import DitqError
+from ditq.models.adapter import adapter_for
+
+CUDA_GRAPH_MAX_BATCH = 16
+"""Batches (images, before guidance doubles them) up to this size replay CUDA graphs by
+default in ``ditq sample --compile`` on a GPU: their calls are bound by kernel launches."""
+
+
+def use_cuda_graphs(requested: bool | None, compiled: bool, device: str, batch: int) -> bool:
+    """Whether to replay CUDA graphs: ``requested`` (``--cuda-graphs``/``--no-cuda-graphs``)
+    where given, which needs compiled blocks on a CUDA device; by default for compiled
+    sampling on a GPU at batch sizes up to :data:`CUDA_GRAPH_MAX_BATCH`."""
+    on_gpu = torch.device(device).type == "cuda"
+    if requested and not (compiled and on_gpu):
+        raise DitqError(
+            "--cuda-graphs replays compiled blocks on a GPU: add --compile and --device cuda, "
+            "or drop --cuda-graphs"
+        )
+    if requested is not None:
+        return requested
+    return compiled and on_gpu and batch <= CUDA_GRAPH_MAX_BATCH
+
+
+def mark_cuda_graph_steps(model: nn.Module) -> None:
+    """Begin a new CUDA-graph step at every denoiser call of ``model`` (its previous
+    outputs are consumed by then), as ``torch.compile(mode="reduce-overhead")`` asks of
+    inference loops."""
+    for name in ("forward", "forward_with_cfg"):
+        method = getattr(model, name)
+
+        def marked(*args, _method=method, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()
+            return _method(*args, **kwargs)
+
+        setattr(model, name, marked)
+
+
+def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> nn.Module:
+    """Compile each of ``model``'s blocks in place (with ``cuda_graphs``, to replay CUDA
+    graphs, each denoiser call a new step); returns ``model``. The layers outside the
+    blocks run eagerly, so the denoiser's output is never a graph's reused buffer."""
+    adapter = adapter_for(model)
+    for index in range(adapter.num_blocks()):
+        block = model.get_submodule(adapter.block_name(index))
+        block.compile(mode="reduce-overhead" if cuda_graphs else None)
+    if cuda_graphs:
+        mark_cuda_graph_steps(model)
+    return model
