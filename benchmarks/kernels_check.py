@@ -50,6 +50,20 @@ FORMATS = {
     ),
     "w4a16-group128": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
     "w8a16-channel": dict(wbits=8, abits=16),
+    "w4a4-groups64-sym": dict(
+        wbits=4,
+        abits=4,
+        w_symmetric=True,
+        w_granularity="group",
+        w_group_size=64,
+        a_symmetric=True,
+        a_granularity="group",
+        a_group_size=64,
+        a_dynamic=True,
+    ),
+    "w4a8-channel-agroups64-asym": dict(
+        wbits=4, abits=8, a_granularity="group", a_group_size=64, a_dynamic=True
+    ),
 }
 UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
 """Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
