@@ -13,7 +13,8 @@
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
 # TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
-# both are done, so that the two times are measured with the GPU alone.
+# both are done, so that the two times are measured with the GPU alone. KCHECK=1: ship1
+# first runs benchmarks/kernels_check.py (real kernels against the simulated layers).
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -40,6 +41,9 @@ ship1)
   mkdir -p $D && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks $D/code/
   cp .carry/ckpt.part.aa .carry/inception.part.aa $D/
   python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D
+  if [ "${KCHECK:-0}" = 1 ]; then  # the real kernels against the simulated layers first
+    python $D/code/benchmarks/kernels_check.py $D/kernels_check.json 2>&1 | tail -n 40
+  fi
   if [ "${TIMING:-0}" = 1 ]; then
     setsid nohup python $D/code/benchmarks/calibration_time.py --shape DiT-XL/2@256 \
       --method gptq --out $D/timing_xl.json > $D/timing.log 2>&1 < /dev/null &
@@ -73,7 +77,7 @@ finish)
   progress
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
-  cp $D/timing* $OUT/ 2>/dev/null
+  cp $D/timing* $D/kernels_check.json $OUT/ 2>/dev/null
   tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
   cat $D/report.log | head -n 40 ;;
 esac
