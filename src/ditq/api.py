@@ -51,6 +51,7 @@ def quantize(
     calibration: dict[str, Any] | None = None,
     calib_seconds: float = 0.0,
     command: str = "",
+    resume_dir: str | Path | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place with the method of ``config`` and return it, packed and
     ready to run (simulated low-bit execution; :func:`save` then :func:`load_model` with
@@ -59,7 +60,9 @@ def quantize(
     ``calib``: the calibration set; ``None`` records the method's published one from the
     model's own sampling (``Method.default_calib``) when the method needs one.
     ``calibration``/``calib_seconds``/``command``: how ``calib`` was made, recorded in the
-    quantized directory's manifest and report.
+    quantized directory's manifest and report. ``resume_dir``: where the sequential driver
+    saves each finished block, so that the same call resumes after an interruption (with
+    the same calibration set: save it, or pass the same seeds on the same machine).
     """
     method = method_for(config)
     device = str(next(model.parameters()).device)
@@ -69,7 +72,12 @@ def quantize(
         calib = settings.build(model, batch_size=batch_size, device=device, progress=progress)
         calib_seconds = time.perf_counter() - start
         calibration = {**calib.meta, "settings": settings.to_dict()}
-    ctx = RunContext(device=device, batch_size=batch_size, progress=progress)
+    ctx = RunContext(
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        resume_dir=None if resume_dir is None else str(resume_dir),
+    )
     return quantize_with(
         model,
         method,

@@ -251,3 +251,40 @@ def test_method_help_lists_only_that_methods_flags(capsys):
         main(["quantize", "--help"])
     text = capsys.readouterr().out
     assert "--alpha-grid" in text and "--balance" in text  # every method's, each tagged
+
+
+def test_resume_dir_keeps_solved_blocks_and_a_rerun_resumes_to_the_same_model(
+    model_args, tmp_path, capsys
+):
+    resume = tmp_path / "resume"
+    flags = ["--method", "ptq4dit", "--recon-iters", "3", "--resume-dir", str(resume)]
+    flags += ["--recon-chunks", "2"]
+    assert _quantize(model_args, tmp_path / "q1", *flags) == 0
+    kept = sorted(p.name for p in resume.iterdir())
+    assert {"blocks.0.pt", "blocks.1.pt"} <= set(kept)
+    assert _quantize(model_args, tmp_path / "q2", *flags) == 0
+    report = json.loads((tmp_path / "q2" / "calibration_report.json").read_text())
+    units = report["method"]["reconstruction"]["units"]
+    assert units and all(unit["resumed"] for unit in units.values())
+    first, second = ((tmp_path / q / "model.safetensors").read_bytes() for q in ("q1", "q2"))
+    assert first == second
+    assert sorted(p.name for p in resume.iterdir()) == kept
+    # other reconstruction settings: refused, naming the directory's fix, nothing written
+    flags[3] = "4"
+    assert _quantize(model_args, tmp_path / "q3", *flags) == 2
+    assert "delete it" in capsys.readouterr().err
+    assert not (tmp_path / "q3").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "rtn"], "--method rtn with these settings solves none"),
+        (["--method", "ptq4dit", "--recon-iters", "0"], "solves none"),
+    ],
+)
+def test_resume_dir_without_a_solver_is_refused(model_args, tmp_path, capsys, flags, message):
+    resume = tmp_path / "resume"
+    assert _quantize(model_args, tmp_path / "q", *flags, "--resume-dir", str(resume)) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

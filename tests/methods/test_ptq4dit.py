@@ -260,7 +260,7 @@ def test_balancing_a_planted_salient_channel_lowers_w4a8_error(seed):
 def test_reconstruction_gets_the_untouched_fp_model_and_the_settings(calib, monkeypatch):
     seen = {}
 
-    def run_sequential(qmodel, fp_model, calib_set, solver, *, device, batch_size, progress):
+    def run_sequential(qmodel, fp_model, calib_set, solver, *, device, batch_size, progress, **_):
         seen["fp_error"] = _error(fp_model, tiny_dit())
         seen["layers"] = len(quantized_layers(qmodel)), len(quantized_layers(fp_model))
         seen["solver"] = solver

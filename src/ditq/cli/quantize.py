@@ -7,6 +7,7 @@ import fnmatch
 import sys
 import time
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from ditq.api import load_model, quantize, save
@@ -183,6 +184,12 @@ def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None
         + " (the --calib-* flags override either)",
     )
     c.add_argument("--calib-set", help="reuse a saved calibration set (.safetensors)")
+    c.add_argument(
+        "--resume-dir",
+        metavar="DIR",
+        help="keep each block finished by reconstruction or GPTQ in DIR: the same command "
+        "run again resumes after the last one (checked: a mismatch is refused)",
+    )
     c.add_argument("--save-calib-set", help="also save the generated calibration set here")
     c.add_argument("--calib-samples", type=int, help="samples (trajectories)")
     c.add_argument("--calib-steps", help="first, all, K (evenly spaced) or a list 0,10,20")
@@ -353,11 +360,25 @@ def describe_calibration(settings: CalibSettings, preset: str, device: str) -> l
     return lines
 
 
+def _check_resume_dir(method: Method, config: QuantConfig, resume_dir: str | None) -> None:
+    """``--resume-dir`` needs a block solver and a directory (new or holding earlier units)."""
+    if resume_dir is None:
+        return
+    if method.solver(config) is None:
+        raise DitqError(
+            f"--resume-dir keeps blocks solved by reconstruction or GPTQ; --method "
+            f"{method.name} with these settings solves none (drop --resume-dir)"
+        )
+    if Path(resume_dir).exists() and not Path(resume_dir).is_dir():
+        raise DitqError(f"--resume-dir {resume_dir!r} is a file; name a directory")
+
+
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     method = METHODS[args.method]
     _check_method_flags(method, args)
     config = method_config(method, args)
+    _check_resume_dir(method, config, args.resume_dir)
     inputs = [p for p in (args.model, args.calib_set) if p]
     check_output(args.out, QUANTIZED_DIR, overwrite=args.overwrite, inputs=inputs)
     if args.save_calib_set:
@@ -396,6 +417,8 @@ def run(args: argparse.Namespace) -> None:
         if args.save_calib_set:
             calib.save(args.save_calib_set, overwrite=args.overwrite)
     calib_seconds = time.perf_counter() - start
+    if args.resume_dir:
+        Path(args.resume_dir).mkdir(parents=True, exist_ok=True)
     quantize(
         model,
         config,
@@ -405,6 +428,7 @@ def run(args: argparse.Namespace) -> None:
         calibration=calib_meta,
         calib_seconds=calib_seconds,
         command=" ".join(["ditq", *sys.argv[1:]]) if sys.argv else "",
+        resume_dir=args.resume_dir,
     )
     save(model, args.out, overwrite=args.overwrite)
     report = record_of(model).report

@@ -26,11 +26,13 @@ from ditq.pipeline.sequential import Solver
 @dataclass(frozen=True)
 class RunContext:
     """Where and how the steps run: the device of the model, the batch of calibration
-    forwards, progress bars."""
+    forwards, progress bars, and the directory where the sequential driver keeps each
+    finished unit (a rerun resumes after the last one; None: nowhere)."""
 
     device: str = "cpu"
     batch_size: int = 64
     progress: bool = True
+    resume_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ def run_method(
             device=ctx.device,
             batch_size=ctx.batch_size,
             progress=ctx.progress,
+            cache_dir=ctx.resume_dir,
         )
     return report
 
