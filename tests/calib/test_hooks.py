@@ -20,6 +20,7 @@ from ditq.diffusion.pipeline import SamplingSettings
 from ditq.errors import DitqError
 from ditq.models.dit import modulate
 from ditq.pipeline.config import LayerSelection
+from ditq.quant.observer import ChannelAbsMaxObserver
 
 from conftest import tiny_dit
 
@@ -249,6 +250,24 @@ def test_capture_layer_inputs_takes_a_whole_block_in_one_pass(calib):
     for name in names:
         torch.testing.assert_close(rows[name], reference[name])
     assert not calls, "the forward stops after the block's last layer"
+    assert_no_hooks(model)
+
+
+def test_capture_layer_inputs_feeds_observers_every_row_before_subsampling(calib):
+    """The salience of SVDQuant's search rows comes from the same pass: observers see every
+    input row although only ``max_tokens`` are kept."""
+    model = tiny_dit()
+    names = ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"]
+    reference = reference_inputs(model, calib, names)
+    observers = {name: ChannelAbsMaxObserver() for name in names}
+    rows = capture_layer_inputs(
+        model, calib, names, batch_size=5, progress=False, max_tokens=50, observers=observers
+    )
+    plain = capture_layer_inputs(model, calib, names, batch_size=5, progress=False, max_tokens=50)
+    for name in names:
+        assert len(rows[name]) <= 50 and torch.equal(rows[name], plain[name])
+        expected = reference[name].abs().amax(dim=0)
+        torch.testing.assert_close(observers[name].result().float(), expected)
     assert_no_hooks(model)
 
 

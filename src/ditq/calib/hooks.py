@@ -151,9 +151,12 @@ def capture_layer_inputs(
     progress: bool = True,
     max_tokens: int | None = None,
     seed: int = 0,
+    observers: dict[str, Observer] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`capture_inputs` for several layers in one pass over the set (e.g. the four
-    linears of a block): each forward stops once every layer's input has been seen."""
+    linears of a block): each forward stops once every layer's input has been seen.
+    ``observers`` (by layer name) also see each layer's every input row, before
+    ``max_tokens`` subsampling (e.g. the salience of the same pass)."""
     resolved = [_resolve_layer(model, layer) for layer in layers]
     if max_tokens is not None and max_tokens < 1:
         raise DitqError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -164,7 +167,10 @@ def capture_layer_inputs(
 
     def hook_for(name: str, module: nn.Module) -> Callable[[nn.Module, tuple], None]:
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = _as_rows(module, args[0]).detach().cpu()
+            live = _as_rows(module, args[0])
+            if observers is not None and name in observers:
+                observers[name].update(live)
+            x = live.detach().cpu()
             if max_tokens is not None:
                 rows_per_entry = len(x) // batch_entries[-1]
                 fraction = min(1.0, max_tokens / (rows_per_entry * len(calib)))

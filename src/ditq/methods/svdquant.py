@@ -43,7 +43,7 @@ from torch import nn
 
 from ditq.calib.dataset import CalibrationSet
 from ditq.calib.hooks import capture_layer_inputs
-from ditq.calib.stats import activation_salience, weight_salience
+from ditq.calib.stats import weight_salience
 from ditq.errors import DitqError
 from ditq.models.adapter import BLOCK_ROLES
 from ditq.pipeline.config import QuantConfig
@@ -53,7 +53,7 @@ from ditq.pipeline.rotation import layer_signs, rotate_layers
 from ditq.pipeline.steps import quantized_role_groups
 from ditq.quant.hadamard import rotate
 from ditq.quant.lowrank import rank_r_factors
-from ditq.quant.observer import observer_for, range_from_observer
+from ditq.quant.observer import ChannelAbsMaxObserver, observer_for, range_from_observer
 from ditq.quant.quantizer import Quantizer
 from ditq.quant.smoothing import smoothing_factor
 from ditq.quant.spec import QuantSpec
@@ -174,13 +174,20 @@ class SVDQuant(Method):
     ) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]:
         groups = quantized_role_groups(model, config, BLOCK_ROLES)
         first = [group[0] for group in groups]  # one input per group
-        salience = activation_salience(
-            model, calib, first, batch_size=ctx.batch_size, device=ctx.device, progress=False
-        )
+        salience = {name: ChannelAbsMaxObserver() for name in first}  # s(X_j), same pass
         rows = capture_layer_inputs(
-            model, calib, first, ctx.batch_size, ctx.device, ctx.progress, max_tokens=SEARCH_ROWS
+            model,
+            calib,
+            first,
+            ctx.batch_size,
+            ctx.device,
+            ctx.progress,
+            max_tokens=SEARCH_ROWS,
+            observers=salience,
         )
-        return {group: (salience[group[0]], rows[group[0]]) for group in groups}
+        return {
+            group: (salience[group[0]].result().float().cpu(), rows[group[0]]) for group in groups
+        }
 
     def transform(
         self, model: nn.Module, config: QuantConfig, analysis: Any, ctx: RunContext
