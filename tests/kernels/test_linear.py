@@ -52,6 +52,34 @@ def test_convert_model_matches_simulated_model():
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_converted_blocks_hand_their_gated_residuals_to_the_kernels(monkeypatch):
+    """DiT blocks give proj and the MLP ``x + gate ⊙ out`` to add (the int kernel's
+    epilogue on CUDA, torch here): every block twice, outputs as the simulated model's."""
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.kernels import FusedQuantMlp
+    from ditq.methods import RTNConfig
+
+    model = tiny_dit()
+    inputs = denoiser_inputs(model, 2, "cpu", torch.float32)
+    quantize_random(model, RTNConfig(wbits=8, abits=8), inputs)
+    with torch.no_grad():
+        ref = model(*inputs)
+    convert_model(model)
+    calls = []
+    for cls in (RealQuantLinear, FusedQuantMlp):
+        original = cls.gated_residual
+
+        def spy(self, *args, _original=original):
+            calls.append(type(self).__name__)
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, "gated_residual", spy)
+    with torch.no_grad():
+        out = model(*inputs)
+    assert calls == ["RealQuantLinear", "FusedQuantMlp"] * model.config.depth
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_unpacked_layers_are_refused_with_a_fix():
     layer = QuantLinear.from_linear(torch.nn.Linear(8, 4), *FORMATS["w8a8 sym/static"])
     with pytest.raises(DitqError, match="pack_model"):

@@ -164,6 +164,37 @@ def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
+def gated_case(N: int, B: int = 3, T: int = 5, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, N, generator=generator), torch.randn(B, N, generator=generator)
+
+
+@pytest.mark.parametrize("name", ["w8a8 sym/static", "w4a8 group", "w4a4 groups (svdquant)"])
+def test_gated_residual_epilogue_matches_float64(name, gemm_schedule):
+    """``x + gate ⊙ y`` in the int kernel's epilogue, gate rows per sample (M / B tokens)."""
+    layer, x = packed_layer(*FORMATS[name], online_scale=True, rank=4, K=96)
+    real = RealQuantLinear.from_quant_linear(layer)
+    residual, gate = gated_case(real.out_features)
+    rows = x.reshape(-1, 96)
+    out = real._int_cuda(rows, residual.reshape(-1, real.out_features), gate)
+    y = reference64(real, rows).reshape(residual.shape)
+    ref = residual.double() + gate.double()[:, None, :] * y
+    assert float((out.double().reshape(ref.shape) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_fused_mlp_adds_the_gated_residual_in_fc2s_epilogue(gemm_schedule):
+    from ditq.kernels import FusedQuantMlp, convert_model
+
+    mlp, _, x = fused_mlp_case(QuantSpec(8, False, PerChannel()), fc2_scale=True)
+    convert_model(mlp)
+    fused = FusedQuantMlp(mlp.fc1, mlp.fc2)
+    residual, gate = gated_case(64)
+    rows = x.reshape(-1, 64)
+    out = fused._forward_fused(rows, residual.reshape(-1, 64), gate)
+    expected = residual + gate[:, None, :] * fused._forward_fused(rows).reshape(residual.shape)
+    torch.testing.assert_close(out.reshape(residual.shape), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_convert_model_fuses_only_fusable_mlps():
     from ditq.eval.speed import denoiser_inputs, quantize_random
     from ditq.kernels import FusedQuantMlp, convert_model

@@ -43,6 +43,8 @@ conversion (``R' = R / s``) and ``T = x R'ᵀ`` is one small cuBLAS GEMM. ``int`
 ``[x̂, T] [Ŵ, L]ᵀ``: one extra launch per layer either way, not two plus an add (the FP8
 path adds it with two small GEMMs). A layer with an online Hadamard rotation computes
 ``(x / s) H`` with torch ops first (a Walsh–Hadamard transform) and then runs as above.
+A DiT block hands ``proj`` and its MLP (``gated_residual``) the adaLN-Zero residual
+``x + gate ⊙ y``, which the ``int`` kernel's epilogue adds, so ``y`` is never written.
 Weight layers left unquantized (``wbits=16``), layers with static per-group activation
 ranges (no kernel takes them) and the attention matmul quantizers stay simulated;
 ``convert_model`` names them.
@@ -328,18 +330,39 @@ class RealQuantLinear(nn.Module):
         flat = table.reshape(-1) if table.dim() else table.reshape(1)
         return flat[((n // gn) % mn * sr)[:, None] + (k // gk * sc)[None, :]]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as (tokens, K), rotated first where the layer is ((x / s) H)."""
+        rows = x.reshape(-1, x.shape[-1])
         if self.rotation_signs is not None:
             if self.rotation_input_scale is not None:
                 rows = rows / self.rotation_input_scale.to(rows.dtype)
             rows = rotate(rows, self.rotation_signs).contiguous()
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = self._rows(x)
         if rows.device.type == "cuda" and self.kind != "reference":
             y = self._forward_cuda(rows)
         else:
             y = self._forward_dequantized(rows)
         return y.reshape(*shape[:-1], self.out_features)
+
+    @property
+    def fuses_gated_residual(self) -> bool:
+        """Whether :meth:`gated_residual` adds the residual in the GEMM's epilogue (``int``)."""
+        return self.kind == "int"
+
+    def gated_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + gate ⊙ self(x)`` for x (B, T, K), residual (B, T, N), gate (B, N): a
+        DiT block's gated residual, added by the ``int`` kernel's epilogue on CUDA (the
+        layer's output never goes through memory), in torch otherwise."""
+        if x.device.type != "cuda" or not self.fuses_gated_residual:
+            return residual + gate.unsqueeze(1) * self(x)
+        y = self._int_cuda(self._rows(x), residual.reshape(-1, self.out_features), gate)
+        return y.reshape(residual.shape)
 
     def _lowrank_t(self, rows: torch.Tensor) -> torch.Tensor | None:
         if self.lowrank_down is None:
@@ -378,13 +401,24 @@ class RealQuantLinear(nn.Module):
             return self._forward_fp8(rows)
         if self.kind != "int":
             return self._forward_dequantized(rows)
+        return self._int_cuda(rows)
+
+    def _int_cuda(
+        self,
+        rows: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ``int`` path: activation codes, then the GEMM (with the gated residual)."""
         from ditq.kernels import triton_ops
 
         if not rows.is_contiguous():
             rows = rows.contiguous()
         codes, scale, zero, sums = self._quantize_cuda(rows)
         args = self._int_gemm_args(codes, scale, zero, sums, self._lowrank_t(rows))
-        return triton_ops.int_gemm(*args, rows.dtype)
+        return triton_ops.int_gemm(
+            *args, rows.dtype, residual=_contiguous(residual), gate=_contiguous(gate)
+        )
 
     def _int_gemm_args(
         self,
@@ -467,6 +501,10 @@ class RealQuantLinear(nn.Module):
         )
 
 
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.contiguous()
+
+
 def _group_table(table: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
     """A per-tensor, per-channel or per-group (of a multiple of the new group size) weight
     table as (rows, groups)."""
@@ -543,7 +581,25 @@ class FusedQuantMlp(nn.Module):
         y = self._forward_fused(x.reshape(-1, shape[-1]))
         return y.reshape(*shape[:-1], self.fc2.out_features)
 
-    def _forward_fused(self, rows: torch.Tensor) -> torch.Tensor:
+    fuses_gated_residual = True
+    """:meth:`gated_residual` adds the residual in fc2's epilogue."""
+
+    def gated_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + gate ⊙ self(x)``, added by fc2's epilogue on CUDA."""
+        if x.device.type != "cuda":
+            return residual + gate.unsqueeze(1) * self(x)
+        rows = x.reshape(-1, x.shape[-1])
+        y = self._forward_fused(rows, residual.reshape(-1, self.fc2.out_features), gate)
+        return y.reshape(residual.shape)
+
+    def _forward_fused(
+        self,
+        rows: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from ditq.kernels import triton_ops
 
         fc1, fc2 = self.fc1, self.fc2
@@ -557,7 +613,8 @@ class FusedQuantMlp(nn.Module):
         h_scale, h_zero = fc2._static_row_qparams(len(rows))
         h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
         return triton_ops.int_gemm(*fc2._int_gemm_args(hidden, h_scale, h_zero, h_sums, None),
-                                   rows.dtype)  # fmt: skip
+                                   rows.dtype, residual=_contiguous(residual),
+                                   gate=_contiguous(gate))  # fmt: skip
 
 
 def has_kernel(layer: QuantLinear) -> bool:

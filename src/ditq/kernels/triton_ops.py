@@ -173,12 +173,15 @@ def _int_gemm_kernel(
     out_ptr,
     oq_ptr,
     os_ptr,
+    res_ptr,
+    gate_ptr,
     M,
     N,
     K,
     NUM_GROUPS,
     stride_wn,
     stride_om,
+    ROWS_PER_GATE,
     GROUPED: tl.constexpr,
     X_GROUPED: tl.constexpr,
     HAS_XZP: tl.constexpr,
@@ -189,6 +192,7 @@ def _int_gemm_kernel(
     DOT: tl.constexpr,
     GELU_QUANT: tl.constexpr,
     HAS_OS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     FAST_MATH: tl.constexpr,
     ACT: tl.constexpr,
     QMIN: tl.constexpr,
@@ -314,6 +318,12 @@ def _int_gemm_kernel(
             codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
             tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
         else:
+            if RESIDUAL:  # x + gate ⊙ y (DiT's gated residual), y rounded as stored unfused
+                y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+                g_row = offs_m // ROWS_PER_GATE
+                g = tl.load(gate_ptr + g_row[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+                r = tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+                acc = r.to(tl.float32) + g.to(tl.float32) * y
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -542,6 +552,8 @@ def int_gemm(
     next_qmin: int = 0,
     next_qmax: int = 0,
     next_symmetric: bool = True,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y`` (M, N) in ``out_dtype`` from int8 activation codes (M, K) and int8 weight codes
     (N, K); ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the
@@ -552,7 +564,11 @@ def int_gemm(
     With ``next_qparams`` (the next layer's static input [scale, zero point]) the epilogue
     instead applies GELU (tanh) to ``y`` (rounded to ``out_dtype``), divides by
     ``next_input_scale`` if given and returns the next layer's int8 input codes (M, N), shifted
-    by -128 when asymmetric as ``quantize_act``'s: ``y`` itself is never written."""
+    by -128 when asymmetric as ``quantize_act``'s: ``y`` itself is never written.
+
+    With ``residual`` (M, N) and ``gate`` (B, N), M a multiple of B, the epilogue returns
+    ``residual + gate[m // (M / B)] ⊙ y`` (a DiT block's gated residual; y rounded to
+    ``out_dtype`` first, as an unfused ``y`` would be stored): ``y`` is never written."""
     M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
     quantized = next_qparams is not None
     out = torch.empty((M, N), device=codes.device, dtype=torch.int8 if quantized else out_dtype)
@@ -584,12 +600,13 @@ def int_gemm(
     kernel(
         codes, weight, a_desc, w_desc, x_scale, x_zero, optional(x_sum), w_scale,
         optional(w_zero), w_sum, optional(bias), optional(lowrank_t), optional(lowrank_up), out,
-        optional(next_qparams), optional(next_input_scale), M, N, K,
-        max(1, K // group_size) if group_size else 1, weight.stride(0), out.stride(0),
+        optional(next_qparams), optional(next_input_scale), optional(residual), optional(gate),
+        M, N, K, max(1, K // group_size) if group_size else 1, weight.stride(0), out.stride(0),
+        M // gate.shape[0] if gate is not None else 1,
         GROUPED=bool(group_size), X_GROUPED=x_grouped, HAS_XZP=has_x_zero,
         HAS_WZP=w_zero is not None, HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank),
         DOT=_DOT_DTYPE,
-        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None,
+        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, RESIDUAL=residual is not None,
         FAST_MATH=not INTERPRETED, ACT=_TL_DTYPES[out_dtype],
         QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
     )  # fmt: skip
@@ -599,6 +616,7 @@ def int_gemm(
 @int_gemm.register_fake
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
       lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams=None,
-      next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True):  # fmt: skip
+      next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True, residual=None,
+      gate=None):  # fmt: skip
     dtype = torch.int8 if next_qparams is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)

@@ -126,6 +126,8 @@ class Attention(nn.Module):
 
     ``q_act``, ``k_act``, ``v_act`` (inputs of Q·Kᵀ and P·V) and ``attn_act`` (the softmax
     output) are hook points. The explicit path runs when ``explicit_matmuls`` is set.
+    :meth:`gated_residual` lets a ``proj`` that can (a real-kernel layer) add the block's
+    gated residual itself.
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -142,6 +144,20 @@ class Attention(nn.Module):
         self.explicit_matmuls = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self._heads(x))
+
+    @property
+    def fuses_gated_residual(self) -> bool:
+        return getattr(self.proj, "fuses_gated_residual", False)
+
+    def gated_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + gate ⊙ self(x)``, added by ``proj`` (:attr:`fuses_gated_residual`)."""
+        return self.proj.gated_residual(self._heads(x), residual, gate)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output, heads concatenated: ``proj``'s input."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -151,7 +167,7 @@ class Attention(nn.Module):
             out = self.attn_act(attn) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return out.transpose(1, 2).reshape(B, N, C)
 
 
 class Mlp(nn.Module):
@@ -165,6 +181,27 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+    @property
+    def fuses_gated_residual(self) -> bool:
+        return getattr(self.fc2, "fuses_gated_residual", False)
+
+    def gated_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + gate ⊙ self(x)``, added by ``fc2`` (:attr:`fuses_gated_residual`)."""
+        return self.fc2.gated_residual(self.act(self.fc1(x)), residual, gate)
+
+
+def gated_residual(
+    module: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """``residual + gate ⊙ module(x)`` (adaLN-Zero's gated residual), by the module itself
+    where its last layer adds it in its kernel (``fuses_gated_residual``: real-kernel
+    layers; then the module's own forward hooks do not run)."""
+    if getattr(module, "fuses_gated_residual", False):
+        return module.gated_residual(x, residual, gate)
+    return residual + gate.unsqueeze(1) * module(x)
 
 
 class DiTBlock(nn.Module):
@@ -184,9 +221,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        x = gated_residual(self.attn, modulate(self.norm1(x), shift_msa, scale_msa), x, gate_msa)
+        return gated_residual(self.mlp, modulate(self.norm2(x), shift_mlp, scale_mlp), x, gate_mlp)
 
 
 class FinalLayer(nn.Module):
