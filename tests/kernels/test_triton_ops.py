@@ -23,7 +23,7 @@ if (
 from kernel_cases import FORMATS, packed_layer  # noqa: E402
 
 from ditq.kernels import RealQuantLinear, quantize_activation, triton_ops  # noqa: E402
-from ditq.quant.spec import PerChannel, PerGroup, QuantSpec  # noqa: E402
+from ditq.quant.spec import PerChannel, PerGroup, PerToken, QuantSpec  # noqa: E402
 
 KERNEL_FORMATS = [name for name in FORMATS if name not in ("fp8", "w8 int, a fp8")]
 
@@ -162,6 +162,29 @@ def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
     torch.testing.assert_close(out, unfused, rtol=1e-5, atol=1e-5)
     ref = simulated(x).reshape(-1, simulated.fc2.out_features)
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "w_spec, a_spec",
+    [
+        (QuantSpec(4, True, PerChannel()), QuantSpec(8, True, PerToken(), dynamic=True)),
+        (QuantSpec(4, False, PerGroup(64)), QuantSpec(8, False)),
+        (QuantSpec(4, True, PerGroup(64)), QuantSpec(4, True, PerGroup(64), dynamic=True)),
+    ],
+    ids=["w4-channel", "w4-asym-group64", "w4a4-groups64"],
+)
+@pytest.mark.parametrize("K", [128, 192], ids=["K128", "K192"])
+def test_int4_unpacked_in_the_kernel_equals_unpacking_first(w_spec, a_spec, K, gemm_schedule):
+    """Packed int4 bytes read by the GEMM (two dots per K block, even and odd input
+    channels) give the integer sums of the int8 codes: the same output, bit for bit."""
+    layer, x = packed_layer(w_spec, a_spec, online_scale=True, rank=4, K=K)
+    real = RealQuantLinear.from_quant_linear(layer)
+    rows = x.reshape(-1, K)
+    first = real._int_cuda(rows)
+    real.int4_in_kernel = True
+    assert real.unpacks_in_kernel
+    torch.testing.assert_close(real._int_cuda(rows), first, rtol=0, atol=0)
+    assert float((first.double() - reference64(real, rows)).norm()) < 1e-4 * float(first.norm())
 
 
 def gated_case(N: int, B: int = 3, T: int = 5, seed: int = 1):

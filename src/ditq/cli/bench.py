@@ -79,6 +79,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-fuse-mlp times the unfused kernels",
     )
     parser.add_argument(
+        "--int4-in-kernel",
+        action="store_true",
+        help="int4 weights read packed by the GEMM (unpacked in registers) instead of "
+        "unpacked to int8 codes once per call",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also profile a few calls per variant: time per kernel category and the top "
@@ -153,6 +159,7 @@ def run(args: argparse.Namespace) -> None:
         compile=compile_models,
         fuse_mlp=args.fuse_mlp,
         cuda_graphs=args.cuda_graphs,
+        int4_in_kernel=args.int4_in_kernel,
     )
     rows = []
     for name, make in sources:

@@ -200,6 +200,7 @@ def build_variant(
     compile_models: bool,
     fuse_mlp: bool = True,
     cuda_graphs: bool = False,
+    int4_in_kernel: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it;
     compiled blocks replay CUDA graphs with ``cuda_graphs``."""
@@ -215,7 +216,7 @@ def build_variant(
         quantize_random(model, quant_config(variant, model.config.hidden_size), example)
         info["disk_bytes"] = state_bytes(model)
         if variant != "sim-w8a8":
-            convert_model(model, fuse_mlp=fuse_mlp)
+            convert_model(model, fuse_mlp=fuse_mlp, int4_in_kernel=int4_in_kernel)
             kinds = Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear))
             info["kernels"] = dict(kinds)
             fused = sum(isinstance(m, FusedQuantMlp) for m in model.modules())
@@ -378,7 +379,8 @@ def time_sampling(model: DiT, batch: int, steps: int, device: str) -> float:
 class BenchSettings:
     """How each variant is timed: ``iters`` timed calls after warm-up rounds of ``warmup``
     calls, ``steps`` sampling steps end to end (0: none), a ``profile`` of where the time
-    goes; models built with ``compile``d blocks, ``fuse_mlp`` kernels, ``cuda_graphs``."""
+    goes; models built with ``compile``d blocks, ``fuse_mlp`` kernels, ``cuda_graphs``,
+    packed int4 weights read by the GEMM (``int4_in_kernel``)."""
 
     device: str = "cpu"
     iters: int = 20
@@ -388,6 +390,7 @@ class BenchSettings:
     compile: bool = False
     fuse_mlp: bool = True
     cuda_graphs: bool = False
+    int4_in_kernel: bool = False
 
 
 def bench_variant(
@@ -398,7 +401,13 @@ def bench_variant(
     cuda = torch.device(args.device).type == "cuda"
     try:
         model, info = build_variant(
-            base, variant, args.device, args.compile, args.fuse_mlp, args.cuda_graphs
+            base,
+            variant,
+            args.device,
+            args.compile,
+            args.fuse_mlp,
+            args.cuda_graphs,
+            args.int4_in_kernel,
         )
     except Exception as err:  # noqa: BLE001 - recorded for the report, the run goes on
         return [

@@ -77,6 +77,8 @@ from ditq.quant.spec import (
 
 INT_GROUP_SIZES = (32, 64, 128, 256)
 """Weight group sizes the ``int`` kernel takes (its BLOCK_K is the group size)."""
+BIG_GROUPS = (64, 128, 256)
+"""Group sizes whose K blocks the in-kernel int4 unpacking takes (half a block per dot)."""
 ASYM_SHIFT = 128
 """Asymmetric 5-8-bit codes [0, 255] are held as int8 ``q - 128`` (and zero point ``z - 128``)."""
 NIBBLE_OFFSET = 8
@@ -233,6 +235,9 @@ class RealQuantLinear(nn.Module):
         self.act = _act_format(layer.act_quantizer.spec)
         self.weight_spec = w_spec
         self.packed_int4 = w_spec.fmt == "int" and w_spec.bits <= PACKED_BITS
+        self.int4_in_kernel = False
+        """Read packed int4 weights inside the GEMM (``convert_model(int4_in_kernel=True)``)
+        instead of unpacking them to int8 codes first, once per call."""
         self.group_size = 0
         """The ``int`` kernel's K block: the activation group, else the weight group, else 0."""
         if self.kind == "int" and self.act.group_size:
@@ -410,29 +415,40 @@ class RealQuantLinear(nn.Module):
         gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The ``int`` path: activation codes, then the GEMM (with the gated residual)."""
-        from ditq.kernels import triton_ops
-
         if not rows.is_contiguous():
             rows = rows.contiguous()
         codes, scale, zero, sums = self._quantize_cuda(rows)
-        args = self._int_gemm_args(codes, scale, zero, sums, self._lowrank_t(rows))
-        return triton_ops.int_gemm(
-            *args, rows.dtype, residual=_contiguous(residual), gate=_contiguous(gate)
+        return self._int_gemm(
+            (codes, scale, zero, sums),
+            self._lowrank_t(rows),
+            rows.dtype,
+            residual=_contiguous(residual),
+            gate=_contiguous(gate),
         )
 
-    def _int_gemm_args(
+    @property
+    def unpacks_in_kernel(self) -> bool:
+        """Whether the GEMM reads the packed int4 bytes itself (``int4_in_kernel`` and K
+        blocks of at least 64, each dot then taking 32 even and 32 odd input channels)."""
+        return self.int4_in_kernel and self.packed_int4 and self.group_size in (0, *BIG_GROUPS)
+
+    def _int_gemm(
         self,
-        codes: torch.Tensor,
-        scale: torch.Tensor,
-        zero: torch.Tensor,
-        sums: torch.Tensor | None,
+        activation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
         lowrank_t: torch.Tensor | None,
-    ) -> tuple:
-        """The arguments of ``triton_ops.int_gemm`` before ``out_dtype``, for input codes."""
-        return (
-            codes, scale, zero, sums, self._int8_weight(), self.w_scale, self.w_zero,
-            self.w_sum, self.bias, lowrank_t, self.lowrank_up, self.group_size,
-            not self.act.symmetric, bool(self.act.group_size),
+        out_dtype: torch.dtype,
+        **epilogue,
+    ) -> torch.Tensor:
+        """``triton_ops.int_gemm`` on input ``(codes, scale, zero, sums)`` with this layer's
+        weight (packed int4 bytes or int8 codes) and ``epilogue`` options."""
+        from ditq.kernels import triton_ops
+
+        packed = self.unpacks_in_kernel
+        return triton_ops.int_gemm(
+            *activation, self.weight if packed else self._int8_weight(), self.w_scale,
+            self.w_zero, self.w_sum, self.bias, lowrank_t, self.lowrank_up, self.group_size,
+            not self.act.symmetric, bool(self.act.group_size), out_dtype, packed_int4=packed,
+            **epilogue,
         )  # fmt: skip
 
     def _static_row_qparams(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -600,21 +616,23 @@ class FusedQuantMlp(nn.Module):
         residual: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from ditq.kernels import triton_ops
-
         fc1, fc2 = self.fc1, self.fc2
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        codes, scale, zero, sums = fc1._quantize_cuda(rows)
-        hidden = triton_ops.int_gemm(
-            *fc1._int_gemm_args(codes, scale, zero, sums, fc1._lowrank_t(rows)), rows.dtype,
-            fc2.static_qparams, fc2.input_scale, fc2.act.qmin, fc2.act.qmax, fc2.act.symmetric,
+        hidden = fc1._int_gemm(
+            fc1._quantize_cuda(rows), fc1._lowrank_t(rows), rows.dtype,
+            next_qparams=fc2.static_qparams, next_input_scale=fc2.input_scale,
+            next_qmin=fc2.act.qmin, next_qmax=fc2.act.qmax, next_symmetric=fc2.act.symmetric,
         )  # fmt: skip
         h_scale, h_zero = fc2._static_row_qparams(len(rows))
         h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
-        return triton_ops.int_gemm(*fc2._int_gemm_args(hidden, h_scale, h_zero, h_sums, None),
-                                   rows.dtype, residual=_contiguous(residual),
-                                   gate=_contiguous(gate))  # fmt: skip
+        return fc2._int_gemm(
+            (hidden, h_scale, h_zero, h_sums),
+            None,
+            rows.dtype,
+            residual=_contiguous(residual),
+            gate=_contiguous(gate),
+        )
 
 
 def has_kernel(layer: QuantLinear) -> bool:
@@ -625,14 +643,18 @@ def has_kernel(layer: QuantLinear) -> bool:
     return not act.enabled or isinstance(act.granularity, (PerTensor, PerToken)) or dynamic_groups
 
 
-def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
+def convert_model(
+    model: nn.Module, fuse_mlp: bool = True, int4_in_kernel: bool = False
+) -> nn.Module:
     """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
     ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
     simulated, as do layers without a kernel (:func:`has_kernel`, named in a warning) and
     the attention matmul quantizers. Warns when some layers have a
     format without a GPU kernel (``reference``: they dequantize, then matmul).
     ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (on an H200 at
-    DiT-XL/2 batch 64: 1.14x BF16 instead of 1.03x for PTQ4DiT's W8A8 format)."""
+    DiT-XL/2 batch 64: 1.14x BF16 instead of 1.03x for PTQ4DiT's W8A8 format).
+    ``int4_in_kernel`` has the GEMM read packed int4 weights itself (K blocks of at least
+    64; not yet timed against the default per-call unpacking on a GPU)."""
     slow, simulated = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:
@@ -642,6 +664,7 @@ def convert_model(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             real = RealQuantLinear.from_quant_linear(module)
+            real.int4_in_kernel = int4_in_kernel
             setattr(owner, child, real)
             if real.kind == "reference":
                 activations = real.act.spec.describe() if real.act.spec else "float"

@@ -21,9 +21,12 @@ them as opaque calls and fuses the BF16 code around them:
   and added to an fp32 accumulator; activations with a range per group (BLOCK_K = their
   group, the weight tables laid out per that group) scale it by their own group's scale
   too. Packed int4 weights are unpacked to int8 codes by the
-  caller first (one small elementwise kernel per call: on an H200 the int4 nibbles
-  unpacked inside this kernel made it 1.8x slower than reading int8 codes, see
-  ``benchmarks/RESULTS.md``). Tile sizes are autotuned per (M, N, K) on the GPU among the
+  caller first by default (one small elementwise kernel per call: on an H200 nibbles
+  interleaved back into int8 tiles inside this kernel made it 1.8x slower than reading
+  int8 codes, see ``benchmarks/RESULTS.md``); ``packed_int4`` reads the bytes instead and
+  runs each K block as two dots, over the even and the odd input channels, with no
+  interleaving (``convert_model(int4_in_kernel=True)``, ``ditq bench --int4-in-kernel``; not
+  yet timed). Tile sizes are autotuned per (M, N, K) on the GPU among the
   configurations that won the sweep of ``benchmarks/gemm_sweep.py``.
 
 ``int_gemm`` adds ``T · Lᵀ`` in its epilogue when given the DiTAS low-rank intermediate
@@ -193,6 +196,7 @@ def _int_gemm_kernel(
     GELU_QUANT: tl.constexpr,
     HAS_OS: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    PACKED: tl.constexpr,
     FAST_MATH: tl.constexpr,
     ACT: tl.constexpr,
     QMIN: tl.constexpr,
@@ -225,7 +229,29 @@ def _int_gemm_kernel(
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
         acc_f = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BK)):
-            if TMA:  # the copy engine; out-of-bounds rows and columns read as zeros
+            if PACKED:  # int4 bytes: low nibble input channel 2j, high nibble 2j + 1
+                offs_j = kb * (BK // 2) + tl.arange(0, BK // 2)
+                j_ok = offs_j < K // 2
+                a_even = tl.load(
+                    a_ptr + offs_m[:, None] * K + 2 * offs_j[None, :],
+                    mask=m_ok[:, None] & j_ok[None, :],
+                    other=0,
+                )
+                a_odd = tl.load(
+                    a_ptr + offs_m[:, None] * K + 2 * offs_j[None, :] + 1,
+                    mask=m_ok[:, None] & j_ok[None, :],
+                    other=0,
+                )
+                nibbles = tl.load(
+                    w_ptr + offs_n[None, :] * stride_wn + offs_j[:, None],
+                    mask=j_ok[:, None] & n_ok[None, :],
+                    other=0x88,  # codes 8 - 8 = 0 beyond K
+                ).to(tl.int32)
+                w_even = ((nibbles & 0xF) - 8).to(tl.int8)
+                w_odd = (((nibbles >> 4) & 0xF) - 8).to(tl.int8)
+                part = tl.dot(a_even, w_even, out_dtype=tl.int32)
+                part += tl.dot(a_odd, w_odd, out_dtype=tl.int32)
+            elif TMA:  # the copy engine; out-of-bounds rows and columns read as zeros
                 a = a_desc.load([pid_m * BM, kb * BK])
                 w = w_desc.load([pid_n * BN, kb * BK]).T
             else:
@@ -240,14 +266,20 @@ def _int_gemm_kernel(
                     mask=(offs_k[:, None] < K) & n_ok[None, :],
                     other=0,
                 )
-            part = tl.dot(a, w, out_dtype=tl.int32)
+            if not PACKED:
+                part = tl.dot(a, w, out_dtype=tl.int32)
             if GROUPED:
                 g_idx = offs_n * NUM_GROUPS + kb
                 if X_GROUPED:  # the activation's own range in this K block
                     xz = tl.load(xz_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0)
                 if HAS_WZP:
                     wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
-                    part -= wz[None, :] * tl.sum(a.to(tl.int32), axis=1)[:, None]
+                    if PACKED:
+                        a_sum = tl.sum(a_even.to(tl.int32), axis=1)
+                        a_sum += tl.sum(a_odd.to(tl.int32), axis=1)
+                    else:
+                        a_sum = tl.sum(a.to(tl.int32), axis=1)
+                    part -= wz[None, :] * a_sum[:, None]
                     if HAS_XZP:
                         part += BK * xz[:, None] * wz[None, :]
                 if HAS_XZP:
@@ -554,6 +586,7 @@ def int_gemm(
     next_symmetric: bool = True,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    packed_int4: bool = False,
 ) -> torch.Tensor:
     """``y`` (M, N) in ``out_dtype`` from int8 activation codes (M, K) and int8 weight codes
     (N, K); ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the
@@ -568,8 +601,12 @@ def int_gemm(
 
     With ``residual`` (M, N) and ``gate`` (B, N), M a multiple of B, the epilogue returns
     ``residual + gate[m // (M / B)] ⊙ y`` (a DiT block's gated residual; y rounded to
-    ``out_dtype`` first, as an unfused ``y`` would be stored): ``y`` is never written."""
-    M, N, K = codes.shape[0], weight.shape[0], weight.shape[1]
+    ``out_dtype`` first, as an unfused ``y`` would be stored): ``y`` is never written.
+
+    ``packed_int4``: ``weight`` holds packed int4 bytes (N, K / 2) of nibbles ``u`` (codes
+    ``u - 8``, input channel 2j in byte j's low nibble), unpacked in registers: each K block
+    (at least 64) is two dots, over its even and its odd input channels."""
+    M, N, K = codes.shape[0], weight.shape[0], codes.shape[1]
     quantized = next_qparams is not None
     out = torch.empty((M, N), device=codes.device, dtype=torch.int8 if quantized else out_dtype)
     if not M:
@@ -577,10 +614,12 @@ def int_gemm(
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
     if INTERPRETED:
         meta = _interpreter_meta(M, N, K, group_size)
-        tma = meta["TMA"] = meta["TMA"] and not group_size and _tma_usable(codes, weight)
+        tma = meta["TMA"] = (
+            meta["TMA"] and not group_size and not packed_int4 and _tma_usable(codes, weight)
+        )
         launcher = _int_gemm_kernel
     else:
-        tma = not group_size and _tma_usable(codes, weight)
+        tma = not group_size and not packed_int4 and _tma_usable(codes, weight)
         launcher = _TUNED_INT_GEMM[bool(group_size), tma]
         meta = {"BK": group_size} if group_size else {}
     a_desc = w_desc = _placeholder(codes)
@@ -607,6 +646,7 @@ def int_gemm(
         HAS_WZP=w_zero is not None, HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank),
         DOT=_DOT_DTYPE,
         GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, RESIDUAL=residual is not None,
+        PACKED=packed_int4,
         FAST_MATH=not INTERPRETED, ACT=_TL_DTYPES[out_dtype],
         QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
     )  # fmt: skip
@@ -617,6 +657,6 @@ def int_gemm(
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
       lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams=None,
       next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True, residual=None,
-      gate=None):  # fmt: skip
+      gate=None, packed_int4=False):  # fmt: skip
     dtype = torch.int8 if next_qparams is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
