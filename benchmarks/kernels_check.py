@@ -66,6 +66,8 @@ FORMATS = {
     ),
 }
 UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
+INT4_FORMATS = tuple(name for name, config in FORMATS.items() if config["wbits"] == 4)
+"""Formats also checked with the int4 weights read packed by the GEMM (``int4_in_kernel``)."""
 """Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
 XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 TOKENS = 2 * 256  # one guided DiT-XL/2 256 px sample
@@ -114,7 +116,9 @@ def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> di
 
 
 @torch.no_grad()
-def check_model(fmt: str, base: DiT, device: str, fuse_mlp: bool = True) -> dict:
+def check_model(
+    fmt: str, base: DiT, device: str, fuse_mlp: bool = True, int4_in_kernel: bool = False
+) -> dict:
     simulated = quantize_random(
         _copy(base, device),
         RTNConfig(**FORMATS[fmt]),
@@ -122,7 +126,7 @@ def check_model(fmt: str, base: DiT, device: str, fuse_mlp: bool = True) -> dict
     )
     inputs = denoiser_inputs(base, 4, device, torch.float32)
     ref = simulated(inputs[0].bfloat16().float(), *inputs[1:])
-    real = convert_model(_copy(simulated, device), fuse_mlp=fuse_mlp).to(torch.bfloat16)
+    real = convert_model(_copy(simulated, device), fuse_mlp, int4_in_kernel).to(torch.bfloat16)
     poison(device)
     out = real(inputs[0].bfloat16(), *inputs[1:])
     kinds = sorted({m.kind for m in real.modules() if isinstance(m, RealQuantLinear)})
@@ -193,6 +197,12 @@ def main(out_path: str) -> None:
                 f"model {name} unfused MLP",
                 fmt,
                 lambda f=fmt, b=base: check_model(f, b, device, fuse_mlp=False),
+            )
+        for fmt in INT4_FORMATS:
+            record(
+                f"model {name} int4 in kernel",
+                fmt,
+                lambda f=fmt, b=base: check_model(f, b, device, int4_in_kernel=True),
             )
     try:
         results["checkpoint_bytes_dit_xl2_256"] = checkpoint_sizes(device)
