@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels read TRITON_INTERPRET when ditq.kernels.triton_ops is imported:
+    # set it before any test imports them, whatever order the test files run in.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ditq.pipeline.sequential as sequential
 from ditq.calib.dataset import build_calibration_set
