@@ -16,7 +16,9 @@ Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
 the percentile search, DDPM 50/250), ``w4a4``, ``w4a4-more`` and ``w4a4-250`` (issue 18:
-W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``).
+W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``),
+``official-250`` (issue 15: the DDPM 250 rows of ``official`` on the real kernels, and the
+block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours).
 ``--gpus 0,0,0`` runs three workers on one GPU.
 """
 
@@ -129,6 +131,9 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
+    if "official-250" in names:
+        jobs += [Job(1, r, 250, f, backend="cuda") for r, f in OFFICIAL.items()]
+        jobs.append(Job(2, "ptq4dit-blocks-pct-w8a8", 50, OFFICIAL["ptq4dit-blocks-pct-w8a8"]))
     if "w4a4-250" in names:
         jobs += [Job(p, r, steps, W4A4[r], backend="cuda") for p, r, steps in W4A4_250]
     if "headline" in names:
