@@ -428,8 +428,8 @@ class RealQuantLinear(nn.Module):
 
     @property
     def unpacks_in_kernel(self) -> bool:
-        """Whether the GEMM reads the packed int4 bytes itself (``int4_in_kernel`` and K
-        blocks of at least 64, each dot then taking 32 even and 32 odd input channels)."""
+        """Whether the GEMM reads the packed int4 bytes itself (``int4_in_kernel``, and K
+        blocks of at least 64: each is two dots, over its even and its odd input channels)."""
         return self.int4_in_kernel and self.packed_int4 and self.group_size in (0, *BIG_GROUPS)
 
     def _int_gemm(
