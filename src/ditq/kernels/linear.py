@@ -134,7 +134,8 @@ def layer_kind(layer: QuantLinear) -> str:
         aligned = not (
             layer.in_features % SCALED_MM_ALIGNMENT or layer.out_features % SCALED_MM_ALIGNMENT
         )
-        fast = a.enabled and a.fmt == "fp8_e4m3" and per_channel and aligned
+        row_scales = not isinstance(a.granularity, PerGroup)  # _scaled_mm: one per row
+        fast = a.enabled and a.fmt == "fp8_e4m3" and per_channel and aligned and row_scales
         return "fp8" if fast else "reference"
     if a.enabled and a.fmt != "int":
         return "reference"
@@ -162,45 +163,34 @@ def quantize_activation(
     (the GEMM sums each group's codes itself)."""
     if input_scale is not None:
         x = x / input_scale.to(x.dtype)
-    xf = x.float()
-    if act.group_size:
-        return _quantize_groups(xf, act)
+    rows, width = x.shape
+    size = act.group_size or width
+    xf = x.float().reshape(rows, width // size, size)  # (M, groups, g); one group per row
     if static_qparams is not None:
-        scale, zero = static_qparams[0].expand(len(x), 1), static_qparams[1].expand(len(x), 1)
+        scale, zero = (v.reshape(1, 1, 1).expand(rows, 1, 1) for v in static_qparams[:2])
     else:
-        if act.per_token:
+        if act.per_token or act.group_size:
             x_min, x_max = torch.aminmax(xf, dim=-1, keepdim=True)
         else:
-            x_min, x_max = (v.reshape(1, 1) for v in torch.aminmax(xf))
+            x_min, x_max = (v.reshape(1, 1, 1) for v in torch.aminmax(xf))
         scale, zero = qparams_from_range(x_min, x_max, act.spec)
-        scale, zero = scale.expand(len(x), 1), zero.expand(len(x), 1)
+        scale, zero = scale.expand(rows, -1, 1), zero.expand(rows, -1, 1)
+
+    def table(values: torch.Tensor) -> torch.Tensor:  # (M,) per row, (M, K / g) per group
+        return values.reshape(rows, -1) if act.group_size else values.reshape(-1)
+
     if act.fmt == "fp8_e4m3":
         codes = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        zero = zero.reshape(-1).to(torch.int32)
-        return codes, scale.reshape(-1).contiguous(), zero, zero
+        zero = table(zero).to(torch.int32)
+        return codes.reshape(rows, width), table(scale).contiguous(), zero, zero
     shift = 0 if act.symmetric else ASYM_SHIFT
     codes = (torch.round(xf / scale) + zero).clamp(act.qmin, act.qmax) - shift
-    codes = codes.to(torch.int8)
+    codes = codes.to(torch.int8).reshape(rows, width)
     return (
         codes,
-        scale.reshape(-1).contiguous(),
-        (zero.reshape(-1) - shift).to(torch.int32),
-        codes.sum(dim=-1, dtype=torch.int32) if code_sums else None,
-    )
-
-
-def _quantize_groups(
-    xf: torch.Tensor, act: ActFormat
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-    groups = xf.reshape(len(xf), -1, act.group_size)
-    scale, zero = qparams_from_range(*torch.aminmax(groups, dim=-1, keepdim=True), act.spec)
-    shift = 0 if act.symmetric else ASYM_SHIFT
-    codes = (torch.round(groups / scale) + zero).clamp(act.qmin, act.qmax) - shift
-    return (
-        codes.to(torch.int8).reshape(xf.shape),
-        scale.reshape(len(xf), -1).contiguous(),
-        (zero.reshape(len(xf), -1) - shift).to(torch.int32),
-        None,
+        table(scale).contiguous(),
+        (table(zero) - shift).to(torch.int32),
+        codes.sum(dim=-1, dtype=torch.int32) if code_sums and not act.group_size else None,
     )
 
 
