@@ -67,6 +67,37 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _scaled_input(x_ptr, s_ptr, offs, mask, HAS_S: tl.constexpr):
+    """The input at ``offs`` in fp32, divided by the online scale first (as torch: x / s in
+    the input's dtype)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_S:
+        s = tl.load(s_ptr + offs, mask=mask, other=1.0).to(x.dtype)
+        x = tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _dynamic_qparams(x_min, x_max, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """(scale, zero point) of the range [x_min, x_max] (x_min <= 0 <= x_max), as the
+    simulated quantizer computes them."""
+    if SYMMETRIC:
+        scale = tl.maximum(tl.math.div_rn(tl.maximum(-x_min, x_max), QMAX * 1.0), 1e-8)
+        zero = scale * 0.0
+    else:
+        scale = tl.maximum(tl.math.div_rn(x_max - x_min, (QMAX - QMIN) * 1.0), 1e-8)
+        zero = _round_half_even(tl.math.div_rn(-x_min, scale))
+    return scale, zero
+
+
+@triton.jit
+def _codes(x, scale, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr):
+    """``clamp(round(x / scale) + zero) - SHIFT`` in fp32, rounding half to even."""
+    codes = _round_half_even(tl.math.div_rn(x, scale)) + zero
+    return tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
+
+
+@triton.jit
 def _quantize_act_kernel(
     x_ptr,
     s_ptr,
@@ -88,26 +119,15 @@ def _quantize_act_kernel(
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0)
-    if HAS_S:
-        s = tl.load(s_ptr + offs, mask=mask, other=1.0).to(x.dtype)
-        x = tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)  # as torch: x / s
-    x = x.to(tl.float32)
-    if DYNAMIC:
-        x_min = tl.minimum(tl.min(tl.where(mask, x, 0.0), axis=0), 0.0)
-        x_max = tl.maximum(tl.max(tl.where(mask, x, 0.0), axis=0), 0.0)
-        if SYMMETRIC:
-            scale = tl.maximum(tl.math.div_rn(tl.maximum(-x_min, x_max), QMAX * 1.0), 1e-8)
-            zero = 0.0
-        else:
-            scale = tl.maximum(tl.math.div_rn(x_max - x_min, (QMAX - QMIN) * 1.0), 1e-8)
-            zero = _round_half_even(tl.math.div_rn(-x_min, scale))
+    x = _scaled_input(x_ptr + row * stride_xm, s_ptr, offs, mask, HAS_S)
+    if DYNAMIC:  # masked entries are 0: inside every range
+        x_min = tl.minimum(tl.min(x, axis=0), 0.0)
+        x_max = tl.maximum(tl.max(x, axis=0), 0.0)
+        scale, zero = _dynamic_qparams(x_min, x_max, QMIN, QMAX, SYMMETRIC)
     else:
         scale = tl.load(static_ptr)
         zero = tl.load(static_ptr + 1)
-    codes = _round_half_even(tl.math.div_rn(x, scale)) + zero
-    codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
-    codes = tl.where(mask, codes, 0.0).to(tl.int32)
+    codes = tl.where(mask, _codes(x, scale, zero, QMIN, QMAX, SHIFT), 0.0).to(tl.int32)
     tl.store(q_ptr + row * K + offs, codes.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
     tl.store(zp_ptr + row, (zero - SHIFT).to(tl.int32))
@@ -137,21 +157,11 @@ def _quantize_act_groups_kernel(
     group = tl.arange(0, GROUPS_P)
     offs = group[:, None] * G + tl.arange(0, G)[None, :]
     mask = (group < NUM_GROUPS)[:, None] & (offs < K)
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0)
-    if HAS_S:
-        s = tl.load(s_ptr + offs, mask=mask, other=1.0).to(x.dtype)
-        x = tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)  # as torch: x / s
-    x = x.to(tl.float32)
+    x = _scaled_input(x_ptr + row * stride_xm, s_ptr, offs, mask, HAS_S)
     x_min = tl.minimum(tl.min(x, axis=1), 0.0)  # masked entries are 0: inside every range
     x_max = tl.maximum(tl.max(x, axis=1), 0.0)
-    if SYMMETRIC:
-        scale = tl.maximum(tl.math.div_rn(tl.maximum(-x_min, x_max), QMAX * 1.0), 1e-8)
-        zero = tl.zeros_like(scale)
-    else:
-        scale = tl.maximum(tl.math.div_rn(x_max - x_min, (QMAX - QMIN) * 1.0), 1e-8)
-        zero = _round_half_even(tl.math.div_rn(-x_min, scale))
-    codes = _round_half_even(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
-    codes = tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
+    scale, zero = _dynamic_qparams(x_min, x_max, QMIN, QMAX, SYMMETRIC)
+    codes = _codes(x, scale[:, None], zero[:, None], QMIN, QMAX, SHIFT)
     tl.store(q_ptr + row * K + offs, codes.to(tl.int32).to(tl.int8), mask=mask)
     group_ok = group < NUM_GROUPS
     tl.store(scale_ptr + row * NUM_GROUPS + group, scale, mask=group_ok)
