@@ -10,14 +10,19 @@ from ditq.methods import METHODS, RTNConfig
 from ditq.pipeline.adaround_solver import (
     AdaRoundSolver,
     ReconSettings,
+    _learned_scales,
+    _static_act_quantizers,
+    minibatch_indices,
     minibatch_pools,
     pool_of_iteration,
     reconstruction_loss,
     rounding_beta,
+    unit_objective,
 )
 from ditq.pipeline.config import LayerOverride, LayerSelection
-from ditq.pipeline.sequential import SequentialSettings, run_sequential
+from ditq.pipeline.sequential import SequentialSettings, UnitCall, UnitData, run_sequential
 from ditq.pipeline.steps import activation_quantizers, pack_model, quantized_layers
+from ditq.quant.adaround import adaround
 from ditq.quant.layers import QuantLinear
 from ditq.quant.quantizer import Quantizer
 
@@ -130,6 +135,53 @@ def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib
     assert list(report["units"]) == ["blocks.0", "blocks.1"]
 
 
+def test_compiled_step_equals_the_eager_step(calib):
+    """The reconstruction step through torch.compile (on by default on a GPU) computes the
+    eager loss and the same gradients of the rounding variables and step sizes (the
+    regularized objective: both of its terms)."""
+    model, fp = _rtn(calib, depth=1), tiny_dit(depth=1)
+    io = capture_block_io(model, calib, "blocks.0", progress=False)
+    target = capture_block_io(fp, calib, "blocks.0", progress=False).out
+    batch = {"arg0": io.args[0][:8], "arg1": io.args[1][:8], "target": target[:8]}
+    block = model.blocks[0]
+    settings = ReconSettings(iters=10, compile="on")
+    with (
+        torch.enable_grad(),
+        adaround(quantized_layers(block).values()) as rounders,
+        _learned_scales(_static_act_quantizers(block)) as scales,
+    ):
+        for rounder in rounders:  # rounding variables away from their start
+            rounder.V.data += 0.3 * torch.randn_like(rounder.V)
+        learned = [r.V for r in rounders] + scales
+        results = []
+        for objective in (unit_objective, torch.compile(unit_objective)):
+            loss = objective(block, batch, rounders, torch.tensor(7.0), settings)
+            results.append((loss.detach(), torch.autograd.grad(loss, learned)))
+    (eager, eager_grads), (fast, fast_grads) = results
+    assert float(eager) > 0 and len(rounders) == 4 and len(scales) == 8
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=0)
+    for ours, reference in zip(fast_grads, eager_grads, strict=True):
+        assert reference.abs().max() > 0
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_mode_selects_blocks_on_a_gpu(calib):
+    model = _rtn(calib, depth=1)
+    data = UnitData({"arg0": torch.zeros(2, 3)}, torch.device("cpu"), SequentialSettings(), None)
+    block, linear = UnitCall("blocks.0", model.blocks[0], True), UnitCall("x", model, False)
+    chosen = {
+        mode: [
+            AdaRoundSolver(ReconSettings(compile=mode)).compiles(u, data) for u in (block, linear)
+        ]
+        for mode in ("auto", "on", "off")
+    }
+    assert chosen == {"auto": [False, False], "on": [True, False], "off": [False, False]}
+    data.device = torch.device("cuda")  # where its cache would be on a GPU
+    assert AdaRoundSolver(ReconSettings()).compiles(block, data)
+    with pytest.raises(DitqError, match="compile='fast'"):
+        ReconSettings(compile="fast")
+
+
 def test_interrupted_run_resumes_to_the_same_model(calib, tmp_path, monkeypatch):
     settings = ReconSettings(iters=30, batch_size=8, weight_lr=1e-2)
     fp = tiny_dit()
@@ -228,6 +280,16 @@ def test_official_data_schedule_visits_each_chunk_in_turn():
     assert torch.equal(minibatch_pools(103, 1, generator)[0], torch.arange(103))
     with pytest.raises(DitqError, match="--recon-chunks"):
         minibatch_pools(5, 10, generator)
+    # each step's minibatch: batch_size distinct sorted entries of its step's pool
+    settings = ReconSettings(iters=30, batch_size=4, chunks=3)
+    indices = minibatch_indices(25, settings, torch.Generator().manual_seed(1))
+    pools = minibatch_pools(25, 3, torch.Generator().manual_seed(1))  # the same draw
+    assert len(indices) == 30
+    for iteration, index in enumerate(indices):
+        pool = set(pools[pool_of_iteration(iteration, 30, 3)].tolist())
+        assert len(set(index.tolist())) == 4 and set(index.tolist()) <= pool
+        assert torch.equal(index, index.sort().values)
+    assert len({tuple(index.tolist()) for index in indices}) > 20  # drawn anew each step
 
 
 def test_chained_blocks_get_the_inputs_a_capture_would(calib, monkeypatch):

@@ -84,7 +84,7 @@ from ditq.calib.settings import PAIRED_CLASSES, CalibSettings
 from ditq.calib.stats import activation_salience, spearman_rho, weight_salience
 from ditq.errors import DitqError
 from ditq.models.adapter import adapter_for
-from ditq.pipeline.adaround_solver import AdaRoundSolver, ReconSettings
+from ditq.pipeline.adaround_solver import COMPILE_MODES, AdaRoundSolver, ReconSettings
 from ditq.pipeline.config import LayerSelection, QuantConfig
 from ditq.pipeline.folding import smooth_layers
 from ditq.pipeline.method import Method, RunContext
@@ -143,6 +143,12 @@ class PTQ4DiTConfig(QuantConfig):
             "the whole set"
         },
     )
+    recon_compile: str = field(
+        default="auto",
+        metadata={
+            "help": "block reconstruction step through torch.compile: auto (on a GPU), on, off"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +172,11 @@ class PTQ4DiTConfig(QuantConfig):
             raise DitqError(f"--recon-batch-size must be at least 1, got {self.recon_batch_size}")
         if self.recon_chunks < 1:
             raise DitqError(f"--recon-chunks must be at least 1, got {self.recon_chunks}")
+        if self.recon_compile not in COMPILE_MODES:
+            raise DitqError(
+                f"--recon-compile {self.recon_compile!r} is not known; choose one of "
+                f"{', '.join(COMPILE_MODES)}"
+            )
         for name in ("recon_weight_lr", "recon_act_lr"):
             if not getattr(self, name) > 0:
                 flag = "--" + name.replace("_", "-")
@@ -331,6 +342,7 @@ class PTQ4DiT(Method):
             weight_lr=config.recon_weight_lr,
             act_lr=config.recon_act_lr,
             chunks=config.recon_chunks,
+            compile=config.recon_compile,
         )
         return AdaRoundSolver(settings)
 

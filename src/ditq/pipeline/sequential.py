@@ -78,12 +78,18 @@ class UnitCall:
     is_block: bool
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        count = sum(key.startswith("arg") for key in batch)
-        kwargs = {k.removeprefix(KWARG): v for k, v in batch.items() if k.startswith(KWARG)}
-        return self.module(*(batch[f"arg{i}"] for i in range(count)), **kwargs)
+        return call_unit(self.module, batch)
 
     def checkpoint_name(self) -> str:
         return f"{self.name}.pt"
+
+
+def call_unit(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``module`` called on a batch of its cached inputs (``arg0``, ``arg1``, ... and the
+    ``kwarg:`` entries; other keys such as ``target`` are not inputs)."""
+    count = sum(key.startswith("arg") for key in batch)
+    kwargs = {k.removeprefix(KWARG): v for k, v in batch.items() if k.startswith(KWARG)}
+    return module(*(batch[f"arg{i}"] for i in range(count)), **kwargs)
 
 
 class Solver(Protocol):
