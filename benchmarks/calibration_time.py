@@ -8,7 +8,8 @@ run on it while this measures).
 
 ``--shape``: a random model of an official architecture at an image size (``ditq bench``'s
 shapes); ``--model``: a checkpoint. Each row: the total, calibration-set and method wall
-times of ``ditq.quantize`` and the peak GPU memory.
+times of ``ditq.quantize``, the peak GPU memory and each reconstruction or GPTQ unit's
+seconds (the first compiled block includes the compilation).
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         report = record_of(model).report
+        units = report["method"].get("reconstruction", {}).get("units", {})
         row = {
             "method": text,
             "seconds": round(seconds, 1),
             "wall_time_s": report["wall_time_s"],
             "calibration_entries": report.get("calibration_entries"),
+            "unit_seconds": {name: round(unit["seconds"], 2) for name, unit in units.items()},
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if args.device.startswith("cuda")
             else None,

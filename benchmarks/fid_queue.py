@@ -18,7 +18,9 @@ Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 the percentile search, DDPM 50/250), ``w4a4``, ``w4a4-more`` and ``w4a4-250`` (issue 18:
 W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``),
 ``official-250`` (issue 15: the DDPM 250 rows of ``official`` on the real kernels, and the
-block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours).
+block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours),
+``official-20k`` (PTQ4DiT W4A8 with no flag but the bits: 20,000 iterations per unit;
+DDPM 50 simulated, DDPM 250 on the real kernels).
 ``--gpus 0,0,0`` runs three workers on one GPU.
 """
 
@@ -71,6 +73,9 @@ OFFICIAL = {
 best-of-percentiles ranges, steps 0..240, paired classes, 10-chunk reconstruction), and the
 block-only coverage with the percentile search, to separate the two changes."""
 
+OFFICIAL_20K = "--method ptq4dit --wbits 4 --abits 8"
+"""PTQ4DiT W4A8 with every default official, the 20,000 reconstruction iterations per unit
+included."""
 
 GROUPS64 = "--w-group-size 64 --a-dynamic --a-granularity group --a-group-size 64"
 W4A4 = {
@@ -131,8 +136,14 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
+    if "official-20k" in names:  # first: its calibration is the longest
+        jobs.append(Job(1, "ptq4dit-official-w4a8-20k", 50, OFFICIAL_20K))
+        jobs.append(Job(2, "ptq4dit-official-w4a8-20k", 250, OFFICIAL_20K, backend="cuda"))
     if "official-250" in names:
-        jobs += [Job(1, r, 250, f, backend="cuda") for r, f in OFFICIAL.items()]
+        jobs += [
+            Job(1 if r.startswith("ptq4dit-official") else 3, r, 250, f, backend="cuda")
+            for r, f in OFFICIAL.items()
+        ]
         jobs.append(Job(2, "ptq4dit-blocks-pct-w8a8", 50, OFFICIAL["ptq4dit-blocks-pct-w8a8"]))
     if "w4a4-250" in names:
         jobs += [Job(p, r, steps, W4A4[r], backend="cuda") for p, r, steps in W4A4_250]
@@ -205,6 +216,7 @@ class Queue:
             "--vae",
             "none",
             *job.flags.split(),
+            *self.args.quantize_flags.split(),
             "--device",
             self.args.device,
             "--quiet",
@@ -347,6 +359,9 @@ def main() -> None:
         help="results of an earlier run (RUN/eval_ddpmN.json): those jobs are not run again",
     )
     parser.add_argument("--device", default="cuda", help="cuda (one GPU per worker) or cpu")
+    parser.add_argument(
+        "--quantize-flags", default="", help="appended to every job's ditq quantize flags"
+    )
     parser.add_argument("--eval-only", action="store_true", help="only evaluate existing samples")
     args = parser.parse_args()
     queue = Queue(args)

@@ -14,7 +14,10 @@
 # TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
 # both are done, so that the two times are measured with the GPU alone. KCHECK=1: ship1
-# first runs benchmarks/kernels_check.py (real kernels against the simulated layers).
+# first runs benchmarks/kernels_check.py (real kernels against the simulated layers), detached
+# next to the queue. RECON_AB=ITERS: ship1 times PTQ4DiT W4A8 with ITERS reconstruction
+# iterations per unit on a random testbed-shaped model, eager and compiled, the GPU alone.
+# QFLAGS: appended to every quantize command of the queue (e.g. "--recon-compile off").
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -34,15 +37,18 @@ queue() {
   local done=(); [ -d $MEASURED ] && [ "${PLAN:-official}" = official ] && done=(--results $MEASURED)
   setsid nohup python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt \
     --out $D/matrix --gpus ${QUEUE_GPUS:-${GPUS:-0,0,0}} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth \
-    --steps "${STEPS:-50,250}" "${done[@]}" "$@" >> $D/queue.log 2>&1 < /dev/null &
+    --steps "${STEPS:-50,250}" --quantize-flags "${QFLAGS:-}" "${done[@]}" "$@" \
+    >> $D/queue.log 2>&1 < /dev/null &
 }
 case $stage in
 ship1)
   mkdir -p $D && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks $D/code/
   cp .carry/ckpt.part.aa .carry/inception.part.aa $D/
   python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D
-  if [ "${KCHECK:-0}" = 1 ]; then  # the real kernels against the simulated layers first
-    python $D/code/benchmarks/kernels_check.py $D/kernels_check.json 2>&1 | tail -n 40
+  if [ -n "${RECON_AB:-}" ]; then  # reconstruction eager vs compiled, the GPU alone
+    ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '$RECON_AB', "recon_compile": '
+    python $D/code/benchmarks/calibration_time.py --shape testbed --quiet \
+      --method "$ptq4dit\"off\"}" --method "$ptq4dit\"on\"}" --out $D/timing_recon_ab.json
   fi
   if [ "${TIMING:-0}" = 1 ]; then
     setsid nohup python $D/code/benchmarks/calibration_time.py --shape DiT-XL/2@256 \
@@ -60,14 +66,19 @@ ship2)
       > /dev/null 2>&1 < /dev/null &
     QUEUE_GPUS=$(echo "${GPUS:-0,0,0}" | sed "s|\([0-9]\)|\1:$D/timing.done|g")
   fi
-  queue; sleep "${SLEEP:-30}"; progress; cat $D/timing.log 2>/dev/null | tail -n 5 ;;
+  queue
+  if [ "${KCHECK:-0}" = 1 ]; then  # the real kernels against the simulated layers
+    setsid nohup python $D/code/benchmarks/kernels_check.py $D/kernels_check.json \
+      > $D/kernels_check.log 2>&1 < /dev/null &
+  fi
+  sleep "${SLEEP:-30}"; progress; cat $D/timing.log 2>/dev/null | tail -n 5 ;;
 ref)
   cp .carry3/cifar_train.npz $D/
   python -m ditq eval --build-ref $D/cifar_train.npz --inception-weights $D/inception.pth \
     --out $D/ref.npz --device cuda --batch-size 500 --quiet
   ls -la $D; progress ;;
 wait)
-  sleep "${SLEEP:-500}"; progress; tail -n 3 $D/timing.log 2>/dev/null ;;
+  sleep "${SLEEP:-500}"; progress; tail -n 3 $D/timing.log $D/kernels_check.log 2>/dev/null ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
@@ -77,7 +88,7 @@ finish)
   progress
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
-  cp $D/timing* $D/kernels_check.json $OUT/ 2>/dev/null
+  cp $D/timing* $D/kernels_check.json $D/kernels_check.log $OUT/ 2>/dev/null
   tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
   cat $D/report.log | head -n 40 ;;
 esac
