@@ -9,7 +9,8 @@ unfused MLP of ``convert_model(..., fuse_mlp=False)``), comparing the real kerne
 with the simulated layer (fp32) on the same inputs: relative error ‖out − ref‖ / ‖ref‖
 and a NaN check, with the allocator's memory poisoned with NaN first so that an output
 the kernel forgets to write shows up. Also the ``model.safetensors`` sizes of DiT-XL/2
-(random weights, RTN) at W8 and W4 next to FP32 and BF16. A failing check is recorded and
+(random weights, RTN) at W8 and W4 next to FP32 and BF16. Quantized attention (the fused
+kernel) on DiT-XL/2-shaped q, k, v and in whole models. A failing check is recorded and
 the script goes on; the table is printed last and everything is written to OUT.json.
 """
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
@@ -28,10 +30,13 @@ import ditq
 from ditq import load_model
 from ditq.eval.speed import denoiser_inputs, quantize_random
 from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
+from ditq.kernels.attention import FusedQuantAttention
 from ditq.methods import RTNConfig
+from ditq.models.adapter import MATMUL_POINTS, explicit_attention
 from ditq.models.dit import DiT, DiTConfig, config_for
 from ditq.pipeline.checkpoint import WEIGHTS
 from ditq.quant.layers import QuantLinear
+from ditq.quant.quantizer import Quantizer
 
 FORMATS = {
     "w8a8-int-static-asym": dict(wbits=8, abits=8),
@@ -66,9 +71,16 @@ FORMATS = {
     ),
 }
 UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
+"""Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
 INT4_FORMATS = tuple(name for name, config in FORMATS.items() if config["wbits"] == 4)
 """Formats also checked with the int4 weights read packed by the GEMM (``int4_in_kernel``)."""
-"""Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
+ATTENTION_FORMATS = {
+    "w8a8-attn8-static-asym": dict(wbits=8, abits=8, attn_bits=8),
+    "w8a8-attn8-static-sym": dict(wbits=8, abits=8, attn_bits=8, a_symmetric=True),
+    "w8a8-attn8-dynamic": dict(wbits=8, abits=8, attn_bits=8, a_dynamic=True),
+}
+"""Whole models with quantized attention matmuls (PTQ4DiT's ``--attn-bits 8``): the fused
+attention kernel; the same specs on DiT-XL/2-shaped q, k, v alone."""
 XL_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 TOKENS = 2 * 256  # one guided DiT-XL/2 256 px sample
 
@@ -121,7 +133,7 @@ def check_model(
 ) -> dict:
     simulated = quantize_random(
         _copy(base, device),
-        RTNConfig(**FORMATS[fmt]),
+        RTNConfig(**{**FORMATS, **ATTENTION_FORMATS}[fmt]),
         denoiser_inputs(base, 2, device, torch.float32),
     )
     inputs = denoiser_inputs(base, 4, device, torch.float32)
@@ -132,7 +144,29 @@ def check_model(
     kinds = sorted({m.kind for m in real.modules() if isinstance(m, RealQuantLinear)})
     if any(isinstance(m, FusedQuantMlp) for m in real.modules()):
         kinds.append("fused-mlp")
+    if any(isinstance(m, FusedQuantAttention) for m in real.modules()):
+        kinds.append("fused-attention")
     return {"kind": ",".join(kinds), **rel_error(out, ref)}
+
+
+@torch.no_grad()
+def check_attention(fmt: str, device: str) -> dict:
+    """The fused kernel on DiT-XL/2 256 px attention inputs (4 guided samples, 16 heads,
+    256 tokens, head dim 72) against the simulated explicit matmuls in fp32."""
+    spec = RTNConfig(**ATTENTION_FORMATS[fmt]).attention_spec()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 16, 256, 72, device=device) * s for s in (1.0, 3.0, 0.5))
+    q, k, v = (x.bfloat16().float() for x in (q, k, v))
+    attn = SimpleNamespace(**{point: Quantizer(spec).to(device) for point in MATMUL_POINTS})
+    if not spec.dynamic:
+        for point, x in zip(MATMUL_POINTS[:3], (q, k, v), strict=True):
+            getattr(attn, point).find_params(x)
+        attn.attn_act.find_params(((q * 72**-0.5) @ k.transpose(-2, -1)).softmax(-1))
+    ref = explicit_attention(attn, q, k, v, 72**-0.5)
+    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
+    poison(device)
+    out = explicit_attention(attn, q.bfloat16(), k.bfloat16(), v.bfloat16(), 72**-0.5)
+    return {"kind": "attention", **rel_error(out, ref)}
 
 
 def _copy(model: torch.nn.Module, device: str) -> torch.nn.Module:
@@ -182,6 +216,8 @@ def main(out_path: str) -> None:
             fmt,
             lambda f=fmt: check_layer(f, (4608, 1152), True, device),
         )
+    for fmt in ATTENTION_FORMATS:
+        record("XL attention (8, 16, 256, 72)", fmt, lambda f=fmt: check_attention(f, device))
     models = {
         "tiny": DiT(DiTConfig(depth=2, hidden_size=256, num_heads=4, input_size=8, in_channels=4))
     }
@@ -191,6 +227,8 @@ def main(out_path: str) -> None:
     for name, base in models.items():
         base.eval()
         for fmt in FORMATS:
+            record(f"model {name}", fmt, lambda f=fmt, b=base: check_model(f, b, device))
+        for fmt in ATTENTION_FORMATS:
             record(f"model {name}", fmt, lambda f=fmt, b=base: check_model(f, b, device))
         for fmt in UNFUSED_MLP_FORMATS:
             record(

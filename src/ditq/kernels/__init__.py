@@ -3,7 +3,8 @@
 ``backend="simulated"`` runs the fake-quantized model as calibrated; ``backend="cuda"``
 swaps every packed ``QuantLinear`` for a :class:`RealQuantLinear` (``ditq.kernels.linear``
 documents the formats and kernels). A converted model also runs on the CPU, through
-the dequantize-then-matmul path. Attention matmul quantizers stay simulated.
+the dequantize-then-matmul path. Quantized attention matmuls run as one fused kernel
+(``ditq.kernels.attention``).
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import DitqError
+from ditq.kernels.attention import fuse_attention
 from ditq.quant.hadamard import rotate
 from ditq.quant.layers import QuantLinear
 from ditq.quant.packing import unpack_int4
@@ -638,8 +639,9 @@ def convert_model(
 ) -> nn.Module:
     """Replace every packed ``QuantLinear`` of ``model`` (in place) by its
     ``RealQuantLinear``; returns ``model``. Layers whose weight is not quantized stay
-    simulated, as do layers without a kernel (:func:`has_kernel`, named in a warning) and
-    the attention matmul quantizers. Warns when some layers have a
+    simulated, as do layers without a kernel (:func:`has_kernel`, named in a warning).
+    Quantized attention matmuls run fused (:func:`ditq.kernels.attention.fuse_attention`;
+    formats it does not take stay simulated, named in a warning). Warns when some layers have a
     format without a GPU kernel (``reference``: they dequantize, then matmul).
     ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (on an H200 at
     DiT-XL/2 batch 64: 1.14x BF16 instead of 1.03x for PTQ4DiT's W8A8 format).
@@ -672,6 +674,14 @@ def convert_model(
             f"{len(simulated)} layers stay simulated (no kernel quantizes their activations), "
             f"e.g. {simulated[0]}; real kernels take per-tensor, per-token or dynamic per-group "
             "activation ranges",
+            stacklevel=2,
+        )
+    attention_left = fuse_attention(model)
+    if attention_left:
+        warnings.warn(
+            f"{len(attention_left)} attentions keep simulated matmuls (the fused kernel takes "
+            f"int q, k, v and P of one spec, per tensor, at most 8 bits), e.g. "
+            f"{attention_left[0]}",
             stacklevel=2,
         )
     if fuse_mlp:

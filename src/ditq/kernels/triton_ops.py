@@ -46,6 +46,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ditq.quant.quantizer import compute_qparams
+from ditq.quant.spec import integer_range
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton < 3.4: no host-side tensor descriptors, no TMA configurations
@@ -467,6 +470,110 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     )
 
 
+@triton.jit
+def _attention_codes(
+    ptr, offs_n, offs_d, stride_n, stride_d, N, D, qparams_ptr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr,
+):  # fmt: skip
+    """A (rows, BLOCK_D) tile of q, k or v as ``clamp(round(x / s) + z) - z``: integers of
+    at most 9 bits, exact in BF16 (0 outside the tensor)."""
+    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    offs = offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(qparams_ptr)
+    zero = tl.load(qparams_ptr + 1)
+    return tl.where(mask, _codes(x, scale, zero, QMIN, QMAX, 0) - zero, 0.0)
+
+
+@triton.jit
+def _attention_scores(
+    cq, k_ptr, offs_n, offs_d, stride_n, stride_d, Nk, D, qparams_ptr, alpha,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Scores of a query tile against keys ``offs_n``: ``alpha · Σ_d cq ck`` (the integer
+    dot is exact in fp32), -inf for keys past ``Nk``."""
+    ck = _attention_codes(
+        k_ptr, offs_n, offs_d, stride_n, stride_d, Nk, D, qparams_ptr + 2, QMIN, QMAX
+    )
+    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha
+    return tl.where((offs_n < Nk)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _attention_stats_kernel(
+    q_ptr, k_ptr, qparams_ptr, m_ptr, l_ptr, softmax_scale, Nq, Nk, D, H,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 of the quantized attention: each query row's score maximum m and softmax
+    denominator l = Σ exp(s - m) (online over key tiles)."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    cq = _attention_codes(q_base, offs_m, offs_d, sq_n, sq_d, Nq, D, qparams_ptr, QMIN, QMAX)
+    alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
+    k_base = k_ptr + b * sk_b + h * sk_h
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, Nk, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        s = _attention_scores(
+            cq, k_base, offs_n, offs_d, sk_n, sk_d, Nk, D, qparams_ptr, alpha, QMIN, QMAX, DOT
+        )
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    rows = offs_m < Nq
+    tl.store(m_ptr + bh * Nq + offs_m, m, mask=rows)
+    tl.store(l_ptr + bh * Nq + offs_m, l, mask=rows)
+
+
+@triton.jit
+def _attention_out_kernel(
+    q_ptr, k_ptr, v_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, out_ptr, softmax_scale,
+    Nq, Nk, D, H,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_n, so_d,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Pass 2: P = exp(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m < Nq
+    q_base = q_ptr + b * sq_b + h * sq_h
+    cq = _attention_codes(q_base, offs_m, offs_d, sq_n, sq_d, Nq, D, qparams_ptr, QMIN, QMAX)
+    alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
+    m = tl.load(m_ptr + bh * Nq + offs_m, mask=rows, other=0.0)
+    l = tl.load(l_ptr + bh * Nq + offs_m, mask=rows, other=1.0)
+    p_scale = tl.load(p_qparams_ptr)
+    p_zero = tl.load(p_qparams_ptr + 1)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, Nk, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        s = _attention_scores(
+            cq, k_base, offs_n, offs_d, sk_n, sk_d, Nk, D, qparams_ptr, alpha, QMIN, QMAX, DOT
+        )
+        p = tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None])
+        cp = _codes(p, p_scale, p_zero, QMIN, QMAX, 0) - p_zero
+        cp = tl.where((offs_n < Nk)[None, :], cp, 0.0)
+        cv = _attention_codes(
+            v_base, offs_n, offs_d, sv_n, sv_d, Nk, D, qparams_ptr + 4, QMIN, QMAX
+        )
+        acc += tl.dot(cp.to(DOT), cv.to(DOT), out_dtype=tl.float32)
+    out = acc * (p_scale * tl.load(qparams_ptr + 4))
+    offs = offs_m[:, None] * so_n + offs_d[None, :] * so_d
+    mask = rows[:, None] & (offs_d < D)[None, :]
+    tl.store(out_ptr + b * so_b + h * so_h + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=like.device, dtype=torch.float32)
 
@@ -670,3 +777,52 @@ def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowra
       gate=None, packed_int4=False):  # fmt: skip
     dtype = torch.int8 if next_qparams is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("ditq::quant_attention", mutates_args=())
+def quant_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qkv_qparams: torch.Tensor,
+    p_qparams: torch.Tensor | None,
+    softmax_scale: float,
+    bits: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """Attention with quantized matmul inputs, fused: q (B, H, Nq, D), k and v (B, H, Nk,
+    D) in any strides; ``qkv_qparams`` = [Δq, zq, Δk, zk, Δv, zv] (fp32, on the device);
+    ``p_qparams`` = [Δp, zp], or None for P's dynamic per-tensor range (from the row
+    denominators of pass 1: max P = max 1 / l, min P ≥ 0). Two passes over the keys, no
+    score matrix in memory; output (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = torch.empty((B, Nq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    if not B * H * Nq:
+        return out
+    qmin, qmax = integer_range(bits, symmetric)
+    stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
+    block_m, block_n = (16, 16) if INTERPRETED else (64, 64)
+    meta = dict(
+        QMIN=qmin, QMAX=qmax, DOT=_DOT_DTYPE, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )  # fmt: skip
+    grid = (triton.cdiv(Nq, block_m), B * H)
+    _attention_stats_kernel[grid](
+        q, k, qkv_qparams, stats[0], stats[1], softmax_scale, Nq, Nk, D, H,
+        *q.stride(), *k.stride(), **meta,
+    )  # fmt: skip
+    if p_qparams is None:
+        p_max = stats[1].reciprocal().amax().reshape(1, 1)
+        p_qparams = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
+    _attention_out_kernel[grid](
+        q, k, v, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], out, softmax_scale,
+        Nq, Nk, D, H, *q.stride(), *k.stride(), *v.stride(), *out.stride(), **meta,
+    )  # fmt: skip
+    return out
+
+
+@quant_attention.register_fake
+def _(q, k, v, qkv_qparams, p_qparams, softmax_scale, bits, symmetric):
+    B, H, Nq, D = q.shape
+    return q.new_empty((B, Nq, H, D)).transpose(1, 2)

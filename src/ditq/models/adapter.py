@@ -39,6 +39,28 @@ MATMUL_POINTS = ("q_act", "k_act", "v_act", "attn_act")
 (softmax output, v); they run when its ``explicit_matmuls`` is set."""
 
 
+def explicit_attention(
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``attn_act(softmax((q_act(q) · scale) k_act(k)ᵀ + mask)) · v_act(v)`` for q, k, v of
+    shape (B, H, N, D): the explicit matmuls of a quantizable attention module, or its
+    ``fused_matmuls`` (a kernel that quantizes and multiplies in one, set by the ``cuda``
+    backend) when it has one that runs on q's device and there is no mask."""
+    fused = getattr(attn, "fused_matmuls", None)
+    if fused is not None and mask is None and fused.runs_on(q.device):
+        return fused(q, k, v, scale)
+    q, k, v = attn.q_act(q), attn.k_act(k), attn.v_act(v)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores + mask
+    return attn.attn_act(scores.softmax(dim=-1)) @ v
+
+
 @dataclass(frozen=True)
 class AdaLNFold:
     """The input is ``modulate(norm(x), shift, scale)`` with shift and scale chunks

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import DitqError
-from ditq.models.adapter import ModelAdapter
+from ditq.models.adapter import ModelAdapter, explicit_attention
 from ditq.models.dit import DiTConfig
 
 PREFIX = "transformer"  # the wrapped diffusers module's attribute name
@@ -65,11 +65,7 @@ class QuantizableAttnProcessor:
         q = split(attn.to_q(hidden_states))
         k, v = split(attn.to_k(context)), split(attn.to_v(context))
         if attn.explicit_matmuls:
-            q, k, v = attn.q_act(q), attn.k_act(k), attn.v_act(v)
-            scores = (q * attn.scale) @ k.transpose(-2, -1)
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            out = attn.attn_act(scores.softmax(dim=-1)) @ v
+            out = explicit_attention(attn, q, k, v, attn.scale, attention_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import DitqError
+from ditq.models.adapter import explicit_attention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,9 +163,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.explicit_matmuls:
-            q, k, v = self.q_act(q), self.k_act(k), self.v_act(v)
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            out = self.attn_act(attn) @ v
+            out = explicit_attention(self, q, k, v, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(B, N, C)

@@ -1,0 +1,91 @@
+"""Quantized attention on the ``cuda`` backend: Q·Kᵀ, softmax and P·V in one fused Triton
+kernel (``triton_ops.quant_attention``) in place of a quantizable attention's explicit
+matmuls (``ditq.models.adapter.explicit_attention``), which otherwise run simulated: four
+fake-quantizations around two matmuls, with the (B, H, N, N) score and probability
+matrices in memory.
+
+The kernel reads q, k, v in BF16, quantizes them to integer codes in registers and
+multiplies the codes minus their zero points (integers of at most 9 bits, exact as BF16
+operands, summed exactly in fp32) on BF16 tensor cores; a first pass over the keys finds
+each query row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l
+with P's range and multiplies it with v's codes. The same arithmetic as the simulated
+attention in fp32 up to the order of float operations (the scales multiply the integer
+dots instead of each operand). Taken: the four matmul inputs of one int spec, at most 8
+bits, per tensor, static (calibrated) or dynamic; masked (cross-)attention and other
+formats stay simulated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditq.kernels.triton_ops import INTERPRETED, quant_attention
+from ditq.models.adapter import MATMUL_POINTS
+from ditq.quant.quantizer import MIN_SCALE, Quantizer, find_range, qparams_from_range
+from ditq.quant.spec import PerTensor, QuantSpec
+
+
+def fusable(quantizers: list[nn.Module]) -> bool:
+    """Whether the four matmul quantizers (``MATMUL_POINTS`` order) can run fused."""
+    if not all(isinstance(q, Quantizer) and q.spec.enabled for q in quantizers):
+        return False
+    spec = quantizers[0].spec
+    same = all(q.spec == spec for q in quantizers)
+    calibrated = spec.dynamic or all(q.calibrated for q in quantizers)
+    int_tensor = spec.fmt == "int" and spec.bits <= 8 and isinstance(spec.granularity, PerTensor)
+    return same and calibrated and int_tensor
+
+
+class FusedQuantAttention(nn.Module):
+    """The ``fused_matmuls`` of one attention module: its quantizers' spec and static
+    ranges, kept as fp32 tensors outside the module's buffers (the state dict is unchanged,
+    and ``model.to(torch.bfloat16)`` does not round them)."""
+
+    def __init__(self, quantizers: list[Quantizer]) -> None:
+        super().__init__()
+        self.spec: QuantSpec = quantizers[0].spec
+        self.qkv_qparams = self.p_qparams = None
+        if not self.spec.dynamic:
+            qparams = [
+                torch.stack([q.scale.clamp(min=MIN_SCALE).reshape(()), q.zero_point.reshape(())])
+                for q in quantizers
+            ]
+            self.qkv_qparams = torch.cat(qparams[:3]).float()
+            self.p_qparams = qparams[3].float()
+
+    @staticmethod
+    def runs_on(device: torch.device) -> bool:
+        """The kernel runs on CUDA tensors (and on CPU ones in the Triton interpreter)."""
+        return device.type == "cuda" or INTERPRETED
+
+    def _dynamic_qparams(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(qparams_from_range(*find_range(x, self.spec), self.spec)).reshape(2)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """The attention output (B, H, Nq, D) of q (B, H, Nq, D), k and v (B, H, Nk, D)."""
+        if self.spec.dynamic:
+            qkv = torch.cat([self._dynamic_qparams(x) for x in (q, k, v)]).float()
+            p_qparams = None
+        else:  # moved with the inputs if the model moved after conversion
+            qkv, p_qparams = self.qkv_qparams.to(q.device), self.p_qparams.to(q.device)
+        return quant_attention(
+            q, k, v, qkv, p_qparams, float(scale), self.spec.bits, self.spec.symmetric
+        )
+
+
+def fuse_attention(model: nn.Module) -> list[str]:
+    """Give every attention of ``model`` that runs quantized matmuls a
+    :class:`FusedQuantAttention` (in place); returns the names of those left simulated."""
+    left = []
+    for name, module in model.named_modules():
+        if not getattr(module, "explicit_matmuls", False):
+            continue
+        quantizers = [getattr(module, point) for point in MATMUL_POINTS]
+        if fusable(quantizers):
+            module.fused_matmuls = FusedQuantAttention(quantizers)
+        elif any(isinstance(q, Quantizer) and q.spec.enabled for q in quantizers):
+            left.append(f"{name} ({quantizers[0].spec.describe()})")
+    return left
