@@ -5,6 +5,9 @@
 # parts each (split -n 2) and CIFAR-10 alone; jobs run detached under /tmp/dq.
 #
 #   stage ship1  (carry .carry:  ckpt.part.aa, inception.part.aa)
+#   stage models (carry .carry4: RUN/ directories quantized in an earlier lease) puts them
+#                in the queue's output so that they are sampled without calibrating again;
+#                before ship2
 #   stage ship2  (carry .carry2: ckpt.part.ab, inception.part.ab) starts the queue: three
 #                workers on GPU 0 quantize and sample while the reference is missing; the
 #                jobs measured in benchmarks/results/matrix_official_h100 are skipped
@@ -72,6 +75,8 @@ ship2)
       > $D/kernels_check.log 2>&1 < /dev/null &
   fi
   sleep "${SLEEP:-30}"; progress; cat $D/timing.log 2>/dev/null | tail -n 5 ;;
+models)
+  mkdir -p $D/matrix && cp -r .carry4/* $D/matrix/ && ls -la $D/matrix/* ;;
 ref)
   cp .carry3/cifar_train.npz $D/
   python -m ditq eval --build-ref $D/cifar_train.npz --inception-weights $D/inception.pth \
