@@ -11,7 +11,9 @@ samples; ``--eval-only`` evaluates what was sampled before the statistics existe
 Every step is skipped when its output exists, so the queue can be stopped and started
 again, and ``--results DIR`` drops the jobs whose ``eval_ddpmN.json`` an earlier lease
 left in DIR; ``status.json`` records each job's command, wall time and outcome, and the logs are
-in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if that fails.
+in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if that fails;
+a job on the real kernels (``--backend cuda``) that fails both ways samples the simulated
+model instead (its command in ``status.json`` says so).
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
@@ -268,7 +270,14 @@ class Queue:
             str(samples),
         ]
         key = f"{job.run}.ddpm{job.steps}.sample"
-        return self.execute(key, [*command, "--compile"], gpu) or self.execute(key, command, gpu)
+        if self.execute(key, [*command, "--compile"], gpu) or self.execute(key, command, gpu):
+            return True
+        if job.backend == "simulated":
+            return False
+        # the real kernels failed: the simulated model's samples (status.json says which ran)
+        simulated = [*command[: command.index("--backend") + 1], "simulated"]
+        simulated += command[command.index("--backend") + 2 :]
+        return self.execute(key, [*simulated, "--compile"], gpu)
 
     def evaluate(self, job: Job, gpu: str) -> bool:
         directory = self.out / job.run
