@@ -18,7 +18,8 @@ values, see :mod:`ditq.quant.adaround`) and the learned step sizes are frozen in
 
 A block's step (forward, loss and backward) is small next to the cost of launching its
 hundreds of element-wise kernels, so on a GPU it runs through ``torch.compile``
-(``compile``); the blocks of a model share one compiled graph, the Adam updates are fused.
+(``compile``); the blocks of a model share the compiled graphs (one with the rounding
+regularizer, one without), and the Adam updates are fused.
 The official code runs eagerly; the compiled step computes the same loss up to float
 rounding (tested against the eager one).
 """
