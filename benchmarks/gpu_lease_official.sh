@@ -13,6 +13,9 @@
 #                jobs measured in benchmarks/results/matrix_official_h100 are skipped
 #   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
 #   stage wait   sleep, then show progress
+#   stage bench  once the queue's jobs are done, the GPU alone: ditq bench of the fused
+#                quantized attention (w8a8-attn8) against the same W8A8 with BF16 attention
+#                and BF16 compiled, DiT-XL/2 256 px batch 64, with the kernel profile
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
 # TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
@@ -84,6 +87,11 @@ ref)
   ls -la $D; progress ;;
 wait)
   sleep "${SLEEP:-500}"; progress; tail -n 3 $D/timing.log $D/kernels_check.log 2>/dev/null ;;
+bench)
+  pgrep -f "[f]id_queue.py|[k]ernels_check.py" > /dev/null && { echo "GPU busy: not timed"; progress; exit 1; }
+  timeout "${BENCH_S:-400}" python -m ditq bench --shapes DiT-XL/2@256 --batches 64 --steps 0 \
+    --variants bf16-compile,w8a8-static-symw,w8a8-attn8 --iters 30 --profile --out $D/bench_attn
+  cp $D/bench_attn/bench.json $OUT/bench_attn.json; cat $D/bench_attn/bench.md ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
@@ -93,7 +101,7 @@ finish)
   progress
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
-  cp $D/timing* $D/kernels_check.json $D/kernels_check.log $OUT/ 2>/dev/null
+  cp $D/timing* $D/bench_attn/bench.json $D/kernels_check.json $D/kernels_check.log $OUT/ 2>/dev/null
   tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
   cat $D/report.log | head -n 40 ;;
 esac

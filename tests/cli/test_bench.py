@@ -161,6 +161,25 @@ def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
     assert rows["w4a8-all"]["memory_bytes"] < rows["w4a8-channel"]["memory_bytes"]
 
 
+def test_bench_w8a8_attn8_runs_the_fused_attention_kernel(tmp_path):
+    path = tmp_path / "tiny.pt"
+    model = tiny_dit()
+    torch.save(model.state_dict(), path)
+    args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
+    args += ["--steps", "0", "--variants", "w8a8-static-symw,w8a8-attn8", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    rows = {
+        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    }
+    blocks = len(model.blocks)
+    assert rows["w8a8-static-symw"]["kernels"] == {"int": 4 * blocks, "fused-mlp": blocks}
+    assert rows["w8a8-attn8"]["kernels"] == {
+        "int": 4 * blocks,
+        "fused-mlp": blocks,
+        "fused-attention": blocks,
+    }
+
+
 def test_testbed_shape_is_the_shared_checkpoint_architecture():
     from ditq import load_model
     from ditq.eval.speed import shape_model

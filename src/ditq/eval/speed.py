@@ -28,6 +28,7 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
 from ditq.kernels import FusedQuantMlp, RealQuantLinear, compile_blocks, convert_model
+from ditq.kernels.attention import FusedQuantAttention
 from ditq.methods.rtn import RTNConfig
 from ditq.models.adapter import adapter_for
 from ditq.models.diffusers_pixart import DiffusersPixArt
@@ -40,6 +41,7 @@ QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "sim-w8a8": dict(wbits=8, abits=8),
     "w8a8-static": dict(wbits=8, abits=8),
     "w8a8-static-symw": dict(wbits=8, abits=8, w_symmetric=True),
+    "w8a8-attn8": dict(wbits=8, abits=8, w_symmetric=True, attn_bits=8),
     "w8a8-dynamic": dict(
         wbits=8, abits=8, w_symmetric=True, a_symmetric=True, a_granularity="token", a_dynamic=True
     ),
@@ -65,7 +67,9 @@ QUANT_CONFIGS: dict[str, dict[str, Any]] = {
 """RTN configurations of the quantized variants (``w_group_size``: 128, or 32 when 128
 does not divide the width). Weights are asymmetric per output channel unless noted
 (``symw``: symmetric, which spares the activation code sums), activations 8-bit static
-per tensor unless noted; ``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128.
+per tensor unless noted, attention matmuls in BF16 (SDPA) except ``w8a8-attn8``'s (8-bit
+static, PTQ4DiT's ``--attn-bits 8``: the fused quantized attention kernel);
+``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128.
 Block linears only, except ``w4a8-all``: ``w4a8-channel`` on the adaLN and final linears too
 (a third of DiT-XL/2's parameters are adaLN's)."""
 TORCHAO = ("torchao-int8dyn", "torchao-fp8row")
@@ -219,9 +223,13 @@ def build_variant(
             convert_model(model, fuse_mlp=fuse_mlp, int4_in_kernel=int4_in_kernel)
             kinds = Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear))
             info["kernels"] = dict(kinds)
-            fused = sum(isinstance(m, FusedQuantMlp) for m in model.modules())
-            if fused:
-                info["kernels"]["fused-mlp"] = fused
+            for kind, fused in (
+                ("fused-mlp", FusedQuantMlp),
+                ("fused-attention", FusedQuantAttention),
+            ):
+                count = sum(isinstance(m, fused) for m in model.modules())
+                if count:
+                    info["kernels"][kind] = count
         cast_unquantized(model, torch.bfloat16)
     else:
         model.to(torch.bfloat16)

@@ -643,10 +643,9 @@ def convert_model(
     Quantized attention matmuls run fused (:func:`ditq.kernels.attention.fuse_attention`;
     formats it does not take stay simulated, named in a warning). Warns when some layers have a
     format without a GPU kernel (``reference``: they dequantize, then matmul).
-    ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (on an H200 at
-    DiT-XL/2 batch 64: 1.14x BF16 instead of 1.03x for PTQ4DiT's W8A8 format).
-    ``int4_in_kernel`` has the GEMM read packed int4 weights itself (K blocks of at least
-    64; not yet timed against the default per-call unpacking on a GPU)."""
+    ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (timed in
+    RESULTS.md, "Speed and memory"). ``int4_in_kernel`` has the GEMM read packed int4
+    weights itself (K blocks of at least 64)."""
     slow, simulated = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:

@@ -21,9 +21,9 @@ them as opaque calls and fuses the BF16 code around them:
   and added to an fp32 accumulator; activations with a range per group (BLOCK_K = their
   group, the weight tables laid out per that group) scale it by their own group's scale
   too. Packed int4 weights are unpacked to int8 codes by the
-  caller first by default (one small elementwise kernel per call: on an H200 nibbles
-  interleaved back into int8 tiles inside this kernel made it 1.8x slower than reading
-  int8 codes, see ``benchmarks/RESULTS.md``); ``packed_int4`` reads the bytes instead and
+  caller first by default (one small elementwise kernel per call: nibbles interleaved
+  back into int8 tiles inside this kernel were slower than reading int8 codes, see
+  ``benchmarks/RESULTS.md``); ``packed_int4`` reads the bytes instead and
   runs each K block as two dots, over the even and the odd input channels, with no
   interleaving (``convert_model(int4_in_kernel=True)``, ``ditq bench --int4-in-kernel``; not
   yet timed). Tile sizes are autotuned per (M, N, K) on the GPU among the
@@ -400,8 +400,8 @@ TUNED_TILES = {
 one program per tile; TMA: operands loaded by the copy engine through tensor descriptors,
 per-channel weights only): the winners of ``benchmarks/gemm_sweep.py --sweep`` on an H200
 at DiT-XL/2 sizes and 512-32768 tokens. At 32,768 tokens TMA loads with 5 stages, or two
-persistent programs per multiprocessor, ran 5-12 % faster than the best pointer-loaded
-tile; one persistent program per multiprocessor ran 1.7x slower (``benchmarks/RESULTS.md``)."""
+persistent programs per multiprocessor, beat the best pointer-loaded tile; one persistent
+program per multiprocessor was slower (``benchmarks/RESULTS.md``: ``gemm_sweep.py --sweep``)."""
 
 
 def _set_block_shapes(nargs: dict) -> None:
