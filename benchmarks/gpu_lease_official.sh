@@ -22,7 +22,8 @@
 # both are done, so that the two times are measured with the GPU alone. KCHECK=1: ship1
 # first runs benchmarks/kernels_check.py (real kernels against the simulated layers), detached
 # next to the queue. RECON_AB=ITERS: ship1 times PTQ4DiT W4A8 with ITERS reconstruction
-# iterations per unit on a random testbed-shaped model, eager and compiled, the GPU alone.
+# iterations per unit on a random testbed-shaped model, the GPU alone, with each
+# --recon-compile mode of RECON_MODES (default "off on"; e.g. "on graphs").
 # QFLAGS: appended to every quantize command of the queue (e.g. "--recon-compile off").
 set -uo pipefail
 stage=$1
@@ -51,10 +52,11 @@ ship1)
   mkdir -p $D && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks $D/code/
   cp .carry/ckpt.part.aa .carry/inception.part.aa $D/
   python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D
-  if [ -n "${RECON_AB:-}" ]; then  # reconstruction eager vs compiled, the GPU alone
+  if [ -n "${RECON_AB:-}" ]; then  # reconstruction step modes (--recon-compile), the GPU alone
     ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '$RECON_AB', "recon_compile": '
-    python $D/code/benchmarks/calibration_time.py --shape testbed --quiet \
-      --method "$ptq4dit\"off\"}" --method "$ptq4dit\"on\"}" --out $D/timing_recon_ab.json
+    methods=(); for mode in ${RECON_MODES:-off on}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
+    python $D/code/benchmarks/calibration_time.py --shape testbed --quiet "${methods[@]}" \
+      --out $D/timing_recon_ab.json
   fi
   if [ "${TIMING:-0}" = 1 ]; then
     setsid nohup python $D/code/benchmarks/calibration_time.py --shape DiT-XL/2@256 \

@@ -176,7 +176,7 @@ def test_saved_calibration_set_is_reused_and_checked(model_args, tmp_path, capsy
         (["--method", "rtn", "--recon-iters", "5"], "--recon-iters is a setting of ptq4dit"),
         (
             ["--method", "ptq4dit", "--recon-compile", "yes"],
-            "--recon-compile 'yes' is not known; choose one of auto, on, off",
+            "--recon-compile 'yes' is not known; choose one of auto, on, graphs, off",
         ),
         (
             ["--method", "rtn", "--w-granularity", "channel", "--w-group-size", "16"],

@@ -12,6 +12,7 @@ from ditq.pipeline.adaround_solver import (
     ReconSettings,
     _learned_scales,
     _static_act_quantizers,
+    compiled_objective,
     minibatch_indices,
     minibatch_pools,
     pool_of_iteration,
@@ -135,10 +136,12 @@ def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib
     assert list(report["units"]) == ["blocks.0", "blocks.1"]
 
 
-def test_compiled_step_equals_the_eager_step(calib):
-    """The reconstruction step through torch.compile (on by default on a GPU) computes the
-    eager loss and the same gradients of the rounding variables and step sizes (the
-    regularized objective: both of its terms)."""
+@pytest.mark.parametrize("graphs", [False, True], ids=["compiled", "cuda-graphs-mode"])
+def test_compiled_step_equals_the_eager_step(calib, graphs):
+    """The reconstruction step through torch.compile (on by default on a GPU; on the CPU
+    the CUDA graphs mode compiles without graphs) computes the eager loss and the same
+    gradients of the rounding variables and step sizes (the regularized objective: both of
+    its terms)."""
     model, fp = _rtn(calib, depth=1), tiny_dit(depth=1)
     io = capture_block_io(model, calib, "blocks.0", progress=False)
     target = capture_block_io(fp, calib, "blocks.0", progress=False).out
@@ -154,7 +157,7 @@ def test_compiled_step_equals_the_eager_step(calib):
             rounder.V.data += 0.3 * torch.randn_like(rounder.V)
         learned = [r.V for r in rounders] + scales
         results = []
-        for objective in (unit_objective, torch.compile(unit_objective)):
+        for objective in (unit_objective, compiled_objective(graphs)):
             loss = objective(block, batch, rounders, torch.tensor(7.0), settings)
             results.append((loss.detach(), torch.autograd.grad(loss, learned)))
     (eager, eager_grads), (fast, fast_grads) = results
@@ -165,6 +168,22 @@ def test_compiled_step_equals_the_eager_step(calib):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
 
 
+def test_cuda_graphs_mode_runs_the_compiled_steps(calib):
+    """``compile="graphs"`` goes through the solver's loop (gradients cleared before each
+    step, step begins marked): on the CPU, where no graph is recorded, it learns exactly
+    what ``compile="on"`` does, and the learning moved the block's loss."""
+    fp = tiny_dit(depth=1)
+    models, reports = [], []
+    for mode in ("on", "graphs"):
+        settings = ReconSettings(iters=12, batch_size=8, weight_lr=1e-2, warmup=0.5, compile=mode)
+        models.append(_rtn(calib, depth=1))
+        reports.append(reconstruct_model(models[-1], fp, calib, settings, progress=False))
+    on, graphs = (r["units"]["blocks.0"] for r in reports)
+    assert graphs["final_loss"] == on["final_loss"] != on["initial_loss"]
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_compile_mode_selects_blocks_on_a_gpu(calib):
     model = _rtn(calib, depth=1)
     data = UnitData({"arg0": torch.zeros(2, 3)}, torch.device("cpu"), SequentialSettings(), None)
@@ -173,9 +192,14 @@ def test_compile_mode_selects_blocks_on_a_gpu(calib):
         mode: [
             AdaRoundSolver(ReconSettings(compile=mode)).compiles(u, data) for u in (block, linear)
         ]
-        for mode in ("auto", "on", "off")
+        for mode in ("auto", "on", "graphs", "off")
     }
-    assert chosen == {"auto": [False, False], "on": [True, False], "off": [False, False]}
+    assert chosen == {
+        "auto": [False, False],
+        "on": [True, False],
+        "graphs": [True, False],
+        "off": [False, False],
+    }
     data.device = torch.device("cuda")  # where its cache would be on a GPU
     assert AdaRoundSolver(ReconSettings()).compiles(block, data)
     with pytest.raises(DitqError, match="compile='fast'"):

@@ -28,7 +28,7 @@ kind           formats                                    CUDA path
 Weights stay packed in memory (int8 codes, two int4 codes per byte, FP8): the int8 or
 16-bit copies above exist only while their layer runs. At DiT-XL/2 sizes on an H200 the
 ``dequant`` path runs at BF16 GEMM speed, where a Triton kernel dequantizing in registers
-ran 15x slower (``benchmarks/RESULTS.md``).
+was much slower (``benchmarks/RESULTS.md``).
 
 The dequantizing path (every kind whenever the input is not on a CUDA device) dequantizes
 the codes and runs ``F.linear``, exactly the simulated model's arithmetic, so it matches
@@ -45,9 +45,10 @@ path adds it with two small GEMMs). A layer with an online Hadamard rotation com
 ``(x / s) H`` with torch ops first (a Walsh–Hadamard transform) and then runs as above.
 A DiT block hands ``proj`` and its MLP (``gated_residual``) the adaLN-Zero residual
 ``x + gate ⊙ y``, which the ``int`` kernel's epilogue adds, so ``y`` is never written.
-Weight layers left unquantized (``wbits=16``), layers with static per-group activation
-ranges (no kernel takes them) and the attention matmul quantizers stay simulated;
-``convert_model`` names them.
+Weight layers left unquantized (``wbits=16``) and layers with static per-group activation
+ranges (no kernel takes them) stay simulated, as do attention matmul quantizers that the
+fused attention kernel does not take (:mod:`ditq.kernels.attention`); ``convert_model``
+names them.
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ class PTQ4DiTConfig(QuantConfig):
     recon_compile: str = field(
         default="auto",
         metadata={
-            "help": "block reconstruction step through torch.compile: auto (on a GPU), on, off"
+            "help": "block reconstruction step through torch.compile: auto (on a GPU), on, "
+            "graphs (compiled and replayed as CUDA graphs on a GPU), off"
         },
     )
 

@@ -19,7 +19,9 @@ values, see :mod:`ditq.quant.adaround`) and the learned step sizes are frozen in
 A block's step (forward, loss and backward) is small next to the cost of launching its
 hundreds of element-wise kernels, so on a GPU it runs through ``torch.compile``
 (``compile``); the blocks of a model share the compiled graphs (one with the rounding
-regularizer, one without), and the Adam updates are fused.
+regularizer, one without), and the Adam updates are fused. ``compile="graphs"`` also
+replays the compiled forward and backward as CUDA graphs (``mode="reduce-overhead"``: no
+per-kernel launch cost; each block's graphs are recorded once, on its first steps).
 The official code runs eagerly; the compiled step computes the same loss up to float
 rounding (tested against the eager one).
 """
@@ -43,7 +45,7 @@ from ditq.quant.quantizer import Quantizer
 
 LOG_EVERY = 200
 """Iterations between loss updates of the progress bar (each one syncs the device)."""
-COMPILE_MODES = ("auto", "on", "off")
+COMPILE_MODES = ("auto", "on", "graphs", "off")
 
 
 @dataclass
@@ -59,7 +61,8 @@ class ReconSettings:
     once and split in ``chunks`` parts, ``iters / chunks`` steps drawing minibatches from
     each part in turn; 1: every step draws from all entries); ``seed``: shuffling and
     minibatches (unit k of the run uses ``seed + k``); ``compile``: a block's step through
-    ``torch.compile`` (``auto``: when its cached data is on a GPU; ``on``; ``off``).
+    ``torch.compile`` (``auto``: when its cached data is on a GPU; ``on``; ``graphs``:
+    compiled and replayed as CUDA graphs on a GPU; ``off``).
     """
 
     iters: int = 20000
@@ -204,7 +207,7 @@ class AdaRoundSolver:
         kernels to fuse), per ``settings.compile``."""
         mode = self.settings.compile
         on_gpu = data.device.type == "cuda"
-        return unit.is_block and (mode == "on" or (mode == "auto" and on_gpu))
+        return unit.is_block and (mode in ("on", "graphs") or (mode == "auto" and on_gpu))
 
     def _optimize(
         self, unit: UnitCall, data: UnitData, seed: int, progress: bool
@@ -214,7 +217,9 @@ class AdaRoundSolver:
         act_quantizers = _static_act_quantizers(unit.module) if settings.learn_act_scales else []
         layers = quantized_layers(unit.module).values()
         generator = torch.Generator().manual_seed(seed)
-        objective = torch.compile(unit_objective) if self.compiles(unit, data) else unit_objective
+        compiled = self.compiles(unit, data)
+        graphs = compiled and settings.compile == "graphs"
+        objective = compiled_objective(graphs) if compiled else unit_objective
         fused = data.device.type == "cuda"
         with (
             torch.enable_grad(),
@@ -241,14 +246,16 @@ class AdaRoundSolver:
                 indices = list(torch.cat(indices).to(data.device).split(sizes))
             bar = tqdm(range(settings.iters), desc=unit.name, leave=False, disable=not progress)
             for iteration in bar:
+                if graphs:  # the last step's outputs (loss, gradients) may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
+                for optimizer in optimizers:  # no gradient alive across steps
+                    optimizer.zero_grad(set_to_none=True)
                 batch = data.batch(indices[iteration])
                 beta = rounding_beta(iteration, settings)
                 if beta is not None and regularized:
                     loss = objective(unit.module, batch, rounders, beta_value.fill_(beta), settings)
                 else:
                     loss = objective(unit.module, batch, [], None, settings)
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for step in steps:
                     step()
@@ -271,6 +278,12 @@ def unit_objective(
     if beta is not None:
         loss = loss + settings.round_reg * sum(r.regularizer(beta) for r in rounders)
     return loss
+
+
+def compiled_objective(graphs: bool) -> Callable[..., torch.Tensor]:
+    """:func:`unit_objective` through ``torch.compile``; ``graphs``: its forward and backward
+    replayed as CUDA graphs (on a GPU; the caller marks each step's begin)."""
+    return torch.compile(unit_objective, mode="reduce-overhead" if graphs else None)
 
 
 def _static_act_quantizers(module: nn.Module) -> list[Quantizer]:
