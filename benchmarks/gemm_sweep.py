@@ -1,8 +1,9 @@
 """GEMM-level timing at DiT-XL/2 layer sizes: BF16 cuBLAS, FP8 row-wise ``_scaled_mm``,
-``torch._int_mm``, and ditq's autotuned Triton ``int_gemm`` (optionally each tile
-configuration of a sweep).
+``torch._int_mm``, ditq's autotuned Triton ``int_gemm`` (optionally each tile configuration
+of a sweep) and its FP8 twin (``fp8_gemm``'s Triton path, plain and with the gated residual
+in its epilogue).
 
-    python benchmarks/gemm_sweep.py OUT.json [--tokens 32768,8192,512] [--sweep]
+    python benchmarks/gemm_sweep.py OUT.json [--tokens 32768,8192,512] [--sweep] [--only fp8,bf16]
 
 Tokens 32768 is one call at batch 64 with guidance at 256 px (2 x 64 x 256). Each entry is
 the median of ``triton.testing.do_bench``; the activation quantization kernels (Triton
@@ -87,13 +88,19 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
     f8 = x.to(torch.float8_e4m3fn)
     wf8 = w.to(torch.float8_e4m3fn)
     bf = torch.bfloat16
-    gemm = triton_ops.int_gemm
+    residual = torch.randn(M, N, device=device, generator=g).bfloat16()
+    gate = torch.randn(M // 256 or 1, N, device=device, generator=g).bfloat16()
+    gemm, fp8 = triton_ops.int_gemm, triton_ops._fp8_triton
     unpack = lambda: unpack_int4(w4).to(torch.int8) - 8  # noqa: E731 - as RealQuantLinear
 
     return {
         "bf16 F.linear": lambda: F.linear(x, w, bias.to(bf)),
         "fp8 _scaled_mm rowwise": lambda: torch._scaled_mm(
             f8, wf8.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=bf
+        ),
+        "ditq fp8 triton": lambda: fp8(f8, xs, wf8, ws, bias, None, None, bf),
+        "ditq fp8 triton + gated residual": lambda: fp8(
+            f8, xs, wf8, ws, bias, None, None, bf, residual=residual, gate=gate
         ),
         "int8 torch._int_mm": lambda: torch._int_mm(a8, w8.t()),
         "ditq int w8 sym": lambda: gemm(
@@ -133,6 +140,9 @@ def main() -> None:
     parser.add_argument("--tokens", default="32768,8192,512")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sweep", action="store_true", help="also time each of TILES alone")
+    parser.add_argument(
+        "--only", help="comma-separated parts of implementation names: time only those"
+    )
     args = parser.parse_args()
     rows = []
 
@@ -144,6 +154,8 @@ def main() -> None:
         for layer, (K, N) in XL_LAYERS.items():
             flops = 2 * M * N * K
             for impl, fn in layer_cases(M, K, N, args.device).items():
+                if args.only and not any(part in impl for part in args.only.split(",")):
+                    continue
                 swept = args.sweep and impl.startswith("ditq") and "group" not in impl
                 sweep = [None, *TILES] if swept else [None]
                 for tiles in sweep:
@@ -156,6 +168,8 @@ def main() -> None:
                         traceback.print_exc()
                         record(M=M, layer=layer, impl=impl, tiles=tiles, error=str(err)[:300])
             for impl, fn in quantize_cases(M, K, args.device).items():
+                if args.only and not any(part in impl for part in args.only.split(",")):
+                    continue
                 record(M=M, layer=layer, impl=impl, tiles=None, ms=bench(fn))
     choices = autotuner_choices()
     Path(args.out).write_text(json.dumps({"rows": rows, "autotuned": choices}, indent=1) + "\n")

@@ -14,8 +14,9 @@
 #   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
 #   stage wait   sleep, then show progress
 #   stage bench  once the queue's jobs are done, the GPU alone: ditq bench of the fused
-#                quantized attention (w8a8-attn8) against the same W8A8 with BF16 attention
-#                and BF16 compiled, DiT-XL/2 256 px batch 64, with the kernel profile
+#                quantized attention (w8a8-attn8) against the same W8A8 with BF16 attention,
+#                static FP8 (fp8_gemm with the fused MLP) and BF16 compiled, DiT-XL/2 256 px
+#                batch 64, with the kernel profile
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
 # TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
@@ -92,7 +93,8 @@ wait)
 bench)
   pgrep -f "[f]id_queue.py|[k]ernels_check.py" > /dev/null && { echo "GPU busy: not timed"; progress; exit 1; }
   timeout "${BENCH_S:-400}" python -m ditq bench --shapes DiT-XL/2@256 --batches 64 --steps 0 \
-    --variants bf16-compile,w8a8-static-symw,w8a8-attn8 --iters 30 --profile --out $D/bench_attn
+    --variants bf16-compile,w8a8-static-symw,w8a8-attn8,w8a8-fp8-static --iters 30 --profile \
+    --out $D/bench_attn
   cp $D/bench_attn/bench.json $OUT/bench_attn.json; cat $D/bench_attn/bench.md ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2

@@ -10,8 +10,11 @@ with the simulated layer (fp32) on the same inputs: relative error ‖out − re
 and a NaN check, with the allocator's memory poisoned with NaN first so that an output
 the kernel forgets to write shows up. Also the ``model.safetensors`` sizes of DiT-XL/2
 (random weights, RTN) at W8 and W4 next to FP32 and BF16. Quantized attention (the fused
-kernel) on DiT-XL/2-shaped q, k, v and in whole models. A failing check is recorded and
-the script goes on; the table is printed last and everything is written to OUT.json.
+kernel) on DiT-XL/2-shaped q, k, v and in whole models. FP8 layers through each of
+``fp8_gemm``'s two paths (the Triton kernel and ``torch._scaled_mm``) whichever would be
+measured faster; whole FP8 models (static: with the fused MLP) on the measured choice. A
+failing check is recorded and the script goes on; the table is printed last and everything
+is written to OUT.json.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from safetensors.torch import save_file
 import ditq
 from ditq import load_model
 from ditq.eval.speed import denoiser_inputs, quantize_random
-from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model
+from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model, triton_ops
 from ditq.kernels.attention import FusedQuantAttention
 from ditq.methods import RTNConfig
 from ditq.models.adapter import MATMUL_POINTS, explicit_attention
@@ -70,6 +73,7 @@ FORMATS = {
         wbits=4, abits=8, a_granularity="group", a_group_size=64, a_dynamic=True
     ),
 }
+FP8_FORMATS = tuple(name for name in FORMATS if "fp8" in name)
 UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
 """Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
 INT4_FORMATS = tuple(name for name, config in FORMATS.items() if config["wbits"] == 4)
@@ -216,6 +220,16 @@ def main(out_path: str) -> None:
             fmt,
             lambda f=fmt: check_layer(f, (4608, 1152), True, device),
         )
+    for fmt in FP8_FORMATS:
+        for path in ("triton", "cublas"):
+            for name, (K, N) in XL_LAYERS.items():
+                triton_ops.FP8_GEMM_CHOICE[TOKENS, N, K] = path  # this path, not the faster
+                record(
+                    f"XL {name} ({K}, {N}) fp8 via {path}",
+                    fmt,
+                    lambda f=fmt, s=(K, N): check_layer(f, s, False, device),
+                )
+        triton_ops.FP8_GEMM_CHOICE.clear()
     for fmt in ATTENTION_FORMATS:
         record("XL attention (8, 16, 256, 72)", fmt, lambda f=fmt: check_attention(f, device))
     torch.manual_seed(0)  # the same random tiny model whatever checks ran before

@@ -31,6 +31,10 @@ FORMATS = {
         QuantSpec(8, True, PerChannel(), fmt="fp8_e4m3"),
         QuantSpec(8, True, PerToken(), dynamic=True, fmt="fp8_e4m3"),
     ),
+    "fp8 static": (
+        QuantSpec(8, True, PerChannel(), fmt="fp8_e4m3"),
+        QuantSpec(8, True, fmt="fp8_e4m3"),
+    ),
     "w8 int, a fp8": (QuantSpec(8, True, PerChannel()), QuantSpec(8, True, fmt="fp8_e4m3")),
     "fp8, a fp8 groups": (
         QuantSpec(8, True, PerChannel(), fmt="fp8_e4m3"),

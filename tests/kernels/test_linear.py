@@ -145,13 +145,14 @@ def test_convert_model_warns_about_formats_without_a_kernel():
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale+lowrank"])
-def test_fp8_scaled_mm_path_equals_simulated(extras):
-    """The CUDA FP8 path's arithmetic (``torch._scaled_mm`` with row-wise scales and the bias
-    in its epilogue, which also runs on the CPU) against the simulated layer."""
+def test_fp8_gemm_path_equals_simulated(extras):
+    """The CUDA FP8 path's arithmetic (``triton_ops.fp8_gemm``: ``torch._scaled_mm`` with
+    row-wise scales on the CPU, the Triton kernel in its interpreter) against the simulated
+    layer."""
     layer, x = packed_layer(*FORMATS["fp8"], online_scale=extras, rank=4 if extras else 0)
     real = RealQuantLinear.from_quant_linear(layer)
     rows = x.reshape(-1, x.shape[-1])
-    out = real._forward_fp8(rows).float()
+    out = real._forward_cuda(rows).float()
     ref = layer(x).reshape(out.shape)
     assert float((out - ref).norm() / ref.norm()) < 1e-2  # BF16 output of the FP8 GEMM
 

@@ -25,8 +25,6 @@ from kernel_cases import FORMATS, packed_layer  # noqa: E402
 from ditq.kernels import RealQuantLinear, quantize_activation, triton_ops  # noqa: E402
 from ditq.quant.spec import PerChannel, PerGroup, PerToken, QuantSpec  # noqa: E402
 
-KERNEL_FORMATS = [name for name in FORMATS if "fp8" not in name]
-
 
 @pytest.fixture(
     params=[(0, False), (2, False), (0, True), (2, True)],
@@ -63,7 +61,7 @@ def reference64(real: RealQuantLinear, rows: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize("name", KERNEL_FORMATS)
+@pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale+lowrank"])
 def test_kernels_match_float64(name, extras, gemm_schedule):
     layer, x = packed_layer(*FORMATS[name], online_scale=extras, rank=4 if extras else 0, K=96)
@@ -109,9 +107,9 @@ def test_group_activation_codes_equal_torch_twin(name, K):
     torch.testing.assert_close(x_hat, simulated, rtol=1e-6, atol=1e-6)
 
 
-def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0):
-    """A DiT ``Mlp`` with packed fc1/fc2 (static asymmetric int8 inputs, fc2's range
-    calibrated on the GELU output) and an input."""
+def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0, a_spec=None):
+    """A DiT ``Mlp`` with packed fc1/fc2 (static inputs, asymmetric int8 unless ``a_spec``;
+    fc2's range calibrated on the GELU output) and an input."""
     import copy
 
     from kernel_cases import STATIC_ASYM
@@ -121,11 +119,12 @@ def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0):
 
     torch.manual_seed(seed)
     mlp, x = Mlp(K, H), 2 * torch.randn(3, 5, K)
-    fc1 = QuantLinear.from_linear(mlp.fc1, w_spec, STATIC_ASYM)
+    a_spec = a_spec or STATIC_ASYM
+    fc1 = QuantLinear.from_linear(mlp.fc1, w_spec, a_spec)
     fc1.calibrate_weight()
     fc1.act_quantizer.find_params(x)
     hidden = mlp.act(fc1(x))
-    fc2 = QuantLinear.from_linear(mlp.fc2, w_spec, STATIC_ASYM)
+    fc2 = QuantLinear.from_linear(mlp.fc2, w_spec, a_spec)
     if fc2_scale:
         fc2.input_scale = torch.rand(H) + 0.5
         hidden = hidden / fc2.input_scale
@@ -137,22 +136,26 @@ def fused_mlp_case(w_spec, fc2_scale, K=64, H=128, seed=0):
     return mlp.requires_grad_(False), copy.deepcopy(mlp), x
 
 
+FP8_STATIC = FORMATS["fp8 static"]
+
+
 @pytest.mark.parametrize(
-    "w_spec",
+    "w_spec, a_spec",
     [
-        QuantSpec(8, True, PerChannel()),
-        QuantSpec(8, False, PerChannel()),
-        QuantSpec(4, False, PerGroup(32)),
+        (QuantSpec(8, True, PerChannel()), None),
+        (QuantSpec(8, False, PerChannel()), None),
+        (QuantSpec(4, False, PerGroup(32)), None),
+        FP8_STATIC,
     ],
-    ids=["w8-sym-channel", "w8-asym-channel", "w4-asym-group32"],
+    ids=["w8-sym-channel", "w8-asym-channel", "w4-asym-group32", "fp8-static"],
 )
 @pytest.mark.parametrize("fc2_scale", [False, True], ids=["plain", "fc2-input-scale"])
 def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
-    w_spec, fc2_scale, gemm_schedule
+    w_spec, a_spec, fc2_scale, gemm_schedule
 ):
     from ditq.kernels import FusedQuantMlp, convert_model
 
-    mlp, simulated, x = fused_mlp_case(w_spec, fc2_scale)
+    mlp, simulated, x = fused_mlp_case(w_spec, fc2_scale, a_spec=a_spec)
     convert_model(mlp)
     assert FusedQuantMlp.fusable(mlp)
     fused = FusedQuantMlp(mlp.fc1, mlp.fc2)
@@ -180,10 +183,10 @@ def test_int4_unpacked_in_the_kernel_equals_unpacking_first(w_spec, a_spec, K, g
     layer, x = packed_layer(w_spec, a_spec, online_scale=True, rank=4, K=K)
     real = RealQuantLinear.from_quant_linear(layer)
     rows = x.reshape(-1, K)
-    first = real._int_cuda(rows)
+    first = real._quantized_cuda(rows)
     real.int4_in_kernel = True
     assert real.unpacks_in_kernel
-    torch.testing.assert_close(real._int_cuda(rows), first, rtol=0, atol=0)
+    torch.testing.assert_close(real._quantized_cuda(rows), first, rtol=0, atol=0)
     assert float((first.double() - reference64(real, rows)).norm()) < 1e-4 * float(first.norm())
 
 
@@ -192,14 +195,16 @@ def gated_case(N: int, B: int = 3, T: int = 5, seed: int = 1):
     return torch.randn(B, T, N, generator=generator), torch.randn(B, N, generator=generator)
 
 
-@pytest.mark.parametrize("name", ["w8a8 sym/static", "w4a8 group", "w4a4 groups (svdquant)"])
+@pytest.mark.parametrize(
+    "name", ["w8a8 sym/static", "w4a8 group", "w4a4 groups (svdquant)", "fp8", "fp8 static"]
+)
 def test_gated_residual_epilogue_matches_float64(name, gemm_schedule):
-    """``x + gate ⊙ y`` in the int kernel's epilogue, gate rows per sample (M / B tokens)."""
+    """``x + gate ⊙ y`` in the GEMM's epilogue, gate rows per sample (M / B tokens)."""
     layer, x = packed_layer(*FORMATS[name], online_scale=True, rank=4, K=96)
     real = RealQuantLinear.from_quant_linear(layer)
     residual, gate = gated_case(real.out_features)
     rows = x.reshape(-1, 96)
-    out = real._int_cuda(rows, residual.reshape(-1, real.out_features), gate)
+    out = real._quantized_cuda(rows, residual.reshape(-1, real.out_features), gate)
     y = reference64(real, rows).reshape(residual.shape)
     ref = residual.double() + gate.double()[:, None, :] * y
     assert float((out.double().reshape(ref.shape) - ref).norm() / ref.norm()) < 1e-5
@@ -216,6 +221,32 @@ def test_fused_mlp_adds_the_gated_residual_in_fc2s_epilogue(gemm_schedule):
     out = fused._forward_fused(rows, residual.reshape(-1, 64), gate)
     expected = residual + gate[:, None, :] * fused._forward_fused(rows).reshape(residual.shape)
     torch.testing.assert_close(out.reshape(residual.shape), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "lowrank", "residual", "next-codes"])
+def test_fp8_cublas_twin_computes_the_kernels_epilogues(epilogue):
+    """``fp8_gemm`` on ``torch._scaled_mm`` (the faster choice for some shapes on the GPU)
+    gives the Triton kernel's results, up to its BF16 output: y, y + T Lᵀ, the gated
+    residual, and the next layer's e4m3 codes of GELU(y) (within one e4m3 step)."""
+    layer, x = packed_layer(*FP8_STATIC, online_scale=True, rank=4, K=64, N=48)
+    real = RealQuantLinear.from_quant_linear(layer)
+    rows = x.reshape(-1, 64)
+    codes, scale, _, _ = real._quantize_cuda(rows)
+    options = {}
+    t, up = (real._lowrank_t(rows), real.lowrank_up) if epilogue == "lowrank" else (None, None)
+    if epilogue == "residual":
+        residual, gate = gated_case(48)
+        options = dict(residual=residual.reshape(-1, 48), gate=gate)
+    if epilogue == "next-codes":
+        options = dict(next_scale=torch.tensor([0.05, 0.0]), next_input_scale=torch.rand(48) + 0.5)
+    args = (codes, scale, real.weight, real.w_scale, real.bias, t, up, torch.float32)
+    kernel = triton_ops._fp8_triton(*args, **options).float()
+    cublas = triton_ops._fp8_cublas(*args, **options).float()
+    if epilogue == "next-codes":
+        assert kernel.abs().max() > 1
+        torch.testing.assert_close(cublas, kernel, rtol=0.125, atol=2**-9)
+    else:
+        assert float((cublas - kernel).norm() / kernel.norm()) < 1e-2
 
 
 def test_convert_model_fuses_only_fusable_mlps():

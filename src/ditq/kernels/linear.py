@@ -19,8 +19,11 @@ kind           formats                                    CUDA path
                group, other group sizes) with int or       dtype per call (one elementwise
                16-bit activations (W4A16, W8A16, DiTAS'    kernel under ``torch.compile``),
                W4A8 column groups)                         then one cuBLAS GEMM
-``fp8``        FP8 e4m3 weights (per-tensor/channel) with  ``torch._scaled_mm`` with row-wise
-               FP8 activations (static or dynamic)         scales; activation cast in torch
+``fp8``        FP8 e4m3 weights (per-tensor/channel) with  ``fp8_gemm``: the Triton GEMM (FP8
+               FP8 activations (static or dynamic)         tensor cores, the int kernel's
+                                                           epilogues) or ``torch._scaled_mm``,
+                                                           the faster for the shape (measured
+                                                           once); activation cast in torch
 ``reference``  anything else (e.g. int weights with FP8    the dequantizing path below, on
                activations)                                the GPU too
 =============  =========================================  ===================================
@@ -44,7 +47,8 @@ conversion (``R' = R / s``) and ``T = x R'ᵀ`` is one small cuBLAS GEMM. ``int`
 path adds it with two small GEMMs). A layer with an online Hadamard rotation computes
 ``(x / s) H`` with torch ops first (a Walsh–Hadamard transform) and then runs as above.
 A DiT block hands ``proj`` and its MLP (``gated_residual``) the adaLN-Zero residual
-``x + gate ⊙ y``, which the ``int`` kernel's epilogue adds, so ``y`` is never written.
+``x + gate ⊙ y``, which the ``int`` and ``fp8`` GEMMs' epilogue adds, so ``y`` is never
+written.
 Weight layers left unquantized (``wbits=16``) and layers with static per-group activation
 ranges (no kernel takes them) stay simulated, as do attention matmul quantizers that the
 fused attention kernel does not take (:mod:`ditq.kernels.attention`); ``convert_model``
@@ -347,18 +351,18 @@ class RealQuantLinear(nn.Module):
 
     @property
     def fuses_gated_residual(self) -> bool:
-        """Whether :meth:`gated_residual` adds the residual in the GEMM's epilogue (``int``)."""
-        return self.kind == "int"
+        """Whether :meth:`gated_residual` adds the residual in the GEMM's epilogue."""
+        return self.kind in ("int", "fp8")
 
     def gated_residual(
         self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
     ) -> torch.Tensor:
         """``residual + gate ⊙ self(x)`` for x (B, T, K), residual (B, T, N), gate (B, N): a
-        DiT block's gated residual, added by the ``int`` kernel's epilogue on CUDA (the
-        layer's output never goes through memory), in torch otherwise."""
+        DiT block's gated residual, added by the GEMM's epilogue on CUDA (the layer's
+        output never goes through memory), in torch otherwise."""
         if x.device.type != "cuda" or not self.fuses_gated_residual:
             return residual + gate.unsqueeze(1) * self(x)
-        y = self._int_cuda(self._rows(x), residual.reshape(-1, self.out_features), gate)
+        y = self._quantized_cuda(self._rows(x), residual.reshape(-1, self.out_features), gate)
         return y.reshape(residual.shape)
 
     def _lowrank_t(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -394,28 +398,63 @@ class RealQuantLinear(nn.Module):
         return unpack_int4(self.weight).to(torch.int8) - NIBBLE_OFFSET
 
     def _forward_cuda(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.kind == "fp8":
-            return self._forward_fp8(rows)
-        if self.kind != "int":
+        if self.kind not in ("int", "fp8"):
             return self._forward_dequantized(rows)
-        return self._int_cuda(rows)
+        return self._quantized_cuda(rows)
 
-    def _int_cuda(
+    def _quantized_cuda(
         self,
         rows: torch.Tensor,
         residual: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The ``int`` path: activation codes, then the GEMM (with the gated residual)."""
+        """The ``int`` and ``fp8`` paths: activation codes, then the GEMM (with the gated
+        residual)."""
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        codes, scale, zero, sums = self._quantize_cuda(rows)
-        return self._int_gemm(
-            (codes, scale, zero, sums),
+        return self._gemm(
+            self._quantize_cuda(rows),
             self._lowrank_t(rows),
             rows.dtype,
             residual=_contiguous(residual),
             gate=_contiguous(gate),
+        )
+
+    def _gemm(
+        self,
+        activation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+        lowrank_t: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        next_layer: RealQuantLinear | None = None,
+        residual: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This layer's GEMM on its quantized input ``(codes, scale, zero, sums)``; with
+        ``next_layer`` (static input range) the epilogue writes that layer's input codes
+        from GELU(y), with ``residual`` and ``gate`` it adds the gated residual."""
+        if self.kind == "int":
+            epilogue = {} if next_layer is None else next_layer._input_epilogue()
+            return self._int_gemm(
+                activation, lowrank_t, out_dtype, residual=residual, gate=gate, **epilogue
+            )
+        from ditq.kernels import triton_ops
+
+        return triton_ops.fp8_gemm(
+            *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
+            out_dtype, next_scale=None if next_layer is None else next_layer.static_qparams,
+            next_input_scale=None if next_layer is None else next_layer.input_scale,
+            residual=residual, gate=gate,
+        )  # fmt: skip
+
+    def _input_epilogue(self) -> dict:
+        """The ``int_gemm`` options with which the previous layer writes this layer's int8
+        input codes (its static range, online input scale, code range)."""
+        return dict(
+            next_qparams=self.static_qparams,
+            next_input_scale=self.input_scale,
+            next_qmin=self.act.qmin,
+            next_qmax=self.act.qmax,
+            next_symmetric=self.act.symmetric,
         )
 
     @property
@@ -452,7 +491,7 @@ class RealQuantLinear(nn.Module):
 
     def _quantize_cuda(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Activation codes: the Triton kernel, or its torch twin while compiling (fused by
-        Inductor into the preceding op) and for dynamic per-tensor ranges' scale."""
+        Inductor into the preceding op), for FP8 and for dynamic per-tensor ranges' scale."""
         qp = self.static_qparams
         if torch.compiler.is_compiling() or self.act.fmt != "int":
             return quantize_activation(
@@ -471,23 +510,6 @@ class RealQuantLinear(nn.Module):
         return triton_ops.quantize_act(
             rows, self.input_scale, qp, self.act.qmin, self.act.qmax, self.act.symmetric
         )
-
-    def _forward_fp8(self, rows: torch.Tensor) -> torch.Tensor:
-        t, up, qp = self._lowrank_t(rows), self.lowrank_up, self.static_qparams
-        codes, scale, _, _ = quantize_activation(
-            rows, self.act, self.input_scale, qp, code_sums=False
-        )
-        y = torch._scaled_mm(  # bias in the GEMM's epilogue (fp32 sum, one rounding)
-            codes,
-            self.weight.t(),
-            scale_a=scale.reshape(-1, 1),
-            scale_b=self.w_scale.reshape(1, -1),
-            bias=None if self.bias is None else self.bias.to(torch.bfloat16),
-            out_dtype=torch.bfloat16,
-        )
-        if t is not None:
-            y = y + F.linear(t.to(y.dtype), up.to(y.dtype))
-        return y.to(rows.dtype)
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) must move, not cast, the codes and the fp32 scales of the kernels.
@@ -552,10 +574,11 @@ def _dynamic_tensor_qparams(
 
 
 class FusedQuantMlp(nn.Module):
-    """``fc2(GELU(fc1(x)))`` of a DiT block whose fc1 epilogue writes fc2's int8 input codes
-    (``triton_ops.int_gemm`` with ``next_qparams``: GELU, fc2's online input scale and static
-    quantization in the epilogue), so the 4×-wide hidden activation never goes through
-    memory in 16 bits, nor through a separate quantization kernel. Same arithmetic as the
+    """``fc2(GELU(fc1(x)))`` of a DiT block whose fc1 epilogue writes fc2's int8 (or e4m3)
+    input codes (``triton_ops.int_gemm`` with ``next_qparams``, ``triton_ops.fp8_gemm`` with
+    ``next_scale``: GELU, fc2's online input scale and static quantization in the
+    epilogue), so the 4×-wide hidden activation never goes through memory in 16 bits, nor
+    through a separate quantization kernel. Same arithmetic as the
     unfused ``RealQuantLinear`` pair up to the hardware tanh and products by reciprocals
     (a hidden code may differ by one at a rounding tie); off CUDA it runs them unfused.
     Built by ``convert_model`` (``fuse_mlp``, the default) where :meth:`fusable`."""
@@ -567,16 +590,16 @@ class FusedQuantMlp(nn.Module):
 
     @staticmethod
     def fusable(mlp: nn.Module) -> bool:
-        """int kernels on both layers, GELU (tanh) between them, a static int input range and
-        no low-rank branch or rotation on fc2."""
+        """int (or fp8) kernels on both layers, GELU (tanh) between them, a static input
+        range and no low-rank branch or rotation on fc2."""
         fc1, fc2, act = (getattr(mlp, name, None) for name in ("fc1", "fc2", "act"))
         return (
             isinstance(fc1, RealQuantLinear)
             and isinstance(fc2, RealQuantLinear)
-            and fc1.kind == fc2.kind == "int"
+            and fc1.kind == fc2.kind
+            and fc1.kind in ("int", "fp8")
             and isinstance(act, nn.GELU)
             and act.approximate == "tanh"
-            and fc2.act.fmt == "int"
             and fc2.static_qparams is not None
             and fc2.lowrank_down is None
             and fc2.rotation_signs is None
@@ -611,14 +634,12 @@ class FusedQuantMlp(nn.Module):
         fc1, fc2 = self.fc1, self.fc2
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        hidden = fc1._int_gemm(
-            fc1._quantize_cuda(rows), fc1._lowrank_t(rows), rows.dtype,
-            next_qparams=fc2.static_qparams, next_input_scale=fc2.input_scale,
-            next_qmin=fc2.act.qmin, next_qmax=fc2.act.qmax, next_symmetric=fc2.act.symmetric,
-        )  # fmt: skip
+        hidden = fc1._gemm(
+            fc1._quantize_cuda(rows), fc1._lowrank_t(rows), rows.dtype, next_layer=fc2
+        )
         h_scale, h_zero = fc2._static_row_qparams(len(rows))
         h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
-        return fc2._int_gemm(
+        return fc2._gemm(
             (hidden, h_scale, h_zero, h_sums),
             None,
             rows.dtype,

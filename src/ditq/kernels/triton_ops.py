@@ -1,7 +1,7 @@
 """Triton kernels of the ``cuda`` backend (written for sm_90; they also run in the Triton
 interpreter, ``TRITON_INTERPRET=1``, which is how the CPU tests check them).
 
-Three kernels, each wrapped as a ``torch.library`` custom op so that ``torch.compile`` keeps
+The kernels, each wrapped as a ``torch.library`` custom op so that ``torch.compile`` keeps
 them as opaque calls and fuses the BF16 code around them:
 
 - ``quantize_act``: activation codes of a (M, K) tensor, one program per row: optional
@@ -29,6 +29,12 @@ them as opaque calls and fuses the BF16 code around them:
   yet timed). Tile sizes are autotuned per (M, N, K) on the GPU among the
   configurations that won the sweep of ``benchmarks/gemm_sweep.py``.
 
+- ``fp8_gemm``: the same kernel on e4m3 activation and weight codes (FP8 tensor cores,
+  fp32 accumulation, per-row activation and per-channel weight scales in the epilogue),
+  with ``int_gemm``'s epilogues below (the next layer's input as e4m3 codes); per GEMM shape
+  it runs on this kernel or on ``torch._scaled_mm`` (cuBLAS), whichever measured faster
+  on the shape's first call.
+
 ``int_gemm`` adds ``T · Lᵀ`` in its epilogue when given the DiTAS low-rank intermediate
 ``T = x Rᵀ`` (M, r) and ``L`` (N, r): one extra small dot per output tile instead of a
 second GEMM launch and an add. Given the next layer's static input range it also applies
@@ -46,7 +52,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ditq.quant.quantizer import compute_qparams
+from ditq.quant.quantizer import FP8_E4M3_MAX, compute_qparams
 from ditq.quant.spec import integer_range
 
 try:
@@ -55,6 +61,7 @@ except ImportError:  # Triton < 3.4: no host-side tensor descriptors, no TMA con
     TensorDescriptor = None
 
 _SHIFT = 128  # asymmetric codes [0, 2^b - 1] are stored shifted by -128 into int8
+FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _DOT_DTYPE = tl.float32 if INTERPRETED else tl.bfloat16
 """BF16 tensor-core dots; fp32 under the interpreter, whose BF16 dot is wrong (numpy has
@@ -67,6 +74,17 @@ def _round_half_even(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """``v`` (fp32, within ±448) rounded half to even to the e4m3 grid, in fp32 arithmetic:
+    steps of 2^(e - 3) for the exponent e of ``v``, 2^-9 below 2^-6 (subnormals). For the
+    interpreter, whose fp32 -> e4m3 cast drops a mantissa carry and rounds subnormals
+    wrongly; the GPU's cast rounds the same way itself."""
+    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    step = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(v / step) * step
 
 
 @triton.jit
@@ -210,6 +228,8 @@ def _int_gemm_kernel(
     HAS_OS: tl.constexpr,
     RESIDUAL: tl.constexpr,
     PACKED: tl.constexpr,
+    FP8: tl.constexpr,
+    NEXT_FP8: tl.constexpr,
     FAST_MATH: tl.constexpr,
     ACT: tl.constexpr,
     QMIN: tl.constexpr,
@@ -237,7 +257,7 @@ def _int_gemm_kernel(
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         m_ok, n_ok = offs_m < M, offs_n < N
-        if not X_GROUPED:
+        if HAS_XZP and not X_GROUPED:
             xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
         acc_f = tl.zeros((BM, BN), dtype=tl.float32)
@@ -272,16 +292,20 @@ def _int_gemm_kernel(
                 a = tl.load(
                     a_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k[None, :] < K),
-                    other=0,
+                    other=0.0 if FP8 else 0,
                 )
                 w = tl.load(
                     w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
                     mask=(offs_k[:, None] < K) & n_ok[None, :],
-                    other=0,
+                    other=0.0 if FP8 else 0,
                 )
-            if not PACKED:
+            if FP8:  # e4m3 codes, fp32 accumulation; row and channel scales in the epilogue
+                acc_f += tl.dot(a, w)
+            elif not PACKED:
                 part = tl.dot(a, w, out_dtype=tl.int32)
-            if GROUPED:
+            if FP8:
+                pass
+            elif GROUPED:
                 g_idx = offs_n * NUM_GROUPS + kb
                 if X_GROUPED:  # the activation's own range in this K block
                     xz = tl.load(xz_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0)
@@ -309,6 +333,10 @@ def _int_gemm_kernel(
             acc = acc_f
         elif GROUPED:
             acc = acc_f * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+        elif FP8:
+            xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+            ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+            acc = acc_f * (xs[:, None] * ws[None, :])
         else:
             xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
             if HAS_WZP:
@@ -359,9 +387,15 @@ def _int_gemm_kernel(
                 s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
                 y = (y * (1.0 / s)[None, :]).to(ACT).to(tl.float32)
             v = y * (1.0 / tl.load(oq_ptr))
-            v = libdevice.rint(v) if FAST_MATH else _round_half_even(v)
-            codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
-            tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
+            if NEXT_FP8:  # e4m3 codes: saturated, rounded to nearest even by the cast
+                v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+                if not FAST_MATH:
+                    v = _round_to_e4m3(v)
+                tl.store(out, v.to(tl.float8e4nv), mask=mask)
+            else:
+                v = libdevice.rint(v) if FAST_MATH else _round_half_even(v)
+                codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
+                tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
         else:
             if RESIDUAL:  # x + gate ⊙ y (DiT's gated residual), y rounded as stored unfused
                 y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -723,9 +757,46 @@ def int_gemm(
     ``packed_int4``: ``weight`` holds packed int4 bytes (N, K / 2) of nibbles ``u`` (codes
     ``u - 8``, input channel 2j in byte j's low nibble), unpacked in registers: each K block
     (at least 64) is two dots, over its even and its odd input channels."""
+    return _launch_gemm(
+        codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
+        lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams,
+        next_input_scale, next_qmin, next_qmax, next_symmetric, residual, gate, packed_int4,
+        fp8=False,
+    )  # fmt: skip
+
+
+def _launch_gemm(
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor | None,
+    x_sum: torch.Tensor | None,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    w_sum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lowrank_t: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    group_size: int,
+    has_x_zero: bool,
+    x_grouped: bool,
+    out_dtype: torch.dtype,
+    next_qparams: torch.Tensor | None,
+    next_input_scale: torch.Tensor | None,
+    next_qmin: int,
+    next_qmax: int,
+    next_symmetric: bool,
+    residual: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    packed_int4: bool,
+    fp8: bool,
+) -> torch.Tensor:
+    """The GEMM kernel on int8 (``fp8=False``) or e4m3 operands (:func:`int_gemm`,
+    :func:`fp8_gemm`); the next layer's codes are e4m3 when the operands are."""
     M, N, K = codes.shape[0], weight.shape[0], codes.shape[1]
     quantized = next_qparams is not None
-    out = torch.empty((M, N), device=codes.device, dtype=torch.int8 if quantized else out_dtype)
+    code_dtype = torch.float8_e4m3fn if fp8 else torch.int8
+    out = torch.empty((M, N), device=codes.device, dtype=code_dtype if quantized else out_dtype)
     if not M:
         return out
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
@@ -754,8 +825,9 @@ def int_gemm(
     kernel = launcher[grid]
     optional = lambda t: t if t is not None else _placeholder(codes)  # noqa: E731
     kernel(
-        codes, weight, a_desc, w_desc, x_scale, x_zero, optional(x_sum), w_scale,
-        optional(w_zero), w_sum, optional(bias), optional(lowrank_t), optional(lowrank_up), out,
+        codes, weight, a_desc, w_desc, x_scale, optional(x_zero), optional(x_sum), w_scale,
+        optional(w_zero), optional(w_sum), optional(bias), optional(lowrank_t),
+        optional(lowrank_up), out,
         optional(next_qparams), optional(next_input_scale), optional(residual), optional(gate),
         M, N, K, max(1, K // group_size) if group_size else 1, weight.stride(0), out.stride(0),
         M // gate.shape[0] if gate is not None else 1,
@@ -763,7 +835,7 @@ def int_gemm(
         HAS_WZP=w_zero is not None, HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank),
         DOT=_DOT_DTYPE,
         GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, RESIDUAL=residual is not None,
-        PACKED=packed_int4,
+        PACKED=packed_int4, FP8=fp8, NEXT_FP8=fp8 and quantized,
         FAST_MATH=not INTERPRETED, ACT=_TL_DTYPES[out_dtype],
         QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
     )  # fmt: skip
@@ -776,6 +848,122 @@ def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowra
       next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True, residual=None,
       gate=None, packed_int4=False):  # fmt: skip
     dtype = torch.int8 if next_qparams is not None else out_dtype
+    return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("ditq::fp8_gemm", mutates_args=())
+def fp8_gemm(
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    lowrank_t: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    next_scale: torch.Tensor | None = None,
+    next_input_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = (a ⊙ x_scale) (w ⊙ w_scale)ᵀ + b (+ T Lᵀ)`` (M, N) in ``out_dtype`` from e4m3
+    activation codes ``a`` (M, K), per-row scales (M,), e4m3 weight codes ``w`` (N, K) and
+    per-channel scales (N,), accumulated in fp32 on FP8 tensor cores; the epilogues of
+    :func:`int_gemm`: with ``next_scale`` (the next layer's static input [scale, ...]) GELU,
+    the division by ``next_input_scale`` and that layer's e4m3 input codes (saturated at
+    ±448, rounded to nearest even) instead of ``y``; with ``residual`` and ``gate`` the DiT
+    block's gated residual ``residual + gate ⊙ y``.
+
+    Runs on the faster of the Triton kernel (epilogues fused) and ``torch._scaled_mm``
+    (cuBLAS; the epilogues as torch ops after it) for the shape (M, N, K), measured once per
+    shape on the GPU (:data:`FP8_GEMM_CHOICE`); the Triton kernel in the interpreter,
+    ``torch._scaled_mm`` on other CPUs."""
+    if INTERPRETED:
+        choice = "triton"
+    elif codes.device.type != "cuda":
+        choice = "cublas"
+    else:
+        key = (codes.shape[0], weight.shape[0], codes.shape[1])
+        if key not in FP8_GEMM_CHOICE:
+            FP8_GEMM_CHOICE[key] = _faster_fp8_gemm(*key, codes.device)
+        choice = FP8_GEMM_CHOICE[key]
+    run = _fp8_triton if choice == "triton" else _fp8_cublas
+    return run(
+        codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale,
+        next_input_scale, residual, gate,
+    )  # fmt: skip
+
+
+FP8_GEMM_CHOICE: dict[tuple[int, int, int], str] = {}
+"""``"triton"`` or ``"cublas"`` per GEMM shape (M, N, K), measured by :func:`fp8_gemm`'s
+first call of that shape on the GPU."""
+FP8_TIMED_CALLS = 10
+
+
+def _faster_fp8_gemm(M: int, N: int, K: int, device: torch.device) -> str:
+    """The faster plain FP8 GEMM of shape (M, N, K), BF16 output: CUDA-event time of
+    :data:`FP8_TIMED_CALLS` calls of each after warm-up calls (the Triton autotuning)."""
+    a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
+    w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
+    xs, ws = torch.ones(M, device=device), torch.ones(N, device=device)
+    times = {}
+    for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas)):
+        call = lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16)  # noqa: E731
+        for _ in range(3):
+            call()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(FP8_TIMED_CALLS):
+            call()
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end)
+    return min(times, key=times.get)
+
+
+def _fp8_triton(
+    codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale=None,
+    next_input_scale=None, residual=None, gate=None,
+) -> torch.Tensor:  # fmt: skip
+    return _launch_gemm(
+        codes, x_scale, None, None, weight, w_scale, None, None, bias, lowrank_t, lowrank_up,
+        0, False, False, out_dtype, next_scale, next_input_scale, 0, 0, True, residual, gate,
+        False, fp8=True,
+    )  # fmt: skip
+
+
+def _fp8_cublas(
+    codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale=None,
+    next_input_scale=None, residual=None, gate=None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`fp8_gemm` through ``torch._scaled_mm`` (bias in its epilogue, output in BF16:
+    the FP8 GEMM's), then its epilogues as torch ops with the kernel's arithmetic."""
+    y = torch._scaled_mm(
+        codes,
+        weight.t(),
+        scale_a=x_scale.reshape(-1, 1),
+        scale_b=w_scale.reshape(1, -1),
+        bias=None if bias is None else bias.to(torch.bfloat16),
+        out_dtype=torch.bfloat16,
+    ).to(out_dtype)
+    if lowrank_t is not None:
+        y = y + torch.nn.functional.linear(lowrank_t.to(out_dtype), lowrank_up.to(out_dtype))
+    if next_scale is not None:
+        h = torch.nn.functional.gelu(y, approximate="tanh")
+        if next_input_scale is not None:
+            h = h * (1.0 / next_input_scale.to(out_dtype))
+        v = h.float() * (1.0 / next_scale[0])
+        return v.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    if residual is not None:
+        rows_per_gate = len(y) // len(gate)
+        return residual + gate.repeat_interleave(rows_per_gate, dim=0) * y
+    return y
+
+
+@fp8_gemm.register_fake
+def _(codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale=None,
+      next_input_scale=None, residual=None, gate=None):  # fmt: skip
+    dtype = torch.float8_e4m3fn if next_scale is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
 
 
