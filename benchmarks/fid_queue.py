@@ -11,7 +11,8 @@ samples; ``--eval-only`` evaluates what was sampled before the statistics existe
 Every step is skipped when its output exists, so the queue can be stopped and started
 again, and ``--results DIR`` drops the jobs whose ``eval_ddpmN.json`` an earlier lease
 left in DIR; ``status.json`` records each job's command, wall time and outcome, and the logs are
-in ``OUT/logs``. Sampling is tried with ``--compile`` first and without it if that fails;
+in ``OUT/logs`` (sampling's with its per-batch progress bar). Sampling is tried with
+``--compile`` first and without it if that fails;
 a job on the real kernels (``--backend cuda``) that fails both ways samples the simulated
 model instead (its command in ``status.json`` says so).
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
@@ -265,7 +266,6 @@ class Queue:
             job.backend,
             "--device",
             self.args.device,
-            "--quiet",
             "--out",
             str(samples),
         ]

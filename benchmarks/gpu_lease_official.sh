@@ -26,6 +26,9 @@
 # iterations per unit on a random testbed-shaped model, the GPU alone, with each
 # --recon-compile mode of RECON_MODES (default "off on"; e.g. "on graphs").
 # QFLAGS: appended to every quantize command of the queue (e.g. "--recon-compile off").
+# A call's own command line must not contain what it pkills (pkill -f "ditq sample" in a
+# command that also runs "ditq sample" kills the call itself): use the [d]itq pattern trick
+# and no such text in the same command.
 set -uo pipefail
 stage=$1
 D=/tmp/dq
@@ -39,6 +42,9 @@ for k, v in (json.loads(p.read_text()) if p.exists() else {}).items():
     print(f"{k:45s} rc={v['rc']} {v['seconds']:7.1f} s")
 PY
   tail -n 2 $D/queue.log
+  for log in $D/matrix/logs/*.sample.log; do  # the progress bar of each sampling job
+    [ -f "$log" ] && echo "$(basename $log): $(tail -c 400 $log | tr '\r' '\n' | grep . | tail -n 1)"
+  done
 }
 MEASURED=$D/code/benchmarks/results/matrix_official_h100  # an earlier lease's eval JSONs
 queue() {

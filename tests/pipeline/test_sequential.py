@@ -184,6 +184,21 @@ def test_cuda_graphs_mode_runs_the_compiled_steps(calib):
         assert torch.equal(a, b)
 
 
+def test_cuda_graphs_mode_compiles_the_layerwise_units_too(calib):
+    """With ``graphs`` the final layer's lone linears learn through the compiled objective
+    too, to what the eager steps learn up to float rounding."""
+    fp, selection = tiny_dit(depth=1), {"layers": LayerSelection(final_layer=True)}
+    reports = []
+    for mode in ("off", "graphs"):
+        settings = ReconSettings(iters=8, batch_size=8, weight_lr=1e-2, warmup=0.5, compile=mode)
+        model = _rtn(calib, depth=1, **selection)
+        reports.append(reconstruct_model(model, fp, calib, settings, progress=False)["units"])
+    eager, graphs = reports
+    assert list(graphs) == ["blocks.0", "final_layer.linear"]
+    for name, unit in graphs.items():
+        assert unit["final_loss"] == pytest.approx(eager[name]["final_loss"], rel=1e-3)
+
+
 def test_compile_mode_selects_blocks_on_a_gpu(calib):
     model = _rtn(calib, depth=1)
     data = UnitData({"arg0": torch.zeros(2, 3)}, torch.device("cpu"), SequentialSettings(), None)
@@ -197,7 +212,7 @@ def test_compile_mode_selects_blocks_on_a_gpu(calib):
     assert chosen == {
         "auto": [False, False],
         "on": [True, False],
-        "graphs": [True, False],
+        "graphs": [True, True],
         "off": [False, False],
     }
     data.device = torch.device("cuda")  # where its cache would be on a GPU

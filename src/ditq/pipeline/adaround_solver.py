@@ -21,7 +21,8 @@ hundreds of element-wise kernels, so on a GPU it runs through ``torch.compile``
 (``compile``); the blocks of a model share the compiled graphs (one with the rounding
 regularizer, one without), and the Adam updates are fused. ``compile="graphs"`` also
 replays the compiled forward and backward as CUDA graphs (``mode="reduce-overhead"``: no
-per-kernel launch cost; each block's graphs are recorded once, on its first steps).
+per-kernel launch cost; each unit's graphs are recorded once, on its first steps), for the
+layer-wise units too.
 The official code runs eagerly; the compiled step computes the same loss up to float
 rounding (tested against the eager one).
 """
@@ -203,11 +204,14 @@ class AdaRoundSolver:
         return total / len(data)
 
     def compiles(self, unit: UnitCall, data: UnitData) -> bool:
-        """Whether ``unit``'s steps run compiled: blocks only (a lone linear has few
-        kernels to fuse), per ``settings.compile``."""
+        """Whether ``unit``'s steps run compiled, per ``settings.compile``: blocks (a lone
+        linear has few kernels to fuse), and with ``graphs`` every unit (its few kernels
+        are launch-bound: the graphs remove the launches)."""
         mode = self.settings.compile
         on_gpu = data.device.type == "cuda"
-        return unit.is_block and (mode in ("on", "graphs") or (mode == "auto" and on_gpu))
+        if mode == "graphs":
+            return True
+        return unit.is_block and (mode == "on" or (mode == "auto" and on_gpu))
 
     def _optimize(
         self, unit: UnitCall, data: UnitData, seed: int, progress: bool
