@@ -9,10 +9,10 @@ every model), evaluate the samples (when the reference statistics and Inception 
 exist: ``ditq eval`` with FID, sFID, Precision/Recall and PSNR/SSIM against the FP run's
 samples; ``--eval-only`` evaluates what was sampled before the statistics existed).
 Every step is skipped when its output exists, so the queue can be stopped and started
-again, and ``--results DIR`` drops the jobs whose ``eval_ddpmN.json`` an earlier lease
-left in DIR; ``status.json`` records each job's command, wall time and outcome, and the logs are
-in ``OUT/logs`` (sampling's with its per-batch progress bar). Sampling is tried with
-``--compile`` first and without it if that fails;
+again, and ``--results DIR`` (repeatable) drops the jobs whose ``eval_ddpmN.json`` an
+earlier lease left in DIR; ``status.json`` records each job's command, wall time and
+outcome, and the logs are in ``OUT/logs`` (sampling's with its per-batch progress bar).
+Sampling is tried with ``--compile`` first and without it if that fails;
 a job on the real kernels (``--backend cuda``) that fails both ways samples the simulated
 model instead (its command in ``status.json`` says so).
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
@@ -165,11 +165,12 @@ class Queue:
             wanted = {int(n) for n in args.steps.split(",")}
             self.pending = [job for job in self.pending if job.steps in wanted]
         if args.results:  # measured in an earlier lease: only what is still missing
-            done = Path(args.results)
+            done = [Path(d) for d in args.results]
             self.pending = [
                 j
                 for j in self.pending
-                if j.run == "fp" or not (done / j.run / f"eval_ddpm{j.steps}.json").exists()
+                if j.run == "fp"
+                or not any((d / j.run / f"eval_ddpm{j.steps}.json").exists() for d in done)
             ]
             needed = {j.steps for j in self.pending if j.run != "fp"}
             self.pending = [j for j in self.pending if j.run != "fp" or j.steps in needed]
@@ -365,7 +366,9 @@ def main() -> None:
     parser.add_argument("--steps", help="only these DDPM step counts, e.g. 100 or 50,250")
     parser.add_argument(
         "--results",
-        help="results of an earlier run (RUN/eval_ddpmN.json): those jobs are not run again",
+        action="append",
+        help="results of an earlier run (RUN/eval_ddpmN.json): those jobs are not run again "
+        "(repeatable)",
     )
     parser.add_argument("--device", default="cuda", help="cuda (one GPU per worker) or cpu")
     parser.add_argument(

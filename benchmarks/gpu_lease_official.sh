@@ -10,7 +10,8 @@
 #                before ship2
 #   stage ship2  (carry .carry2: ckpt.part.ab, inception.part.ab) starts the queue: three
 #                workers on GPU 0 quantize and sample while the reference is missing; the
-#                jobs measured in benchmarks/results/matrix_official_h100 are skipped
+#                jobs measured in an earlier lease (benchmarks/results/*/RUN/eval_ddpmN.json)
+#                are skipped
 #   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
 #   stage wait   sleep, then show progress
 #   stage bench  once the queue's jobs are done, the GPU alone: ditq bench of the fused
@@ -46,9 +47,8 @@ PY
     [ -f "$log" ] && echo "$(basename $log): $(tail -c 400 $log | tr '\r' '\n' | grep . | tail -n 1)"
   done
 }
-MEASURED=$D/code/benchmarks/results/matrix_official_h100  # an earlier lease's eval JSONs
-queue() {
-  local done=(); [ -d $MEASURED ] && [ "${PLAN:-official}" = official ] && done=(--results $MEASURED)
+queue() {  # jobs whose eval JSON an earlier lease left in benchmarks/results are skipped
+  local done=(); for dir in $D/code/benchmarks/results/*/; do done+=(--results $dir); done
   setsid nohup python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt \
     --out $D/matrix --gpus ${QUEUE_GPUS:-${GPUS:-0,0,0}} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth \
     --steps "${STEPS:-50,250}" --quantize-flags "${QFLAGS:-}" "${done[@]}" "$@" \

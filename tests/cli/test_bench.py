@@ -144,16 +144,20 @@ def test_bench_no_fuse_mlp_times_the_unfused_kernels(tmp_path):
         assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP
 
 
-def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
+def bench_rows(tmp_path, model, variants: str) -> dict[str, dict]:
+    """``ditq bench`` of ``model`` on the CPU, one call per variant: its rows by variant."""
     path = tmp_path / "tiny.pt"
-    model = tiny_dit()
     torch.save(model.state_dict(), path)
     args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
-    args += ["--steps", "0", "--variants", "w4a8-channel,w4a8-all", "--device", "cpu"]
+    args += ["--steps", "0", "--variants", variants, "--device", "cpu"]
     assert main(args + ["--out", str(tmp_path / "out")]) == 0
-    rows = {
-        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    }
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    return {r["variant"]: r for r in report["rows"]}
+
+
+def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
+    model = tiny_dit()
+    rows = bench_rows(tmp_path, model, "w4a8-channel,w4a8-all")
     blocks = len(model.blocks)
     assert rows["w4a8-channel"]["kernels"] == {"int": 4 * blocks, "fused-mlp": blocks}
     # each block's adaLN linear, the final layer's adaLN linear and its projection
@@ -161,16 +165,9 @@ def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):
     assert rows["w4a8-all"]["memory_bytes"] < rows["w4a8-channel"]["memory_bytes"]
 
 
-def test_bench_w8a8_attn8_runs_the_fused_attention_kernel(tmp_path):
-    path = tmp_path / "tiny.pt"
+def test_bench_counts_fused_attentions_and_static_fp8_mlps(tmp_path):
     model = tiny_dit()
-    torch.save(model.state_dict(), path)
-    args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
-    args += ["--steps", "0", "--variants", "w8a8-static-symw,w8a8-attn8", "--device", "cpu"]
-    assert main(args + ["--out", str(tmp_path / "out")]) == 0
-    rows = {
-        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    }
+    rows = bench_rows(tmp_path, model, "w8a8-static-symw,w8a8-attn8,w8a8-fp8-static")
     blocks = len(model.blocks)
     assert rows["w8a8-static-symw"]["kernels"] == {"int": 4 * blocks, "fused-mlp": blocks}
     assert rows["w8a8-attn8"]["kernels"] == {
@@ -178,6 +175,7 @@ def test_bench_w8a8_attn8_runs_the_fused_attention_kernel(tmp_path):
         "fused-mlp": blocks,
         "fused-attention": blocks,
     }
+    assert rows["w8a8-fp8-static"]["kernels"] == {"fp8": 4 * blocks, "fused-mlp": blocks}
 
 
 def test_testbed_shape_is_the_shared_checkpoint_architecture():
