@@ -17,7 +17,10 @@
 #   stage bench  once the queue's jobs are done, the GPU alone: ditq bench of the fused
 #                quantized attention (w8a8-attn8) against the same W8A8 with BF16 attention,
 #                static FP8 (fp8_gemm with the fused MLP) and BF16 compiled, DiT-XL/2 256 px
-#                batch 64, with the kernel profile
+#                batch 64, with the kernel profile; BENCH_ARGS replaces the shape, batch
+#                and variant options, e.g. "--model $D/matrix/ptq4dit-official-w8a8 --batches
+#                1000 --variants bf16-compile,quantized" (where the testbed's quantized
+#                sampling step loses to FP)
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
 # TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
@@ -98,9 +101,9 @@ wait)
   sleep "${SLEEP:-500}"; progress; tail -n 3 $D/timing.log $D/kernels_check.log 2>/dev/null ;;
 bench)
   pgrep -f "[f]id_queue.py|[k]ernels_check.py" > /dev/null && { echo "GPU busy: not timed"; progress; exit 1; }
-  timeout "${BENCH_S:-400}" python -m ditq bench --shapes DiT-XL/2@256 --batches 64 --steps 0 \
-    --variants bf16-compile,w8a8-static-symw,w8a8-attn8,w8a8-fp8-static --iters 30 --profile \
-    --out $D/bench_attn
+  variants=bf16-compile,w8a8-static-symw,w8a8-attn8,w8a8-fp8-static
+  timeout "${BENCH_S:-400}" python -m ditq bench --steps 0 --iters 30 --profile \
+    ${BENCH_ARGS:---shapes DiT-XL/2@256 --batches 64 --variants $variants} --out $D/bench_attn
   cp $D/bench_attn/bench.json $OUT/bench_attn.json; cat $D/bench_attn/bench.md ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2

@@ -178,6 +178,41 @@ def test_bench_counts_fused_attentions_and_static_fp8_mlps(tmp_path):
     assert rows["w8a8-fp8-static"]["kernels"] == {"fp8": 4 * blocks, "fused-mlp": blocks}
 
 
+def test_bench_times_a_quantized_directory_as_saved_and_its_float_architecture(tmp_path):
+    """``--model RUN`` (written by ditq quantize): variant ``quantized`` is the model as
+    saved (on the CPU: simulated, packed weights), the others run on its float architecture
+    (random weights) rather than failing on its quantized layers."""
+    model = tiny_dit()
+    checkpoint, run = tmp_path / "tiny.pt", tmp_path / "rtn-w8a8"
+    torch.save(model.state_dict(), checkpoint)
+    quantize = ["quantize", "--model", str(checkpoint), "--num-heads", "2", "--vae", "none"]
+    quantize += ["--method", "rtn", "--out", str(run), "--calib-samples", "2"]
+    quantize += ["--calib-sampler", "ddim", "--calib-num-steps", "3", "--calib-steps", "2"]
+    assert main([*quantize, "--device", "cpu", "--quiet"]) == 0
+    args = ["bench", "--model", str(run), "--batches", "1", "--iters", "1", "--warmup", "0"]
+    args += ["--steps", "0", "--variants", "bf16,w8a8-static,quantized", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    rows = {
+        r["variant"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    }
+    assert not any("error" in row for row in rows.values())
+    blocks = len(model.blocks)
+    assert rows["w8a8-static"]["kernels"] == {"int": 4 * blocks, "fused-mlp": blocks}
+    assert "kernels" not in rows["quantized"]  # the CPU runs the simulated layers
+    assert rows["quantized"]["disk_bytes"] < rows["bf16"]["disk_bytes"] * 2  # int8 codes
+
+
+def test_bench_quantized_variant_needs_a_quantized_directory(tmp_path, capsys):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_dit().state_dict(), path)
+    args = ["bench", "--model", str(path), "--variants", "bf16,quantized", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "--variants quantized times a directory written by ditq quantize" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_testbed_shape_is_the_shared_checkpoint_architecture():
     from ditq import load_model
     from ditq.eval.speed import shape_model

@@ -16,6 +16,7 @@ from ditq.api import load_model
 from ditq.cli.common import default_device, parse_names
 from ditq.errors import DitqError
 from ditq.eval.speed import (
+    AS_QUANTIZED,
     DEFAULT_SHAPES,
     TORCHAO,
     VARIANTS,
@@ -28,6 +29,7 @@ from ditq.eval.speed import (
 )
 from ditq.io import OutputKind, atomic_path, check_output
 from ditq.models.dit import DiT
+from ditq.pipeline.checkpoint import is_quantized_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,10 +46,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"{DEFAULT_SHAPES}; "
         "none when --model is given)",
     )
-    parser.add_argument("--model", action="append", default=[], help="checkpoint (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="checkpoint, or a directory written by ditq quantize: variant 'quantized' times "
+        "it as saved, the others its float architecture (repeatable)",
+    )
     parser.add_argument("--batches", default="1,16,64", help="images per batch (×2 with cfg)")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+        "--variants", default=None, help=f"comma-separated subset of {VARIANTS} (default all)"
     )
     parser.add_argument("--iters", type=int, default=20, help="timed denoiser calls")
     parser.add_argument(
@@ -126,7 +134,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     batches = _int_list(args.batches, "--batches")
-    variants = parse_names(args.variants, VARIANTS, "--variants")
+    variants = parse_names(args.variants or ",".join(VARIANTS), VARIANTS, "--variants")
     if args.iters < 1 or args.warmup < 0 or args.steps < 0:
         raise DitqError("--iters must be at least 1, --warmup and --steps at least 0")
     cuda = torch.device(args.device).type == "cuda"
@@ -145,6 +153,12 @@ def run(args: argparse.Namespace) -> None:
     sources += [(m, partial(load_model, m, progress=False)) for m in args.model]
     if not sources:
         raise DitqError("nothing to time: pass --shapes ARCH@PIXELS and/or --model PATH")
+    quantized_runs = [m for m in args.model if is_quantized_dir(m)]
+    if args.variants is not None and AS_QUANTIZED in variants and not quantized_runs:
+        raise DitqError(
+            f"--variants {AS_QUANTIZED} times a directory written by ditq quantize: pass it "
+            "with --model RUN"
+        )
     check_output(args.out, BENCH_DIR, overwrite=args.overwrite, inputs=args.model)
     device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
     meta = {"device": device_name, "torch": torch.__version__, "steps": args.steps}
@@ -165,6 +179,8 @@ def run(args: argparse.Namespace) -> None:
     for name, make in sources:
         base = make()
         for variant in variants:
+            if variant == AS_QUANTIZED and name not in quantized_runs:
+                continue  # the other sources are float models
             for row in bench_variant(base, variant, batches, settings):
                 rows.append({"shape": name, **row})
                 print(json.dumps(rows[-1]), flush=True)

@@ -5,7 +5,8 @@ random weights) or checkpoints. Every batch size runs with guidance (the denoise
 twice the batch). Variants (``VARIANTS``): BF16 eager and ``torch.compile``d (the baseline
 of every ratio, measured in the same process), the simulated W8A8 model, the real-kernel
 formats of ``ditq.kernels`` and torchao's int8-dynamic and float8 row-wise configurations
-when torchao imports. Quantized variants use round to nearest (per-channel or group-128
+when torchao imports, and a directory written by ``ditq quantize`` as saved
+(``quantized``). Quantized variants use round to nearest (per-channel or group-128
 weights; static ranges from one forward of random latents), the layers of every block;
 compiled variants compile each block (regional compilation).
 """
@@ -35,6 +36,7 @@ from ditq.models.diffusers_pixart import DiffusersPixArt
 from ditq.models.dit import DiT, config_for
 from ditq.pipeline.checkpoint import cast_unquantized
 from ditq.pipeline.config import LayerSelection
+from ditq.quant.layers import QuantLinear
 
 BASELINE = "bf16-compile"
 QUANT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -73,7 +75,11 @@ static, PTQ4DiT's ``--attn-bits 8``: the fused quantized attention kernel);
 Block linears only, except ``w4a8-all``: ``w4a8-channel`` on the adaLN and final linears too
 (a third of DiT-XL/2's parameters are adaLN's)."""
 TORCHAO = ("torchao-int8dyn", "torchao-fp8row")
-VARIANTS = ("bf16", BASELINE, *QUANT_CONFIGS, *TORCHAO)
+AS_QUANTIZED = "quantized"
+"""The variant of a ``--model`` directory written by ``ditq quantize``: the model as
+quantized, on the device's backend (the real kernels on a GPU, the CPU path otherwise). The
+other variants of such a directory run on its float architecture with random weights."""
+VARIANTS = ("bf16", BASELINE, *QUANT_CONFIGS, *TORCHAO, AS_QUANTIZED)
 NAMED_SHAPES = {"testbed": ("DiT-S/2", {"input_size": 32, "in_channels": 3, "num_classes": 10})}
 """Shapes by name: ``testbed`` is the architecture of ``../shared``'s DiT-S/2 on CIFAR-10
 (32×32×3 pixels, patch 2: 256 tokens like DiT-XL/2 at 256 px; 10 classes)."""
@@ -197,6 +203,31 @@ def _torchao_apply(model: DiT, variant: str) -> None:
     quantize_(model, config, filter_fn=lambda _module, name: name in block_linears)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantized layers (a directory written by ``ditq quantize``)."""
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def float_architecture(model: nn.Module) -> DiT:
+    """A random fp32 DiT of a quantized DiT's architecture: the other variants' base."""
+    if not isinstance(model, DiT):
+        raise DitqError(
+            f"a quantized {type(model).__name__} times as saved only (--variants quantized); "
+            "the other variants need its float model (pass its checkpoint with --model)"
+        )
+    return DiT(model.config)
+
+
+def _kernel_counts(model: nn.Module) -> dict[str, int]:
+    """Layers per real-kernel kind, and the fused MLPs and attentions."""
+    kinds = dict(Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear)))
+    for kind, fused in (("fused-mlp", FusedQuantMlp), ("fused-attention", FusedQuantAttention)):
+        count = sum(isinstance(m, fused) for m in model.modules())
+        if count:
+            kinds[kind] = count
+    return kinds
+
+
 def build_variant(
     base: DiT,
     variant: str,
@@ -211,25 +242,29 @@ def build_variant(
     # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
     # graphs would otherwise pile up to Dynamo's cache limit and leave later variants eager.
     torch._dynamo.reset()
+    if is_quantized(base) != (variant == AS_QUANTIZED):
+        if variant == AS_QUANTIZED:
+            raise DitqError(
+                "variant 'quantized' times a directory written by ditq quantize (--model RUN)"
+            )
+        base = float_architecture(base)
     model = copy.deepcopy(base).to(device)
     info: dict[str, Any] = {
         "compiled": variant == BASELINE or (compile_models and variant != "bf16")
     }
-    if variant in QUANT_CONFIGS:
+    if variant == AS_QUANTIZED:
+        info["disk_bytes"] = state_bytes(model)
+        if torch.device(device).type == "cuda":
+            convert_model(model, fuse_mlp=fuse_mlp, int4_in_kernel=int4_in_kernel)
+            info["kernels"] = _kernel_counts(model)
+        cast_unquantized(model, torch.bfloat16)
+    elif variant in QUANT_CONFIGS:
         example = tuple(t[:2] for t in denoiser_inputs(model, 1, device, torch.float32))
         quantize_random(model, quant_config(variant, model.config.hidden_size), example)
         info["disk_bytes"] = state_bytes(model)
         if variant != "sim-w8a8":
             convert_model(model, fuse_mlp=fuse_mlp, int4_in_kernel=int4_in_kernel)
-            kinds = Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear))
-            info["kernels"] = dict(kinds)
-            for kind, fused in (
-                ("fused-mlp", FusedQuantMlp),
-                ("fused-attention", FusedQuantAttention),
-            ):
-                count = sum(isinstance(m, fused) for m in model.modules())
-                if count:
-                    info["kernels"][kind] = count
+            info["kernels"] = _kernel_counts(model)
         cast_unquantized(model, torch.bfloat16)
     else:
         model.to(torch.bfloat16)
