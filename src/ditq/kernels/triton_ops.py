@@ -300,7 +300,7 @@ def _int_gemm_kernel(
                     other=0.0 if FP8 else 0,
                 )
             if FP8:  # e4m3 codes, fp32 accumulation; row and channel scales in the epilogue
-                acc_f += tl.dot(a, w)
+                acc_f = tl.dot(a, w, acc_f)
             elif not PACKED:
                 part = tl.dot(a, w, out_dtype=tl.int32)
             if FP8:
@@ -967,6 +967,22 @@ def _(codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, n
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
 
 
+ATTENTION_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2),
+                   (128, 64, 8, 2), (128, 128, 8, 2))  # fmt: skip
+"""``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner tries for each pass of
+``quant_attention``, per (Nq, Nk, D); not yet swept on a GPU."""
+_TUNED_ATTENTION = tuple(
+    triton.autotune(
+        [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in ATTENTION_TILES
+        ],
+        key=["Nq", "Nk", "D"],
+    )(kernel)
+    for kernel in (_attention_stats_kernel, _attention_out_kernel)
+)
+
+
 @torch.library.custom_op("ditq::quant_attention", mutates_args=())
 def quant_attention(
     q: torch.Tensor,
@@ -990,20 +1006,24 @@ def quant_attention(
         return out
     qmin, qmax = integer_range(bits, symmetric)
     stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
-    block_m, block_n = (16, 16) if INTERPRETED else (64, 64)
-    meta = dict(
-        QMIN=qmin, QMAX=qmax, DOT=_DOT_DTYPE, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-    )  # fmt: skip
-    grid = (triton.cdiv(Nq, block_m), B * H)
-    _attention_stats_kernel[grid](
+    meta = dict(QMIN=qmin, QMAX=qmax, DOT=_DOT_DTYPE, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    if INTERPRETED:  # one small tile, no autotuning without a GPU
+        meta.update(BLOCK_M=16, BLOCK_N=16)
+        stats_kernel, out_kernel = _attention_stats_kernel, _attention_out_kernel
+    else:
+        stats_kernel, out_kernel = _TUNED_ATTENTION
+
+    def grid(config: dict) -> tuple[int, int]:
+        return (triton.cdiv(Nq, config["BLOCK_M"]), B * H)
+
+    stats_kernel[grid](
         q, k, qkv_qparams, stats[0], stats[1], softmax_scale, Nq, Nk, D, H,
         *q.stride(), *k.stride(), **meta,
     )  # fmt: skip
     if p_qparams is None:
         p_max = stats[1].reciprocal().amax().reshape(1, 1)
         p_qparams = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
-    _attention_out_kernel[grid](
+    out_kernel[grid](
         q, k, v, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], out, softmax_scale,
         Nq, Nk, D, H, *q.stride(), *k.stride(), *v.stride(), *out.stride(), **meta,
     )  # fmt: skip
