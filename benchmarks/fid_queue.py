@@ -122,6 +122,11 @@ class Job:
     num_samples: int = field(compare=False, default=10_000)
     backend: str = field(compare=False, default="simulated")
     """How ``ditq sample`` runs the quantized model: simulated, or cuda (real kernels)."""
+    resumable: bool = field(compare=False, default=False)
+    """Quantize with ``--resume-dir OUT/RUN.resume`` and the calibration set saved to (or,
+    once saved, read from) ``OUT/RUN.calib.safetensors``: a calibration longer than a lease
+    goes on in the next one from its finished units (the lease script's ``pack``/``unpack``
+    stages carry both)."""
 
 
 def plan(names: list[str]) -> list[Job]:
@@ -140,8 +145,9 @@ def plan(names: list[str]) -> list[Job]:
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
     if "official-20k" in names:  # first: its calibration is the longest
-        jobs.append(Job(1, "ptq4dit-official-w4a8-20k", 50, OFFICIAL_20K))
-        jobs.append(Job(2, "ptq4dit-official-w4a8-20k", 250, OFFICIAL_20K, backend="cuda"))
+        run = "ptq4dit-official-w4a8-20k"
+        jobs.append(Job(1, run, 50, OFFICIAL_20K, resumable=True))
+        jobs.append(Job(2, run, 250, OFFICIAL_20K, backend="cuda", resumable=True))
     if "official-250" in names:
         jobs += [
             Job(1 if r.startswith("ptq4dit-official") else 3, r, 250, f, backend="cuda")
@@ -221,6 +227,7 @@ class Queue:
             "none",
             *job.flags.split(),
             *self.args.quantize_flags.split(),
+            *(self.resume_flags(job.run) if job.resumable else []),
             "--device",
             self.args.device,
             "--quiet",
@@ -228,6 +235,12 @@ class Queue:
             str(directory),
         ]
         return self.execute(f"{job.run}.quantize", command, gpu)
+
+    def resume_flags(self, run: str) -> list[str]:
+        """:attr:`Job.resumable`'s flags: the resume directory and the calibration set."""
+        calib = self.out / f"{run}.calib.safetensors"
+        calib_flag = "--calib-set" if calib.exists() else "--save-calib-set"
+        return ["--resume-dir", str(self.out / f"{run}.resume"), calib_flag, str(calib)]
 
     def sample(self, job: Job, gpu: str) -> bool:
         directory = self.out / job.run

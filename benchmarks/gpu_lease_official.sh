@@ -22,6 +22,13 @@
 #                1000 --variants bf16-compile,quantized" (where the testbed's quantized
 #                sampling step loses to FP)
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
+#   stage pack   after finish: a resumable run's finished units and calibration set
+#                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k)
+#                as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
+#                call at most (the 64 MiB a call brings back)
+#   stage unpack before ship2, in the next lease: copies the parts carried in .carry5;
+#                LAST=1 on the call that carries the last ones unpacks them into the queue's
+#                output, where the run resumes after its finished units
 # TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
 # both are done, so that the two times are measured with the GPU alone. KCHECK=1: ship1
@@ -115,6 +122,20 @@ finish)
   cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
   cp $D/timing* $D/bench_attn/bench.json $D/kernels_check.json $D/kernels_check.log $OUT/ 2>/dev/null
-  tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' -C $D matrix queue.log
+  tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' \
+    --exclude='*.resume' -C $D matrix queue.log
   cat $D/report.log | head -n 40 ;;
+pack)
+  run=${RUN:-ptq4dit-official-w4a8-20k}
+  if [ ! -f $D/resume.parts.done ]; then
+    tar cf - -C $D/matrix $run.resume $run.calib.safetensors | split -b 16M -d - $D/resume.part.
+    touch $D/resume.parts.done
+  fi
+  ls -la $D/resume.part.* $D/matrix/$run.resume
+  for part in ${PARTS:-00 01 02 03}; do cp $D/resume.part.$part $OUT/ 2> /dev/null; done ;;
+unpack)
+  mkdir -p $D/matrix $D/parts && cp .carry5/resume.part.* $D/parts/ && ls -la $D/parts
+  if [ "${LAST:-0}" = 1 ]; then
+    cat $D/parts/resume.part.* | tar xf - -C $D/matrix && ls -la $D/matrix $D/matrix/*.resume
+  fi ;;
 esac
