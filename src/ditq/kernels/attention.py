@@ -4,10 +4,10 @@ matmuls (``ditq.models.adapter.explicit_attention``), which otherwise run simula
 fake-quantizations around two matmuls, with the (B, H, N, N) score and probability
 matrices in memory.
 
-The kernel reads q, k, v in BF16, quantizes them to integer codes in registers and
-multiplies the codes minus their zero points (integers of at most 9 bits, exact as BF16
-operands, summed exactly in fp32) on BF16 tensor cores; a first pass over the keys finds
-each query row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l
+A code pass quantizes q, k and v once each to their codes minus zero points (integers of
+at most 9 bits, exact in BF16, stored as BF16); the attention passes multiply these codes
+on BF16 tensor cores (summed exactly in fp32): a first pass over the keys finds each query
+row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l in registers
 with P's range and multiplies it with v's codes. The same arithmetic as the simulated
 attention in fp32 up to the order of float operations (the scales multiply the integer
 dots instead of each operand). Taken: the four matmul inputs of one int spec, at most 8

@@ -505,58 +505,62 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _attention_codes(
-    ptr, offs_n, offs_d, stride_n, stride_d, N, D, qparams_ptr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr,
+def _attention_codes_kernel(
+    x_ptr, qparams_ptr, out_ptr, N, D, H, sx_b, sx_h, sx_n, sx_d,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """A (rows, BLOCK_D) tile of q, k or v as ``clamp(round(x / s) + z) - z``: integers of
-    at most 9 bits, exact in BF16 (0 outside the tensor)."""
+    """``clamp(round(x / s) + z) - z`` of a (BLOCK_N, D) tile of q, k or v (B, H, N, D, any
+    strides) into ``out`` (B·H, N, D) contiguous, in the dot dtype: integers of at most 9
+    bits, exact in BF16. Once per tensor, so that the attention passes read codes instead
+    of quantizing every key and value tile again for each query tile."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    offs = offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs = offs_n[:, None] * sx_n + offs_d[None, :] * sx_d
+    x = tl.load(x_ptr + b * sx_b + h * sx_h + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(qparams_ptr)
     zero = tl.load(qparams_ptr + 1)
-    return tl.where(mask, _codes(x, scale, zero, QMIN, QMAX, 0) - zero, 0.0)
+    codes = _codes(x, scale, zero, QMIN, QMAX, 0) - zero
+    out = out_ptr + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(out, codes.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _attention_scores(
-    cq, k_ptr, offs_n, offs_d, stride_n, stride_d, Nk, D, qparams_ptr, alpha,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
+def _code_tile(ptr, offs_n, offs_d, N, D):
+    """Rows ``offs_n`` of one head's (N, D) codes (0 outside)."""
+    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    return tl.load(ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _attention_scores(cq, ck_ptr, offs_n, offs_d, Nk, D, alpha, DOT: tl.constexpr):
     """Scores of a query tile against keys ``offs_n``: ``alpha · Σ_d cq ck`` (the integer
     dot is exact in fp32), -inf for keys past ``Nk``."""
-    ck = _attention_codes(
-        k_ptr, offs_n, offs_d, stride_n, stride_d, Nk, D, qparams_ptr + 2, QMIN, QMAX
-    )
+    ck = _code_tile(ck_ptr, offs_n, offs_d, Nk, D)
     s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha
     return tl.where((offs_n < Nk)[None, :], s, float("-inf"))
 
 
 @triton.jit
 def _attention_stats_kernel(
-    q_ptr, k_ptr, qparams_ptr, m_ptr, l_ptr, softmax_scale, Nq, Nk, D, H,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    cq_ptr, ck_ptr, qparams_ptr, m_ptr, l_ptr, softmax_scale, Nq, Nk, D,
+    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the quantized attention: each query row's score maximum m and softmax
     denominator l = Σ exp(s - m) (online over key tiles)."""
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + b * sq_b + h * sq_h
-    cq = _attention_codes(q_base, offs_m, offs_d, sq_n, sq_d, Nq, D, qparams_ptr, QMIN, QMAX)
+    cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
     alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
-    k_base = k_ptr + b * sk_b + h * sk_h
+    ck_base = ck_ptr + bh * Nk * D
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _attention_scores(
-            cq, k_base, offs_n, offs_d, sk_n, sk_d, Nk, D, qparams_ptr, alpha, QMIN, QMAX, DOT
-        )
+        s = _attention_scores(cq, ck_base, offs_n, offs_d, Nk, D, alpha, DOT)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -567,10 +571,8 @@ def _attention_stats_kernel(
 
 @triton.jit
 def _attention_out_kernel(
-    q_ptr, k_ptr, v_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, out_ptr, softmax_scale,
-    Nq, Nk, D, H,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-    so_b, so_h, so_n, so_d,
+    cq_ptr, ck_ptr, cv_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, out_ptr, softmax_scale,
+    Nq, Nk, D, H, so_b, so_h, so_n, so_d,
     QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -580,27 +582,22 @@ def _attention_out_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < Nq
-    q_base = q_ptr + b * sq_b + h * sq_h
-    cq = _attention_codes(q_base, offs_m, offs_d, sq_n, sq_d, Nq, D, qparams_ptr, QMIN, QMAX)
+    cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
     alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
     m = tl.load(m_ptr + bh * Nq + offs_m, mask=rows, other=0.0)
     l = tl.load(l_ptr + bh * Nq + offs_m, mask=rows, other=1.0)
     p_scale = tl.load(p_qparams_ptr)
     p_zero = tl.load(p_qparams_ptr + 1)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
+    ck_base = ck_ptr + bh * Nk * D
+    cv_base = cv_ptr + bh * Nk * D
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _attention_scores(
-            cq, k_base, offs_n, offs_d, sk_n, sk_d, Nk, D, qparams_ptr, alpha, QMIN, QMAX, DOT
-        )
+        s = _attention_scores(cq, ck_base, offs_n, offs_d, Nk, D, alpha, DOT)
         p = tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None])
         cp = _codes(p, p_scale, p_zero, QMIN, QMAX, 0) - p_zero
         cp = tl.where((offs_n < Nk)[None, :], cp, 0.0)
-        cv = _attention_codes(
-            v_base, offs_n, offs_d, sv_n, sv_d, Nk, D, qparams_ptr + 4, QMIN, QMAX
-        )
+        cv = _code_tile(cv_base, offs_n, offs_d, Nk, D)
         acc += tl.dot(cp.to(DOT), cv.to(DOT), out_dtype=tl.float32)
     out = acc * (p_scale * tl.load(qparams_ptr + 4))
     offs = offs_m[:, None] * so_n + offs_d[None, :] * so_d
@@ -967,6 +964,8 @@ def _(codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, n
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
 
 
+CODE_ROWS = 64
+"""Rows of q, k or v per program of the code pass (an elementwise kernel)."""
 ATTENTION_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2),
                    (128, 64, 8, 2), (128, 128, 8, 2))  # fmt: skip
 """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner tries for each pass of
@@ -997,16 +996,29 @@ def quant_attention(
     """Attention with quantized matmul inputs, fused: q (B, H, Nq, D), k and v (B, H, Nk,
     D) in any strides; ``qkv_qparams`` = [Δq, zq, Δk, zk, Δv, zv] (fp32, on the device);
     ``p_qparams`` = [Δp, zp], or None for P's dynamic per-tensor range (from the row
-    denominators of pass 1: max P = max 1 / l, min P ≥ 0). Two passes over the keys, no
-    score matrix in memory; output (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)."""
+    denominators of pass 1: max P = max 1 / l, min P ≥ 0). q, k and v are quantized once
+    (:func:`_attention_codes_kernel`), then two passes over the keys, with no score matrix
+    in memory; output (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty((B, Nq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     if not B * H * Nq:
         return out
     qmin, qmax = integer_range(bits, symmetric)
+    block_d = max(16, triton.next_power_of_2(D))
+    code_dtype = torch.float32 if INTERPRETED else torch.bfloat16  # the dot dtype
+    codes = []
+    for i, x in enumerate((q, k, v)):
+        N = x.shape[2]
+        c = torch.empty((B * H, N, D), device=q.device, dtype=code_dtype)
+        _attention_codes_kernel[(triton.cdiv(N, CODE_ROWS), B * H)](
+            x, qkv_qparams[2 * i :], c, N, D, H, *x.stride(),
+            QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=block_d,
+        )  # fmt: skip
+        codes.append(c)
+    cq, ck, cv = codes
     stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
-    meta = dict(QMIN=qmin, QMAX=qmax, DOT=_DOT_DTYPE, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    meta = dict(DOT=_DOT_DTYPE, BLOCK_D=block_d)
     if INTERPRETED:  # one small tile, no autotuning without a GPU
         meta.update(BLOCK_M=16, BLOCK_N=16)
         stats_kernel, out_kernel = _attention_stats_kernel, _attention_out_kernel
@@ -1017,15 +1029,14 @@ def quant_attention(
         return (triton.cdiv(Nq, config["BLOCK_M"]), B * H)
 
     stats_kernel[grid](
-        q, k, qkv_qparams, stats[0], stats[1], softmax_scale, Nq, Nk, D, H,
-        *q.stride(), *k.stride(), **meta,
+        cq, ck, qkv_qparams, stats[0], stats[1], softmax_scale, Nq, Nk, D, **meta
     )  # fmt: skip
     if p_qparams is None:
         p_max = stats[1].reciprocal().amax().reshape(1, 1)
         p_qparams = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
     out_kernel[grid](
-        q, k, v, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], out, softmax_scale,
-        Nq, Nk, D, H, *q.stride(), *k.stride(), *v.stride(), *out.stride(), **meta,
+        cq, ck, cv, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], out, softmax_scale,
+        Nq, Nk, D, H, *out.stride(), QMIN=qmin, QMAX=qmax, **meta,
     )  # fmt: skip
     return out
 
