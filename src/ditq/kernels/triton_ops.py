@@ -63,6 +63,7 @@ except ImportError:  # Triton < 3.4: no host-side tensor descriptors, no TMA con
 _SHIFT = 128  # asymmetric codes [0, 2^b - 1] are stored shifted by -128 into int8
 FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HARDWARE_RINT = tl.constexpr(not INTERPRETED)
 _DOT_DTYPE = tl.float32 if INTERPRETED else tl.bfloat16
 """BF16 tensor-core dots; fp32 under the interpreter, whose BF16 dot is wrong (numpy has
 no bfloat16), so the CPU tests check the same kernels with exact operands."""
@@ -70,6 +71,10 @@ no bfloat16), so the CPU tests check the same kernels with exact operands."""
 
 @triton.jit
 def _round_half_even(v):
+    """``torch.round``: the rint instruction on the GPU, the same in arithmetic for the
+    interpreter (exact for |v| < 2^22, far beyond any clamped code)."""
+    if HARDWARE_RINT:
+        return libdevice.rint(v)
     r = tl.floor(v + 0.5)
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -354,8 +359,8 @@ def _int_gemm_kernel(
         # its static [scale, zero point], rounding half to even. Cheap arithmetic, as the
         # epilogue runs at the GEMM's low occupancy: products by reciprocals instead of
         # divisions (a code may differ by one from quantize_act's where y / s lies within
-        # an ulp of a rounding tie) and, with FAST_MATH (on the GPU), the hardware tanh and
-        # rint instead of their arithmetic forms.
+        # an ulp of a rounding tie) and, with FAST_MATH (on the GPU), the hardware tanh
+        # instead of its arithmetic form.
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
         if R > 0:
@@ -393,7 +398,7 @@ def _int_gemm_kernel(
                     v = _round_to_e4m3(v)
                 tl.store(out, v.to(tl.float8e4nv), mask=mask)
             else:
-                v = libdevice.rint(v) if FAST_MATH else _round_half_even(v)
+                v = _round_half_even(v)
                 codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
                 tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
         else:
