@@ -110,14 +110,27 @@ def test_convert_model_fuses_quantized_attention():
     assert all(f.qkv_qparams.dtype == f.p_qparams.dtype == torch.float32 for f in fused)
 
 
-def test_masked_attention_runs_the_explicit_matmuls():
-    """A mask (diffusers' cross-attention) is not the kernel's: the simulated path runs."""
-    torch.manual_seed(1)
-    q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
-    spec = QuantSpec(bits=8, symmetric=True, granularity=PerTensor(), dynamic=True)
-    attn = _attention(spec, q, k, v, 0.5)
-    mask = torch.zeros(1, 1, 5, 5)
-    mask[..., -1] = -1e4
-    attn.fused_matmuls = SimpleNamespace(runs_on=lambda device: True)  # not callable
-    out = explicit_attention(attn, q, k, v, 0.5, mask)
-    assert out.shape == (1, 2, 5, 8)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize(
+    "mask_shape", [(2, 3, 1, 23), (2, 1, 40, 23)], ids=["per-key (diffusers)", "per-query"]
+)
+def test_masked_attention_runs_the_kernel_and_equals_the_simulated_matmuls(dynamic, mask_shape):
+    """An additive score mask (diffusers' cross-attention: -10000 on the padded keys of each
+    sample) broadcast over heads or queries: the kernel adds it to its scores as the
+    explicit matmuls do."""
+    torch.manual_seed(2)
+    q = torch.randn(2, 3, 40, 24)
+    k, v = torch.randn(2, 2, 3, 23, 24).unbind(0)
+    mask = torch.zeros(mask_shape)
+    mask[0, ..., 17:] = -10000.0  # sample 0 attends to its first 17 keys only
+    if mask_shape[2] > 1:
+        mask[1, :, ::3, :5] = -10000.0  # every third query of sample 1 skips the first keys
+    spec = QuantSpec(bits=8, symmetric=False, granularity=PerTensor(), dynamic=dynamic)
+    scale = 24**-0.5
+    attn = _attention(spec, q, k, v, scale)
+    simulated = explicit_attention(attn, q, k, v, scale, mask)
+    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
+    fused = explicit_attention(attn, q, k, v, scale, mask)
+    unmasked = explicit_attention(attn, q, k, v, scale)
+    torch.testing.assert_close(fused, simulated, rtol=0, atol=1e-5 * float(simulated.abs().max()))
+    assert float((fused - unmasked).abs().max()) > 0.1  # the mask changed the output

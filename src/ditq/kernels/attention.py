@@ -11,8 +11,8 @@ row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l in 
 with P's range and multiplies it with v's codes. The same arithmetic as the simulated
 attention in fp32 up to the order of float operations (the scales multiply the integer
 dots instead of each operand). Taken: the four matmul inputs of one int spec, at most 8
-bits, per tensor, static (calibrated) or dynamic; masked (cross-)attention and other
-formats stay simulated.
+bits, per tensor, static (calibrated) or dynamic, with or without an additive score mask
+(diffusers' cross-attention); other formats stay simulated.
 """
 
 from __future__ import annotations
@@ -63,16 +63,22 @@ class FusedQuantAttention(nn.Module):
         return torch.cat(qparams_from_range(*find_range(x, self.spec), self.spec)).reshape(2)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The attention output (B, H, Nq, D) of q (B, H, Nq, D), k and v (B, H, Nk, D)."""
+        """The attention output (B, H, Nq, D) of q (B, H, Nq, D), k and v (B, H, Nk, D),
+        with an additive score ``mask`` broadcastable to (B, H, Nq, Nk) if given."""
         if self.spec.dynamic:
             qkv = torch.cat([self._dynamic_qparams(x) for x in (q, k, v)]).float()
             p_qparams = None
         else:  # moved with the inputs if the model moved after conversion
             qkv, p_qparams = self.qkv_qparams.to(q.device), self.p_qparams.to(q.device)
         return quant_attention(
-            q, k, v, qkv, p_qparams, float(scale), self.spec.bits, self.spec.symmetric
+            q, k, v, qkv, p_qparams, float(scale), self.spec.bits, self.spec.symmetric, mask
         )
 
 

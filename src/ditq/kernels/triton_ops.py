@@ -540,32 +540,47 @@ def _code_tile(ptr, offs_n, offs_d, N, D):
 
 
 @triton.jit
-def _attention_scores(cq, ck_ptr, offs_n, offs_d, Nk, D, alpha, DOT: tl.constexpr):
+def _attention_scores(
+    cq, ck_ptr, offs_m, offs_n, offs_d, Nq, Nk, D, alpha, mask_ptr, smq, smk,
+    DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
     """Scores of a query tile against keys ``offs_n``: ``alpha · Σ_d cq ck`` (the integer
-    dot is exact in fp32), -inf for keys past ``Nk``."""
+    dot is exact in fp32) plus the additive mask (this head's, strides ``smq``, ``smk``),
+    -inf for keys past ``Nk``."""
     ck = _code_tile(ck_ptr, offs_n, offs_d, Nk, D)
     s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha
+    if HAS_MASK:
+        valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+        offs = offs_m[:, None] * smq + offs_n[None, :] * smk
+        s += tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     return tl.where((offs_n < Nk)[None, :], s, float("-inf"))
 
 
 @triton.jit
 def _attention_stats_kernel(
-    cq_ptr, ck_ptr, qparams_ptr, m_ptr, l_ptr, softmax_scale, Nq, Nk, D,
-    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    cq_ptr, ck_ptr, qparams_ptr, m_ptr, l_ptr, mask_ptr, softmax_scale, Nq, Nk, D, H,
+    smb, smh, smq, smk,
+    DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the quantized attention: each query row's score maximum m and softmax
     denominator l = Σ exp(s - m) (online over key tiles)."""
     bh = tl.program_id(1)
+    b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
     alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
     ck_base = ck_ptr + bh * Nk * D
+    mask_base = mask_ptr + b * smb + h * smh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _attention_scores(cq, ck_base, offs_n, offs_d, Nk, D, alpha, DOT)
+        s = _attention_scores(
+            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha, mask_base, smq, smk, DOT,
+            HAS_MASK,
+        )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -576,9 +591,9 @@ def _attention_stats_kernel(
 
 @triton.jit
 def _attention_out_kernel(
-    cq_ptr, ck_ptr, cv_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, out_ptr, softmax_scale,
-    Nq, Nk, D, H, so_b, so_h, so_n, so_d,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr,
+    cq_ptr, ck_ptr, cv_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, mask_ptr, out_ptr,
+    softmax_scale, Nq, Nk, D, H, smb, smh, smq, smk, so_b, so_h, so_n, so_d,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: P = exp(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``."""
@@ -595,10 +610,14 @@ def _attention_out_kernel(
     p_zero = tl.load(p_qparams_ptr + 1)
     ck_base = ck_ptr + bh * Nk * D
     cv_base = cv_ptr + bh * Nk * D
+    mask_base = mask_ptr + b * smb + h * smh
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _attention_scores(cq, ck_base, offs_n, offs_d, Nk, D, alpha, DOT)
+        s = _attention_scores(
+            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha, mask_base, smq, smk, DOT,
+            HAS_MASK,
+        )  # fmt: skip
         p = tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None])
         cp = _codes(p, p_scale, p_zero, QMIN, QMAX, 0) - p_zero
         cp = tl.where((offs_n < Nk)[None, :], cp, 0.0)
@@ -997,9 +1016,12 @@ def quant_attention(
     softmax_scale: float,
     bits: int,
     symmetric: bool,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with quantized matmul inputs, fused: q (B, H, Nq, D), k and v (B, H, Nk,
-    D) in any strides; ``qkv_qparams`` = [Δq, zq, Δk, zk, Δv, zv] (fp32, on the device);
+    D) in any strides, ``mask`` an additive score mask broadcastable to (B, H, Nq, Nk) (as
+    diffusers' cross-attention has one) or None;
+    ``qkv_qparams`` = [Δq, zq, Δk, zk, Δv, zv] (fp32, on the device);
     ``p_qparams`` = [Δp, zp], or None for P's dynamic per-tensor range (from the row
     denominators of pass 1: max P = max 1 / l, min P ≥ 0). q, k and v are quantized once
     (:func:`_attention_codes_kernel`), then two passes over the keys, with no score matrix
@@ -1033,20 +1055,25 @@ def quant_attention(
     def grid(config: dict) -> tuple[int, int]:
         return (triton.cdiv(Nq, config["BLOCK_M"]), B * H)
 
+    mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
+    mask_ptr = _placeholder(q) if mask is None else mask
+    meta["HAS_MASK"] = mask is not None
     stats_kernel[grid](
-        cq, ck, qkv_qparams, stats[0], stats[1], softmax_scale, Nq, Nk, D, **meta
+        cq, ck, qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq, Nk, D, H,
+        *mask_strides, **meta,
     )  # fmt: skip
     if p_qparams is None:
         p_max = stats[1].reciprocal().amax().reshape(1, 1)
         p_qparams = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
     out_kernel[grid](
-        cq, ck, cv, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], out, softmax_scale,
-        Nq, Nk, D, H, *out.stride(), QMIN=qmin, QMAX=qmax, **meta,
+        cq, ck, cv, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], mask_ptr, out,
+        softmax_scale, Nq, Nk, D, H, *mask_strides, *out.stride(), QMIN=qmin, QMAX=qmax,
+        **meta,
     )  # fmt: skip
     return out
 
 
 @quant_attention.register_fake
-def _(q, k, v, qkv_qparams, p_qparams, softmax_scale, bits, symmetric):
+def _(q, k, v, qkv_qparams, p_qparams, softmax_scale, bits, symmetric, mask=None):
     B, H, Nq, D = q.shape
     return q.new_empty((B, Nq, H, D)).transpose(1, 2)

@@ -50,10 +50,10 @@ def explicit_attention(
     """``attn_act(softmax((q_act(q) · scale) k_act(k)ᵀ + mask)) · v_act(v)`` for q, k, v of
     shape (B, H, N, D): the explicit matmuls of a quantizable attention module, or its
     ``fused_matmuls`` (a kernel that quantizes and multiplies in one, set by the ``cuda``
-    backend) when it has one that runs on q's device and there is no mask."""
+    backend) when it has one that runs on q's device."""
     fused = getattr(attn, "fused_matmuls", None)
-    if fused is not None and mask is None and fused.runs_on(q.device):
-        return fused(q, k, v, scale)
+    if fused is not None and fused.runs_on(q.device):
+        return fused(q, k, v, scale, mask)
     q, k, v = attn.q_act(q), attn.k_act(k), attn.v_act(v)
     scores = (q * scale) @ k.transpose(-2, -1)
     if mask is not None:
