@@ -158,9 +158,11 @@ def check_model(
 
 
 @torch.no_grad()
-def check_attention(fmt: str, device: str) -> dict:
+def check_attention(fmt: str, device: str, masked: bool = False) -> dict:
     """The fused kernel on DiT-XL/2 256 px attention inputs (4 guided samples, 16 heads,
-    256 tokens, head dim 72) against the simulated explicit matmuls in fp32."""
+    256 tokens, head dim 72) against the simulated explicit matmuls in fp32; ``masked``:
+    with an additive per-key mask (-10000 on each sample's last 8·i keys, as diffusers'
+    cross-attention pads its text tokens)."""
     spec = RTNConfig(**ATTENTION_FORMATS[fmt]).attention_spec()
     torch.manual_seed(0)
     q, k, v = (torch.randn(8, 16, 256, 72, device=device) * s for s in (1.0, 3.0, 0.5))
@@ -170,10 +172,16 @@ def check_attention(fmt: str, device: str) -> dict:
         for point, x in zip(MATMUL_POINTS[:3], (q, k, v), strict=True):
             getattr(attn, point).find_params(x)
         attn.attn_act.find_params(((q * 72**-0.5) @ k.transpose(-2, -1)).softmax(-1))
-    ref = explicit_attention(attn, q, k, v, 72**-0.5)
+    mask = None
+    if masked:
+        mask = torch.zeros(8, 1, 1, 256, device=device)
+        for i in range(8):
+            mask[i, ..., 256 - 8 * i :] = -10000.0
+    ref = explicit_attention(attn, q, k, v, 72**-0.5, mask)
     attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
     poison(device)
-    out = explicit_attention(attn, q.bfloat16(), k.bfloat16(), v.bfloat16(), 72**-0.5)
+    low = (x.bfloat16() for x in (q, k, v))
+    out = explicit_attention(attn, *low, 72**-0.5, None if mask is None else mask.bfloat16())
     return {"kind": "attention", **rel_error(out, ref)}
 
 
@@ -256,6 +264,11 @@ def main(out_path: str) -> None:
             )
     for fmt in ATTENTION_FORMATS:
         record("XL attention (8, 16, 256, 72)", fmt, lambda f=fmt: check_attention(f, device))
+        record(
+            "XL attention (8, 16, 256, 72) key mask",
+            fmt,
+            lambda f=fmt: check_attention(f, device, masked=True),
+        )
     torch.manual_seed(0)  # the same random tiny model whatever checks ran before
     models = {
         "tiny": DiT(DiTConfig(depth=2, hidden_size=256, num_heads=4, input_size=8, in_channels=4))
