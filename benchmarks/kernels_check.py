@@ -1,6 +1,6 @@
 """GPU check of the ``cuda`` backend against the simulated (fake-quant) model.
 
-    python benchmarks/kernels_check.py OUT.json
+    python benchmarks/kernels_check.py OUT.json [--only PART,PART]
 
 For each format: random layers of DiT-XL/2 sizes (and the same with DiTAS' online input
 scale and rank-32 low-rank branch), then whole models (a tiny random DiT, and the testbed
@@ -14,7 +14,8 @@ kernel) on DiT-XL/2-shaped q, k, v and in whole models. FP8 layers through each 
 ``fp8_gemm``'s two paths (the Triton kernel and ``torch._scaled_mm``) whichever would be
 measured faster; whole FP8 models (static: with the fused MLP) on the measured choice. A
 failing check is recorded and the script goes on; the table is printed last and everything
-is written to OUT.json.
+is written to OUT.json. ``--only`` keeps the checks whose name and format contain one of the
+PARTs (a quick check of the kernels a run is about to use, e.g. ``--only attention``).
 """
 
 from __future__ import annotations
@@ -221,12 +222,14 @@ def checkpoint_sizes(device: str) -> dict:
     return sizes
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, only: list[str]) -> None:
     device = "cuda"
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     rows = []
 
     def record(check: str, fmt: str, fn) -> None:
+        if only and not any(part in f"{check} {fmt}" for part in only):
+            return
         try:
             row = {"check": check, "format": fmt, **fn()}
         except Exception as err:  # noqa: BLE001 - recorded, the script goes on
@@ -235,6 +238,14 @@ def main(out_path: str) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    # first the fused attention, which the cuda backend's PTQ4DiT sampling runs
+    for fmt in ATTENTION_FORMATS:
+        record("XL attention (8, 16, 256, 72)", fmt, lambda f=fmt: check_attention(f, device))
+        record(
+            "XL attention (8, 16, 256, 72) key mask",
+            fmt,
+            lambda f=fmt: check_attention(f, device, masked=True),
+        )
     for fmt in FORMATS:
         for name, size in XL_LAYERS.items():
             record(f"XL {name} {size}", fmt, lambda f=fmt, s=size: check_layer(f, s, False, device))
@@ -262,13 +273,6 @@ def main(out_path: str) -> None:
                     t, lambda: check_layer(f, (1152, 1152), False, device)
                 ),
             )
-    for fmt in ATTENTION_FORMATS:
-        record("XL attention (8, 16, 256, 72)", fmt, lambda f=fmt: check_attention(f, device))
-        record(
-            "XL attention (8, 16, 256, 72) key mask",
-            fmt,
-            lambda f=fmt: check_attention(f, device, masked=True),
-        )
     torch.manual_seed(0)  # the same random tiny model whatever checks ran before
     models = {
         "tiny": DiT(DiTConfig(depth=2, hidden_size=256, num_heads=4, input_size=8, in_channels=4))
@@ -295,7 +299,7 @@ def main(out_path: str) -> None:
                 lambda f=fmt, b=base: check_model(f, b, device, int4_in_kernel=True),
             )
     try:
-        results["checkpoint_bytes_dit_xl2_256"] = checkpoint_sizes(device)
+        results["checkpoint_bytes_dit_xl2_256"] = {} if only else checkpoint_sizes(device)
     except Exception as err:  # noqa: BLE001
         traceback.print_exc()
         results["checkpoint_bytes_dit_xl2_256"] = {"error": f"{type(err).__name__}: {err}"}
@@ -314,6 +318,6 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/kernels_check.py OUT.json")
-    main(sys.argv[1])
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--only"):
+        sys.exit("usage: python benchmarks/kernels_check.py OUT.json [--only PART,PART]")
+    main(sys.argv[1], sys.argv[3].split(",") if len(sys.argv) == 4 else [])
