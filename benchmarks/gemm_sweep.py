@@ -49,13 +49,8 @@ def with_tiles(tiles: tuple[int, ...] | None, grouped: bool, fn: Callable[[], ob
     """Time ``fn`` with ``int_gemm`` autotuned (``tiles`` None) or fixed to ``tiles``."""
     if tiles is None:
         return bench(fn)
-    saved = dict(triton_ops._TUNED_INT_GEMM)
-    for tma in (False, True):
-        triton_ops._TUNED_INT_GEMM[grouped, tma] = triton_ops._autotuned((tiles,))
-    try:
+    with triton_ops.fixed_tiles(tiles, grouped):
         return bench(fn)
-    finally:
-        triton_ops._TUNED_INT_GEMM.update(saved)
 
 
 def autotuner_choices() -> list[dict]:

@@ -188,13 +188,8 @@ def check_attention(fmt: str, device: str, masked: bool = False) -> dict:
 
 def with_grouped_tiles(tiles: tuple[int, ...], check) -> dict:
     """``check()`` with the grouped-weight GEMM fixed to one tile configuration."""
-    saved = dict(triton_ops._TUNED_INT_GEMM)
-    for tma in (False, True):
-        triton_ops._TUNED_INT_GEMM[True, tma] = triton_ops._autotuned((tiles,))
-    try:
+    with triton_ops.fixed_tiles(tiles, grouped=True):
         return check()
-    finally:
-        triton_ops._TUNED_INT_GEMM.update(saved)
 
 
 def _copy(model: torch.nn.Module, device: str) -> torch.nn.Module:

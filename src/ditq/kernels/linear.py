@@ -407,15 +407,17 @@ class RealQuantLinear(nn.Module):
         rows: torch.Tensor,
         residual: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
+        next_layer: RealQuantLinear | None = None,
     ) -> torch.Tensor:
         """The ``int`` and ``fp8`` paths: activation codes, then the GEMM (with the gated
-        residual)."""
+        residual, or writing ``next_layer``'s input codes: :meth:`_gemm`)."""
         if not rows.is_contiguous():
             rows = rows.contiguous()
         return self._gemm(
             self._quantize_cuda(rows),
             self._lowrank_t(rows),
             rows.dtype,
+            next_layer=next_layer,
             residual=_contiguous(residual),
             gate=_contiguous(gate),
         )
@@ -632,11 +634,7 @@ class FusedQuantMlp(nn.Module):
         gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        hidden = fc1._gemm(
-            fc1._quantize_cuda(rows), fc1._lowrank_t(rows), rows.dtype, next_layer=fc2
-        )
+        hidden = fc1._quantized_cuda(rows, next_layer=fc2)
         h_scale, h_zero = fc2._static_row_qparams(len(rows))
         h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
         return fc2._gemm(

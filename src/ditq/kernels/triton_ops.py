@@ -44,8 +44,10 @@ GELU and that layer's quantization in the epilogue and writes int8 codes instead
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -306,34 +308,33 @@ def _int_gemm_kernel(
                 )
             if FP8:  # e4m3 codes, fp32 accumulation; row and channel scales in the epilogue
                 acc_f = tl.dot(a, w, acc_f)
-            elif not PACKED:
-                part = tl.dot(a, w, out_dtype=tl.int32)
-            if FP8:
-                pass
-            elif GROUPED:
-                g_idx = offs_n * NUM_GROUPS + kb
-                if X_GROUPED:  # the activation's own range in this K block
-                    xz = tl.load(xz_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0)
-                if HAS_WZP:
-                    wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
-                    if PACKED:
-                        a_sum = tl.sum(a_even.to(tl.int32), axis=1)
-                        a_sum += tl.sum(a_odd.to(tl.int32), axis=1)
-                    else:
-                        a_sum = tl.sum(a.to(tl.int32), axis=1)
-                    part -= wz[None, :] * a_sum[:, None]
-                    if HAS_XZP:
-                        part += BK * xz[:, None] * wz[None, :]
-                if HAS_XZP:
-                    part -= xz[:, None] * tl.load(wsum_ptr + g_idx, mask=n_ok, other=0)[None, :]
-                ws = tl.load(ws_ptr + g_idx, mask=n_ok, other=0.0)
-                if X_GROUPED:
-                    xs = tl.load(xs_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0.0)
-                    acc_f += part.to(tl.float32) * (xs[:, None] * ws[None, :])
-                else:
-                    acc_f += part.to(tl.float32) * ws[None, :]
             else:
-                acc_i += part
+                if not PACKED:
+                    part = tl.dot(a, w, out_dtype=tl.int32)
+                if GROUPED:
+                    g_idx = offs_n * NUM_GROUPS + kb
+                    if X_GROUPED:  # the activation's own range in this K block
+                        xz = tl.load(xz_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0)
+                    if HAS_WZP:
+                        wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
+                        if PACKED:
+                            a_sum = tl.sum(a_even.to(tl.int32), axis=1)
+                            a_sum += tl.sum(a_odd.to(tl.int32), axis=1)
+                        else:
+                            a_sum = tl.sum(a.to(tl.int32), axis=1)
+                        part -= wz[None, :] * a_sum[:, None]
+                        if HAS_XZP:
+                            part += BK * xz[:, None] * wz[None, :]
+                    if HAS_XZP:
+                        part -= xz[:, None] * tl.load(wsum_ptr + g_idx, mask=n_ok, other=0)[None, :]
+                    ws = tl.load(ws_ptr + g_idx, mask=n_ok, other=0.0)
+                    if X_GROUPED:
+                        xs = tl.load(xs_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0.0)
+                        acc_f += part.to(tl.float32) * (xs[:, None] * ws[None, :])
+                    else:
+                        acc_f += part.to(tl.float32) * ws[None, :]
+                else:
+                    acc_i += part
         if X_GROUPED:
             acc = acc_f
         elif GROUPED:
@@ -475,6 +476,21 @@ _TUNED_INT_GEMM = {
 }
 """Autotuners by (grouped weights, TMA usable): TMA needs Triton's host-side tensor
 descriptors and 16-byte aligned operands and rows."""
+
+
+@contextlib.contextmanager
+def fixed_tiles(tiles: tuple[int, ...], grouped: bool) -> Iterator[None]:
+    """``int_gemm`` (for ``grouped`` or per-channel weights) with the one tile configuration
+    ``tiles`` (a :data:`TUNED_TILES` entry) instead of the autotuned ones, e.g. to time or
+    check each alone (``benchmarks/gemm_sweep.py``, ``benchmarks/kernels_check.py``)."""
+    saved = dict(_TUNED_INT_GEMM)
+    for tma in (False, True):
+        _TUNED_INT_GEMM[grouped, tma] = _autotuned((tiles,))
+    try:
+        yield
+    finally:
+        _TUNED_INT_GEMM.update(saved)
+
 
 INTERPRETER_OPTIONS = {"PERSISTENT": 0, "TMA": False}
 """The persistent-grid and TMA options the interpreter runs (one tile size, no
@@ -918,27 +934,21 @@ def fp8_gemm(
 FP8_GEMM_CHOICE: dict[tuple[int, int, int], str] = {}
 """``"triton"`` or ``"cublas"`` per GEMM shape (M, N, K), measured by :func:`fp8_gemm`'s
 first call of that shape on the GPU."""
-FP8_TIMED_CALLS = 10
 
 
 def _faster_fp8_gemm(M: int, N: int, K: int, device: torch.device) -> str:
-    """The faster plain FP8 GEMM of shape (M, N, K), BF16 output: CUDA-event time of
-    :data:`FP8_TIMED_CALLS` calls of each after warm-up calls (the Triton autotuning)."""
+    """The faster plain FP8 GEMM of shape (M, N, K), BF16 output: the median time of
+    ``triton.testing.do_bench`` (after its warm-up, which includes the Triton autotuning)."""
     a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
     w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
     xs, ws = torch.ones(M, device=device), torch.ones(N, device=device)
-    times = {}
-    for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas)):
-        call = lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16)  # noqa: E731
-        for _ in range(3):
-            call()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(FP8_TIMED_CALLS):
-            call()
-        end.record()
-        end.synchronize()
-        times[name] = start.elapsed_time(end)
+    times = {
+        name: triton.testing.do_bench(
+            lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16),
+            return_mode="median",
+        )
+        for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas))
+    }
     return min(times, key=times.get)
 
 
