@@ -242,11 +242,12 @@ def build_variant(
     # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
     # graphs would otherwise pile up to Dynamo's cache limit and leave later variants eager.
     torch._dynamo.reset()
-    if is_quantized(base) != (variant == AS_QUANTIZED):
-        if variant == AS_QUANTIZED:
-            raise DitqError(
-                "variant 'quantized' times a directory written by ditq quantize (--model RUN)"
-            )
+    quantized = is_quantized(base)
+    if variant == AS_QUANTIZED and not quantized:
+        raise DitqError(
+            "variant 'quantized' times a directory written by ditq quantize (--model RUN)"
+        )
+    if variant != AS_QUANTIZED and quantized:
         base = float_architecture(base)
     model = copy.deepcopy(base).to(device)
     info: dict[str, Any] = {
