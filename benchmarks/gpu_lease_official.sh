@@ -13,7 +13,8 @@
 #                jobs measured in an earlier lease (benchmarks/results/*/RUN/eval_ddpmN.json)
 #                are skipped
 #   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
-#   stage wait   sleep, then show progress
+#   stage wait   sleep SLEEP seconds (default 500), then show progress: keep SLEEP and anything
+#                else in the same call under the call's time limit
 #   stage bench  once the queue's jobs are done, the GPU alone: ditq bench of the fused
 #                quantized attention (w8a8-attn8) against the same W8A8 with BF16 attention,
 #                static FP8 (fp8_gemm with the fused MLP) and BF16 compiled, DiT-XL/2 256 px
