@@ -9,10 +9,13 @@ at most 9 bits, exact in BF16, stored as BF16); the attention passes multiply th
 on BF16 tensor cores (summed exactly in fp32): a first pass over the keys finds each query
 row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l in registers
 with P's range and multiplies it with v's codes. The same arithmetic as the simulated
-attention in fp32 up to the order of float operations (the scales multiply the integer
-dots instead of each operand). Taken: the four matmul inputs of one int spec, at most 8
-bits, per tensor, static (calibrated) or dynamic, with or without an additive score mask
-(diffusers' cross-attention); other formats stay simulated.
+attention in fp32 up to the order of float operations: the scales multiply the integer
+dots instead of each operand, the exponentials are taken in base 2 (scores times log2 e),
+and P / Δp is one multiplication by each row's 1 / (l Δp) instead of two divisions, so a
+probability within a few ulps of a rounding boundary may get the neighbouring code.
+Taken: the four matmul inputs of one int spec, at most 8 bits, per tensor, static
+(calibrated) or dynamic, with or without an additive score mask (diffusers'
+cross-attention); other formats stay simulated.
 """
 
 from __future__ import annotations

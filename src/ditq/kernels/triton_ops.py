@@ -555,20 +555,26 @@ def _code_tile(ptr, offs_n, offs_d, N, D):
     return tl.load(ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
 
 
+LOG2E = 1.4426950408889634
+"""log2(e): the attention passes keep scores in the base-2 domain (``exp2`` of scaled
+scores), one multiplication fewer per score than ``exp``."""
+
+
 @triton.jit
 def _attention_scores(
-    cq, ck_ptr, offs_m, offs_n, offs_d, Nq, Nk, D, alpha, mask_ptr, smq, smk,
+    cq, ck_ptr, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_ptr, smq, smk,
     DOT: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Scores of a query tile against keys ``offs_n``: ``alpha · Σ_d cq ck`` (the integer
-    dot is exact in fp32) plus the additive mask (this head's, strides ``smq``, ``smk``),
-    -inf for keys past ``Nk``."""
+    """Scores of a query tile against keys ``offs_n`` in the base-2 domain: ``log2(e) ·
+    (alpha · Σ_d cq ck + mask)`` with ``alpha2 = log2(e) · alpha`` (the integer dot is
+    exact in fp32), the additive mask this head's (strides ``smq``, ``smk``), -inf for
+    keys past ``Nk``."""
     ck = _code_tile(ck_ptr, offs_n, offs_d, Nk, D)
-    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha
+    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha2
     if HAS_MASK:
         valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         offs = offs_m[:, None] * smq + offs_n[None, :] * smk
-        s += tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32) * LOG2E
     return tl.where((offs_n < Nk)[None, :], s, float("-inf"))
 
 
@@ -579,14 +585,14 @@ def _attention_stats_kernel(
     DOT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1 of the quantized attention: each query row's score maximum m and softmax
-    denominator l = Σ exp(s - m) (online over key tiles)."""
+    """Pass 1 of the quantized attention: each query row's maximum m of its base-2 scores
+    and softmax denominator l = Σ 2^(s - m) = Σ exp(s_e - m_e) (online over key tiles)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
-    alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
+    alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     ck_base = ck_ptr + bh * Nk * D
     mask_base = mask_ptr + b * smb + h * smh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -594,11 +600,11 @@ def _attention_stats_kernel(
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha, mask_base, smq, smk, DOT,
+            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_base, smq, smk, DOT,
             HAS_MASK,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m = m_new
     rows = offs_m < Nq
     tl.store(m_ptr + bh * Nq + offs_m, m, mask=rows)
@@ -612,18 +618,22 @@ def _attention_out_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2: P = exp(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``."""
+    """Pass 2: P = 2^(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``. Per
+    score one exp2, one multiplication by the row's 1 / (l Δp), a rounding and a clamp to
+    the codes minus the zero point: ``clamp(round(p / Δp) + z) - z = clamp(round(p / Δp),
+    QMIN - z, QMAX - z)``."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < Nq
     cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
-    alpha = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * softmax_scale
+    alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     m = tl.load(m_ptr + bh * Nq + offs_m, mask=rows, other=0.0)
     l = tl.load(l_ptr + bh * Nq + offs_m, mask=rows, other=1.0)
     p_scale = tl.load(p_qparams_ptr)
     p_zero = tl.load(p_qparams_ptr + 1)
+    per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), l * p_scale)
     ck_base = ck_ptr + bh * Nk * D
     cv_base = cv_ptr + bh * Nk * D
     mask_base = mask_ptr + b * smb + h * smh
@@ -631,12 +641,11 @@ def _attention_out_kernel(
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha, mask_base, smq, smk, DOT,
+            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_base, smq, smk, DOT,
             HAS_MASK,
         )  # fmt: skip
-        p = tl.math.div_rn(tl.exp(s - m[:, None]), l[:, None])
-        cp = _codes(p, p_scale, p_zero, QMIN, QMAX, 0) - p_zero
-        cp = tl.where((offs_n < Nk)[None, :], cp, 0.0)
+        cp = _round_half_even(tl.exp2(s - m[:, None]) * per_code[:, None])
+        cp = tl.minimum(tl.maximum(cp, QMIN - p_zero), QMAX - p_zero)  # v's codes: 0 past Nk
         cv = _code_tile(cv_base, offs_n, offs_d, Nk, D)
         acc += tl.dot(cp.to(DOT), cv.to(DOT), out_dtype=tl.float32)
     out = acc * (p_scale * tl.load(qparams_ptr + 4))
@@ -754,12 +763,12 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 def int_gemm(
     codes: torch.Tensor,
     x_scale: torch.Tensor,
-    x_zero: torch.Tensor,
+    x_zero: torch.Tensor | None,
     x_sum: torch.Tensor | None,
     weight: torch.Tensor,
     w_scale: torch.Tensor,
     w_zero: torch.Tensor | None,
-    w_sum: torch.Tensor,
+    w_sum: torch.Tensor | None,
     bias: torch.Tensor | None,
     lowrank_t: torch.Tensor | None,
     lowrank_up: torch.Tensor | None,
@@ -775,6 +784,7 @@ def int_gemm(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     packed_int4: bool = False,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """``y`` (M, N) in ``out_dtype`` from int8 activation codes (M, K) and int8 weight codes
     (N, K); ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the
@@ -793,43 +803,11 @@ def int_gemm(
 
     ``packed_int4``: ``weight`` holds packed int4 bytes (N, K / 2) of nibbles ``u`` (codes
     ``u - 8``, input channel 2j in byte j's low nibble), unpacked in registers: each K block
-    (at least 64) is two dots, over its even and its odd input channels."""
-    return _launch_gemm(
-        codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
-        lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams,
-        next_input_scale, next_qmin, next_qmax, next_symmetric, residual, gate, packed_int4,
-        fp8=False,
-    )  # fmt: skip
+    (at least 64) is two dots, over its even and its odd input channels.
 
-
-def _launch_gemm(
-    codes: torch.Tensor,
-    x_scale: torch.Tensor,
-    x_zero: torch.Tensor | None,
-    x_sum: torch.Tensor | None,
-    weight: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_zero: torch.Tensor | None,
-    w_sum: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    lowrank_t: torch.Tensor | None,
-    lowrank_up: torch.Tensor | None,
-    group_size: int,
-    has_x_zero: bool,
-    x_grouped: bool,
-    out_dtype: torch.dtype,
-    next_qparams: torch.Tensor | None,
-    next_input_scale: torch.Tensor | None,
-    next_qmin: int,
-    next_qmax: int,
-    next_symmetric: bool,
-    residual: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    packed_int4: bool,
-    fp8: bool,
-) -> torch.Tensor:
-    """The GEMM kernel on int8 (``fp8=False``) or e4m3 operands (:func:`int_gemm`,
-    :func:`fp8_gemm`); the next layer's codes are e4m3 when the operands are."""
+    ``fp8``: e4m3 activation and weight codes instead (:func:`fp8_gemm`'s Triton path):
+    per-row and per-channel float scales, no zero points or groups; the next layer's codes
+    are e4m3."""
     M, N, K = codes.shape[0], weight.shape[0], codes.shape[1]
     quantized = next_qparams is not None
     code_dtype = torch.float8_e4m3fn if fp8 else torch.int8
@@ -883,8 +861,9 @@ def _launch_gemm(
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
       lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams=None,
       next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True, residual=None,
-      gate=None, packed_int4=False):  # fmt: skip
-    dtype = torch.int8 if next_qparams is not None else out_dtype
+      gate=None, packed_int4=False, fp8=False):  # fmt: skip
+    code_dtype = torch.float8_e4m3fn if fp8 else torch.int8
+    dtype = code_dtype if next_qparams is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
 
 
@@ -956,7 +935,7 @@ def _fp8_triton(
     codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale=None,
     next_input_scale=None, residual=None, gate=None,
 ) -> torch.Tensor:  # fmt: skip
-    return _launch_gemm(
+    return int_gemm(
         codes, x_scale, None, None, weight, w_scale, None, None, bias, lowrank_t, lowrank_up,
         0, False, False, out_dtype, next_scale, next_input_scale, 0, 0, True, residual, gate,
         False, fp8=True,
