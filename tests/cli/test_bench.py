@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ditq.cli import bench, main
+from ditq.errors import DitqError
 from ditq.eval import speed
 
 from conftest import save_checkpoint, tiny_dit
@@ -178,10 +179,18 @@ def test_bench_counts_fused_attentions_and_static_fp8_mlps(tmp_path):
     assert rows["w8a8-fp8-static"]["kernels"] == {"fp8": 4 * blocks, "fused-mlp": blocks}
 
 
-def test_bench_times_a_quantized_directory_as_saved_and_its_float_architecture(tmp_path):
+def test_bench_times_a_quantized_directory_as_saved_and_its_float_architecture(
+    tmp_path, monkeypatch
+):
     """``--model RUN`` (written by ditq quantize): variant ``quantized`` is the model as
     saved (on the CPU: simulated, packed weights), the others run on its float architecture
-    (random weights) rather than failing on its quantized layers."""
+    (random weights, built once for all of them) rather than failing on its quantized
+    layers."""
+    built = []
+    float_architecture = bench.float_architecture
+    monkeypatch.setattr(
+        bench, "float_architecture", lambda m: built.append(m) or float_architecture(m)
+    )
     model = tiny_dit()
     checkpoint, run = tmp_path / "tiny.pt", tmp_path / "rtn-w8a8"
     torch.save(model.state_dict(), checkpoint)
@@ -200,6 +209,24 @@ def test_bench_times_a_quantized_directory_as_saved_and_its_float_architecture(t
     assert rows["w8a8-static"]["kernels"] == {"int": 4 * blocks, "fused-mlp": blocks}
     assert "kernels" not in rows["quantized"]  # the CPU runs the simulated layers
     assert rows["quantized"]["disk_bytes"] < rows["bf16"]["disk_bytes"] * 2  # int8 codes
+    assert len(built) == 1
+
+
+def test_build_variant_takes_the_base_its_variant_needs():
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.methods import RTNConfig
+
+    float_model, quantized = tiny_dit(), tiny_dit()
+    inputs = denoiser_inputs(quantized, 1, "cpu", torch.float32)
+    quantize_random(quantized, RTNConfig(wbits=8, abits=8), inputs)
+    with pytest.raises(DitqError, match="starts from a float model"):
+        speed.build_variant(quantized, "bf16", "cpu", compile_models=False)
+    with pytest.raises(DitqError, match="times a directory written by ditq quantize"):
+        speed.build_variant(float_model, speed.AS_QUANTIZED, "cpu", compile_models=False)
+    model, _ = speed.build_variant(
+        speed.float_architecture(quantized), "bf16", "cpu", compile_models=False
+    )
+    assert model.config == quantized.config
 
 
 def test_bench_quantized_variant_needs_a_quantized_directory(tmp_path, capsys):

@@ -23,6 +23,7 @@ from ditq.eval.speed import (
     BenchSettings,
     add_ratios,
     bench_variant,
+    float_architecture,
     markdown,
     shape_model,
     torchao_available,
@@ -178,10 +179,13 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for name, make in sources:
         base = make()
+        float_variants = any(v != AS_QUANTIZED for v in variants)
+        float_base = float_architecture(base) if name in quantized_runs and float_variants else base
         for variant in variants:
             if variant == AS_QUANTIZED and name not in quantized_runs:
                 continue  # the other sources are float models
-            for row in bench_variant(base, variant, batches, settings):
+            model = base if variant == AS_QUANTIZED else float_base
+            for row in bench_variant(model, variant, batches, settings):
                 rows.append({"shape": name, **row})
                 print(json.dumps(rows[-1]), flush=True)
                 write_bench_json(out, meta, rows, complete=False)

@@ -237,18 +237,19 @@ def build_variant(
     cuda_graphs: bool = False,
     int4_in_kernel: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of ``variant`` (from a copy of the fp32 ``base``) and facts about it;
-    compiled blocks replay CUDA graphs with ``cuda_graphs``."""
+    """The model of ``variant`` (from a copy of the fp32 ``base``: a model written by ``ditq
+    quantize`` for :data:`AS_QUANTIZED`, a float one, e.g. its :func:`float_architecture`,
+    for the others) and facts about it; compiled blocks replay CUDA graphs with
+    ``cuda_graphs``."""
     # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
     # graphs would otherwise pile up to Dynamo's cache limit and leave later variants eager.
     torch._dynamo.reset()
-    quantized = is_quantized(base)
-    if variant == AS_QUANTIZED and not quantized:
+    if (variant == AS_QUANTIZED) != is_quantized(base):
         raise DitqError(
-            "variant 'quantized' times a directory written by ditq quantize (--model RUN)"
+            f"variant {variant!r} times a directory written by ditq quantize (--model RUN)"
+            if variant == AS_QUANTIZED
+            else f"variant {variant!r} starts from a float model, not a quantized one"
         )
-    if variant != AS_QUANTIZED and quantized:
-        base = float_architecture(base)
     model = copy.deepcopy(base).to(device)
     info: dict[str, Any] = {
         "compiled": variant == BASELINE or (compile_models and variant != "bf16")
