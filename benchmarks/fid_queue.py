@@ -19,7 +19,8 @@ Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
 the percentile search, DDPM 50/250), ``w4a4``, ``w4a4-more`` and ``w4a4-250`` (issue 18:
-W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``),
+W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``;
+``w4a4-baselines``: PTQ4DiT and DiTAS at W4A4, DDPM 50),
 ``official-250`` (issue 15: the DDPM 250 rows of ``official`` on the real kernels, and the
 block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours),
 ``official-20k`` (PTQ4DiT W4A8 with no flag but the bits: 20,000 iterations per unit;
@@ -90,12 +91,18 @@ W4A4 = {
 }
 """Issue 18: W4A4 with RTN (today's baseline), GPTQ with SVDQuant's activation groups,
 SVDQuant, SVDQuant with GPTQ on its residual and rotations; GPTQ at W4A8."""
+W4A4_BASELINES = {
+    "ptq4dit-w4a4": f"--method ptq4dit --wbits 4 --abits 4 --recon-iters {RECON_ITERS}",
+    "ditas-w4a4": "--method ditas --wbits 4 --abits 4",
+}
+"""Issue 18's baselines: the seed methods at W4A4 with their defaults (``--plan
+w4a4-baselines``, DDPM 50 like the W4A4 table)."""
 GROUPS64_RTN = f"--w-granularity group {GROUPS64}"  # rtn's weights are per channel by default
 W4A4_MORE = [
     (1, "svdquant-gptq-rotate-w4a4", 250, W4A4["svdquant-gptq-rotate-w4a4"]),
     (1, "rotate-w4a4", 50, f"--method rtn --wbits 4 --abits 4 --rotate {GROUPS64_RTN}"),
     (1, "gptq-rotate-w4a4", 50, f"--method gptq --wbits 4 --abits 4 --rotate {GROUPS64}"),
-    (2, "ditas-w4a4", 50, "--method ditas --wbits 4 --abits 4"),
+    (2, "ditas-w4a4", 50, W4A4_BASELINES["ditas-w4a4"]),
     (3, "gptq-w4a8", 250, W4A4["gptq-w4a8"]),
     (3, "svdquant-w4a4", 250, W4A4["svdquant-w4a4"]),
 ]
@@ -144,6 +151,8 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
+    if "w4a4-baselines" in names:
+        jobs += [Job(1, r, 50, f) for r, f in W4A4_BASELINES.items()]
     if "official-20k" in names:  # first: its calibration is the longest
         run = "ptq4dit-official-w4a8-20k"
         jobs.append(Job(1, run, 50, OFFICIAL_20K, resumable=True))
