@@ -234,13 +234,17 @@ def main(out_path: str, only: list[str]) -> None:
         print(json.dumps(row), flush=True)
 
     # first the fused attention, which the cuda backend's PTQ4DiT sampling runs
-    for fmt in ATTENTION_FORMATS:
-        record("XL attention (8, 16, 256, 72)", fmt, lambda f=fmt: check_attention(f, device))
-        record(
-            "XL attention (8, 16, 256, 72) key mask",
-            fmt,
-            lambda f=fmt: check_attention(f, device, masked=True),
-        )
+    for fmt, options in ATTENTION_FORMATS.items():  # each path, not the faster one
+        static = not RTNConfig(**options).attention_spec().dynamic
+        for path in ("one-pass", "two-pass") if static else ("two-pass",):
+            for masked in (False, True):
+                triton_ops.ATTENTION_CHOICE[256, 256, 72, masked] = path
+                record(
+                    f"XL attention (8, 16, 256, 72){' key mask' if masked else ''} {path}",
+                    fmt,
+                    lambda f=fmt, m=masked: check_attention(f, device, m),
+                )
+    triton_ops.ATTENTION_CHOICE.clear()
     for fmt in FORMATS:
         for name, size in XL_LAYERS.items():
             record(f"XL {name} {size}", fmt, lambda f=fmt, s=size: check_layer(f, s, False, device))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ditq.kernels import convert_model
+from ditq.kernels import convert_model, triton_ops
 from ditq.kernels.attention import FusedQuantAttention, fusable
 from ditq.models.adapter import MATMUL_POINTS, explicit_attention
 from ditq.quant.quantizer import Quantizer
@@ -51,11 +51,28 @@ def _float64_reference(attn, q, k, v, scale):
     return quantized(scores.softmax(-1), attn.attn_act) @ quantized(v, attn.v_act)
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+PASSES = [
+    pytest.param(False, "one-pass", id="static-one-pass"),
+    pytest.param(False, "two-pass", id="static-two-pass"),
+    pytest.param(True, "two-pass", id="dynamic"),  # P's range needs every row's l first
+]
+
+
+def _use_passes(monkeypatch, passes: str, key: tuple) -> None:
+    """Run the kernel with ``passes`` for the attention shape ``key``; one pass must not
+    launch pass 1."""
+    monkeypatch.setattr(triton_ops, "ATTENTION_CHOICE", {key: passes})
+    if passes == "one-pass":
+        monkeypatch.setattr(triton_ops, "_attention_stats_kernel", None)  # not subscriptable
+
+
+@pytest.mark.parametrize(("dynamic", "passes"), PASSES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
-def test_kernel_equals_the_simulated_matmuls(dynamic, symmetric):
+def test_kernel_equals_the_simulated_matmuls(dynamic, passes, symmetric, monkeypatch):
     """Batch 2, 3 heads, 40 queries over 23 keys (cross-attention, tiles cut at both ends),
-    head dim 24 (not a power of 2), q/k/v strided views of one projection like a qkv's."""
+    head dim 24 (not a power of 2), q/k/v strided views of one projection like a qkv's;
+    one pass (every key in one tile, P's range static) or two."""
+    _use_passes(monkeypatch, passes, (40, 23, 24, False))
     torch.manual_seed(0)
     projection = torch.randn(2, 40, 3, 3, 24) * torch.tensor([1.0, 2.0, 0.5]).view(1, 1, 3, 1, 1)
     q, k, v = projection.permute(2, 0, 3, 1, 4).unbind(0)
@@ -110,14 +127,17 @@ def test_convert_model_fuses_quantized_attention():
     assert all(f.qkv_qparams.dtype == f.p_qparams.dtype == torch.float32 for f in fused)
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize(("dynamic", "passes"), PASSES)
 @pytest.mark.parametrize(
     "mask_shape", [(2, 3, 1, 23), (2, 1, 40, 23)], ids=["per-key (diffusers)", "per-query"]
 )
-def test_masked_attention_runs_the_kernel_and_equals_the_simulated_matmuls(dynamic, mask_shape):
+def test_masked_attention_runs_the_kernel_and_equals_the_simulated_matmuls(
+    dynamic, passes, mask_shape, monkeypatch
+):
     """An additive score mask (diffusers' cross-attention: -10000 on the padded keys of each
     sample) broadcast over heads or queries: the kernel adds it to its scores as the
     explicit matmuls do."""
+    _use_passes(monkeypatch, passes, (40, 23, 24, True))
     torch.manual_seed(2)
     q = torch.randn(2, 3, 40, 24)
     k, v = torch.randn(2, 2, 3, 23, 24).unbind(0)

@@ -8,7 +8,9 @@ A code pass quantizes q, k and v once each to their codes minus zero points (int
 at most 9 bits, exact in BF16, stored as BF16); the attention passes multiply these codes
 on BF16 tensor cores (summed exactly in fp32): a first pass over the keys finds each query
 row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l in registers
-with P's range and multiplies it with v's codes. The same arithmetic as the simulated
+with P's range and multiplies it with v's codes (with a static P range over at most 256
+keys, where measured faster, one pass holds a query tile's scores over every key and does
+both). The same arithmetic as the simulated
 attention in fp32 up to the order of float operations: the scales multiply the integer
 dots instead of each operand, the exponentials are taken in base 2 (scores times log2 e),
 and P / Δp is one multiplication by each row's 1 / (l Δp) instead of two divisions, so a

@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -616,12 +616,14 @@ def _attention_out_kernel(
     cq_ptr, ck_ptr, cv_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, mask_ptr, out_ptr,
     softmax_scale, Nq, Nk, D, H, smb, smh, smq, smk, so_b, so_h, so_n, so_d,
     QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: P = 2^(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``. Per
     score one exp2, one multiplication by the row's 1 / (l Δp), a rounding and a clamp to
     the codes minus the zero point: ``clamp(round(p / Δp) + z) - z = clamp(round(p / Δp),
-    QMIN - z, QMAX - z)``."""
+    QMIN - z, QMAX - z)``. ``WHOLE_ROW`` (one key tile holds every key, BLOCK_N ≥ Nk, and
+    P's range is static): the only pass, m and l from that tile's scores, no pass 1."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -629,11 +631,15 @@ def _attention_out_kernel(
     rows = offs_m < Nq
     cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
-    m = tl.load(m_ptr + bh * Nq + offs_m, mask=rows, other=0.0)
-    l = tl.load(l_ptr + bh * Nq + offs_m, mask=rows, other=1.0)
     p_scale = tl.load(p_qparams_ptr)
     p_zero = tl.load(p_qparams_ptr + 1)
-    per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), l * p_scale)
+    if WHOLE_ROW:  # set from the one key tile below
+        m = tl.zeros([BLOCK_M], tl.float32)
+        per_code = m
+    else:
+        m = tl.load(m_ptr + bh * Nq + offs_m, mask=rows, other=0.0)
+        l = tl.load(l_ptr + bh * Nq + offs_m, mask=rows, other=1.0)
+        per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), l * p_scale)
     ck_base = ck_ptr + bh * Nk * D
     cv_base = cv_ptr + bh * Nk * D
     mask_base = mask_ptr + b * smb + h * smh
@@ -644,7 +650,12 @@ def _attention_out_kernel(
             cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_base, smq, smk, DOT,
             HAS_MASK,
         )  # fmt: skip
-        cp = _round_half_even(tl.exp2(s - m[:, None]) * per_code[:, None])
+        if WHOLE_ROW:
+            m = tl.max(s, axis=1)
+        e = tl.exp2(s - m[:, None])
+        if WHOLE_ROW:
+            per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sum(e, 1) * p_scale)
+        cp = _round_half_even(e * per_code[:, None])
         cp = tl.minimum(tl.maximum(cp, QMIN - p_zero), QMAX - p_zero)  # v's codes: 0 past Nk
         cv = _code_tile(cv_base, offs_n, offs_d, Nk, D)
         acc += tl.dot(cp.to(DOT), cv.to(DOT), out_dtype=tl.float32)
@@ -916,19 +927,16 @@ first call of that shape on the GPU."""
 
 
 def _faster_fp8_gemm(M: int, N: int, K: int, device: torch.device) -> str:
-    """The faster plain FP8 GEMM of shape (M, N, K), BF16 output: the median time of
-    ``triton.testing.do_bench`` (after its warm-up, which includes the Triton autotuning)."""
+    """The faster plain FP8 GEMM of shape (M, N, K), BF16 output (:func:`_faster`)."""
     a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
     w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
     xs, ws = torch.ones(M, device=device), torch.ones(N, device=device)
-    times = {
-        name: triton.testing.do_bench(
-            lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16),
-            return_mode="median",
-        )
-        for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas))
-    }
-    return min(times, key=times.get)
+    return _faster(
+        {
+            name: lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16)
+            for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas))
+        }
+    )
 
 
 def _fp8_triton(
@@ -981,18 +989,41 @@ CODE_ROWS = 64
 """Rows of q, k or v per program of the code pass (an elementwise kernel)."""
 ATTENTION_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2),
                    (128, 64, 8, 2), (128, 128, 8, 2))  # fmt: skip
-"""``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner tries for each pass of
-``quant_attention``, per (Nq, Nk, D); not yet swept on a GPU."""
+"""``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner tries for each of the two
+passes of ``quant_attention``, per (Nq, Nk, D); not yet swept on a GPU."""
+ONE_PASS_TILES = ((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1))
+"""``(BLOCK_M, num_warps, num_stages)`` the autotuner tries for the one-pass attention
+(BLOCK_N: every key); not yet swept on a GPU."""
+ONE_PASS_KEYS = 256
+"""At most this many keys (DiT-XL/2 at 256 px has 256 tokens) for the one-pass attention:
+a query tile's scores over every key held in registers."""
+
+
+def _attention_tuner(kernel, configs: list[triton.Config]) -> triton.runtime.Autotuner:
+    return triton.autotune(configs, key=["Nq", "Nk", "D"])(kernel)
+
+
 _TUNED_ATTENTION = tuple(
-    triton.autotune(
+    _attention_tuner(
+        kernel,
         [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
             for bm, bn, warps, stages in ATTENTION_TILES
         ],
-        key=["Nq", "Nk", "D"],
-    )(kernel)
+    )
     for kernel in (_attention_stats_kernel, _attention_out_kernel)
 )
+_TUNED_ONE_PASS = _attention_tuner(
+    _attention_out_kernel,
+    [
+        triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+        for bm, warps, stages in ONE_PASS_TILES
+    ],
+)
+ATTENTION_CHOICE: dict[tuple[int, int, int, bool], str] = {}
+"""``"one-pass"`` or ``"two-pass"`` per (Nq, Nk, D, masked) of attentions with a static P
+range over at most :data:`ONE_PASS_KEYS` keys, measured by ``quant_attention``'s first
+call of that shape on the GPU; the interpreter runs one pass unless this says otherwise."""
 
 
 @torch.library.custom_op("ditq::quant_attention", mutates_args=())
@@ -1014,7 +1045,9 @@ def quant_attention(
     ``p_qparams`` = [Δp, zp], or None for P's dynamic per-tensor range (from the row
     denominators of pass 1: max P = max 1 / l, min P ≥ 0). q, k and v are quantized once
     (:func:`_attention_codes_kernel`), then two passes over the keys, with no score matrix
-    in memory; output (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)."""
+    in memory, or one where P's range is static and one tile holds every key (the faster
+    of the two, :data:`ATTENTION_CHOICE`); output (B, H, Nq, D) in q's dtype, laid out
+    (B, Nq, H, D)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty((B, Nq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -1032,34 +1065,59 @@ def quant_attention(
             QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=block_d,
         )  # fmt: skip
         codes.append(c)
-    cq, ck, cv = codes
-    stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
-    meta = dict(DOT=_DOT_DTYPE, BLOCK_D=block_d)
-    if INTERPRETED:  # one small tile, no autotuning without a GPU
-        meta.update(BLOCK_M=16, BLOCK_N=16)
-        stats_kernel, out_kernel = _attention_stats_kernel, _attention_out_kernel
-    else:
-        stats_kernel, out_kernel = _TUNED_ATTENTION
+    mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
+    mask_ptr = _placeholder(q) if mask is None else mask
+    meta = dict(DOT=_DOT_DTYPE, BLOCK_D=block_d, HAS_MASK=mask is not None)
 
     def grid(config: dict) -> tuple[int, int]:
         return (triton.cdiv(Nq, config["BLOCK_M"]), B * H)
 
-    mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
-    mask_ptr = _placeholder(q) if mask is None else mask
-    meta["HAS_MASK"] = mask is not None
-    stats_kernel[grid](
-        cq, ck, qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq, Nk, D, H,
-        *mask_strides, **meta,
-    )  # fmt: skip
-    if p_qparams is None:
-        p_max = stats[1].reciprocal().amax().reshape(1, 1)
-        p_qparams = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
-    out_kernel[grid](
-        cq, ck, cv, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], mask_ptr, out,
-        softmax_scale, Nq, Nk, D, H, *mask_strides, *out.stride(), QMIN=qmin, QMAX=qmax,
-        **meta,
-    )  # fmt: skip
+    def out_pass(kernel, p_qparams: torch.Tensor, stats: torch.Tensor, **options) -> None:
+        kernel[grid](
+            *codes, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], mask_ptr, out,
+            softmax_scale, Nq, Nk, D, H, *mask_strides, *out.stride(), QMIN=qmin, QMAX=qmax,
+            **meta, **options,
+        )  # fmt: skip
+
+    def two_passes() -> None:
+        stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
+        stats_kernel, out_kernel = _TUNED_ATTENTION
+        tiles = {}
+        if INTERPRETED:  # one small tile, no autotuning without a GPU
+            stats_kernel, out_kernel = _attention_stats_kernel, _attention_out_kernel
+            tiles = dict(BLOCK_M=16, BLOCK_N=16)
+        stats_kernel[grid](
+            codes[0], codes[1], qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq,
+            Nk, D, H, *mask_strides, **meta, **tiles,
+        )  # fmt: skip
+        p_range = p_qparams
+        if p_range is None:
+            p_max = stats[1].reciprocal().amax().reshape(1, 1)
+            p_range = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
+        out_pass(out_kernel, p_range, stats, WHOLE_ROW=False, **tiles)
+
+    def one_pass() -> None:
+        kernel = _attention_out_kernel if INTERPRETED else _TUNED_ONE_PASS
+        tiles = dict(BLOCK_M=16) if INTERPRETED else {}
+        stats = _placeholder(q).expand(2, 1)  # m and l are not read
+        block_n = max(16, triton.next_power_of_2(Nk))
+        out_pass(kernel, p_qparams, stats, WHOLE_ROW=True, BLOCK_N=block_n, **tiles)
+
+    if p_qparams is None or Nk > ONE_PASS_KEYS:
+        two_passes()
+        return out
+    key = (Nq, Nk, D, mask is not None)
+    if key not in ATTENTION_CHOICE and not INTERPRETED:
+        ATTENTION_CHOICE[key] = _faster({"one-pass": one_pass, "two-pass": two_passes})
+    (one_pass if ATTENTION_CHOICE.get(key, "one-pass") == "one-pass" else two_passes)()
     return out
+
+
+def _faster(runs: dict[str, Callable[[], object]]) -> str:
+    """The name of the fastest of ``runs``: the median time of ``triton.testing.do_bench``
+    (after its warm-up, which includes the Triton autotuning)."""
+    times = {name: triton.testing.do_bench(run, return_mode="median") for name, run in runs.items()}
+    return min(times, key=times.get)
 
 
 @quant_attention.register_fake
