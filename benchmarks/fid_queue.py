@@ -20,7 +20,8 @@ Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
 the percentile search, DDPM 50/250), ``w4a4``, ``w4a4-more`` and ``w4a4-250`` (issue 18:
 W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``;
-``w4a4-baselines``: PTQ4DiT and DiTAS at W4A4, DDPM 50),
+``w4a4-baselines``: PTQ4DiT and DiTAS at W4A4, DDPM 50; ``w4a4-asym``: SVDQuant with
+asymmetric activation groups),
 ``official-250`` (issue 15: the DDPM 250 rows of ``official`` on the real kernels, and the
 block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours),
 ``official-20k`` (PTQ4DiT W4A8 with no flag but the bits: 20,000 iterations per unit;
@@ -97,6 +98,15 @@ W4A4_BASELINES = {
 }
 """Issue 18's baselines: the seed methods at W4A4 with their defaults (``--plan
 w4a4-baselines``, DDPM 50 like the W4A4 table)."""
+W4A4_ASYM = {
+    "svdquant-gptq-asym-w4a4": "--method svdquant --weight-solver gptq --no-a-symmetric",
+    "svdquant-gptq-rotate-asym-w4a4": (
+        "--method svdquant --weight-solver gptq --rotate --no-a-symmetric"
+    ),
+}
+"""``--plan w4a4-asym``: SVDQuant with GPTQ and asymmetric 4-bit activation groups, the
+lowest output error of the CPU diagnostic (RESULTS.md, issue 18): its DDPM 250 row on the
+real kernels first (the W4A4 target), then DDPM 50 with and without rotations."""
 GROUPS64_RTN = f"--w-granularity group {GROUPS64}"  # rtn's weights are per channel by default
 W4A4_MORE = [
     (1, "svdquant-gptq-rotate-w4a4", 250, W4A4["svdquant-gptq-rotate-w4a4"]),
@@ -151,6 +161,11 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in W4A4.items()]
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
+    if "w4a4-asym" in names:
+        run, rotated = W4A4_ASYM
+        jobs.append(Job(1, run, 250, W4A4_ASYM[run], backend="cuda"))
+        jobs.append(Job(2, run, 50, W4A4_ASYM[run]))
+        jobs.append(Job(3, rotated, 50, W4A4_ASYM[rotated]))
     if "w4a4-baselines" in names:
         jobs += [Job(1, r, 50, f) for r, f in W4A4_BASELINES.items()]
     if "official-20k" in names:  # first: its calibration is the longest

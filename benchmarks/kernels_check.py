@@ -70,6 +70,16 @@ FORMATS = {
         a_group_size=64,
         a_dynamic=True,
     ),
+    "w4a4-groups64-asym-act": dict(  # svdquant --no-a-symmetric
+        wbits=4,
+        abits=4,
+        w_symmetric=True,
+        w_granularity="group",
+        w_group_size=64,
+        a_granularity="group",
+        a_group_size=64,
+        a_dynamic=True,
+    ),
     "w4a8-channel-agroups64-asym": dict(
         wbits=4, abits=8, a_granularity="group", a_group_size=64, a_dynamic=True
     ),

@@ -208,6 +208,24 @@ def test_a_group_size_alone_selects_groups(model_args, tmp_path):
     assert (config["a_granularity"], config["a_group_size"]) == ("group", 16)
 
 
+@pytest.mark.parametrize(
+    ("flag", "symmetric"), [(None, True), ("--no-a-symmetric", False), ("--a-symmetric", True)]
+)
+def test_a_method_default_can_be_turned_off_and_on(model_args, tmp_path, flag, symmetric):
+    """svdquant's activations are symmetric by default; ``--no-a-symmetric`` makes them
+    asymmetric (before, the flag could only turn symmetry on)."""
+    from ditq import load_model
+    from ditq.quant.layers import QuantLinear
+
+    out = tmp_path / "q"
+    flags = ["--method", "svdquant", "--a-group-size", "16", "--w-group-size", "16"]
+    assert _quantize(model_args, out, *flags, *([flag] if flag else [])) == 0
+    config = json.loads((out / "ditq.json").read_text())["method_config"]
+    assert config["a_symmetric"] is symmetric
+    layers = [m for m in load_model(out).modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.act_quantizer.spec.symmetric is symmetric for m in layers)
+
+
 def test_smoothquant_respects_keep_float(model_args, tmp_path):
     out = tmp_path / "q"
     assert _quantize(model_args, out, "--method", "smoothquant", "--keep-float", "blocks.0.*") == 0

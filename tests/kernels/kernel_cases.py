@@ -23,6 +23,10 @@ FORMATS = {
         QuantSpec(4, True, PerGroup(32)),
         QuantSpec(4, True, PerGroup(32), dynamic=True),
     ),
+    "w4a4 groups, a asym (svdquant --no-a-symmetric)": (
+        QuantSpec(4, True, PerGroup(32)),
+        QuantSpec(4, False, PerGroup(32), dynamic=True),
+    ),
     "w4a8 channel, a asym groups": (
         QuantSpec(4, False, PerChannel()),
         QuantSpec(8, False, PerGroup(32), dynamic=True),

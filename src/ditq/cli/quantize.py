@@ -96,7 +96,11 @@ def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None
         "(column_group; column_group_strided: DiTAS' official row layout)",
     )
     q.add_argument("--w-group-size", type=int)
-    q.add_argument("--w-symmetric", action="store_true", default=None)
+    q.add_argument(
+        "--w-symmetric",
+        action=argparse.BooleanOptionalAction,
+        help="symmetric weight ranges (--no-w-symmetric: asymmetric; default: the method's)",
+    )
     q.add_argument("--w-range", choices=RANGE_METHODS)
     q.add_argument("--w-fmt", choices=("int", "fp8_e4m3"))
     q.add_argument(
@@ -106,8 +110,18 @@ def add_parser(subparsers: argparse._SubParsersAction, method: str | None = None
         "--a-group-size input channels (dynamic: per token and group)",
     )
     q.add_argument("--a-group-size", type=int)
-    q.add_argument("--a-dynamic", action="store_true", default=None)
-    q.add_argument("--a-symmetric", action="store_true", default=None)
+    q.add_argument(
+        "--a-dynamic",
+        action=argparse.BooleanOptionalAction,
+        help="activation ranges of each input, at run time (--no-a-dynamic: calibrated, "
+        "static; default: the method's)",
+    )
+    q.add_argument(
+        "--a-symmetric",
+        action=argparse.BooleanOptionalAction,
+        help="symmetric activation ranges (--no-a-symmetric: asymmetric, a zero point per "
+        "range; default: the method's)",
+    )
     q.add_argument("--a-range", choices=RANGE_METHODS)
     q.add_argument("--a-fmt", choices=("int", "fp8_e4m3"))
     q.add_argument("--attn-bits", type=int, help="attention matmul inputs (16 = float)")

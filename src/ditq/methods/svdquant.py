@@ -27,7 +27,9 @@ Where we differ from the published method (deepcompressor/nunchaku): α is searc
 role on the layer output error (theirs per layer, on their own objective), λ folds into a
 producer where one exists (theirs is fused into the activation quantization kernel); the
 low-rank branch reads the float smoothed input ``X̂`` as theirs does; activations are
-integer (their NVFP4 variant is not offered); on the cuda backend the layers run on
+integer (their NVFP4 variant is not offered) and symmetric in every layer (theirs quantize
+fc2's input, the GELU output shifted by +0.171875, unsigned; ``--no-a-symmetric`` gives
+every group a zero point instead); on the cuda backend the layers run on
 ditq's int8 Triton GEMM (int4 codes held in int8, the low-rank branch in its epilogue),
 not on a 4-bit tensor-core kernel like theirs.
 """
