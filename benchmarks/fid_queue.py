@@ -99,14 +99,16 @@ W4A4_BASELINES = {
 """Issue 18's baselines: the seed methods at W4A4 with their defaults (``--plan
 w4a4-baselines``, DDPM 50 like the W4A4 table)."""
 W4A4_ASYM = {
-    "svdquant-gptq-asym-w4a4": "--method svdquant --weight-solver gptq --no-a-symmetric",
-    "svdquant-gptq-rotate-asym-w4a4": (
-        "--method svdquant --weight-solver gptq --rotate --no-a-symmetric"
+    "svdquant-gptq-r64-g32-asym-w4a4": (
+        "--method svdquant --weight-solver gptq --no-a-symmetric --lowrank-rank 64 "
+        "--a-group-size 32"
     ),
+    "svdquant-gptq-asym-w4a4": "--method svdquant --weight-solver gptq --no-a-symmetric",
 }
 """``--plan w4a4-asym``: SVDQuant with GPTQ and asymmetric 4-bit activation groups, the
-lowest output error of the CPU diagnostic (RESULTS.md, issue 18): its DDPM 250 row on the
-real kernels first (the W4A4 target), then DDPM 50 with and without rotations."""
+lowest output errors of the CPU diagnostic (RESULTS.md, issue 18): rank 64 and groups of 32
+at DDPM 250 on the real kernels first (the W4A4 target), then DDPM 50; the published rank
+and groups, asymmetric, at DDPM 50."""
 GROUPS64_RTN = f"--w-granularity group {GROUPS64}"  # rtn's weights are per channel by default
 W4A4_MORE = [
     (1, "svdquant-gptq-rotate-w4a4", 250, W4A4["svdquant-gptq-rotate-w4a4"]),
@@ -162,10 +164,10 @@ def plan(names: list[str]) -> list[Job]:
     if "w4a4-more" in names:
         jobs += [Job(p, r, steps, f) for p, r, steps, f in W4A4_MORE]
     if "w4a4-asym" in names:
-        run, rotated = W4A4_ASYM
-        jobs.append(Job(1, run, 250, W4A4_ASYM[run], backend="cuda"))
-        jobs.append(Job(2, run, 50, W4A4_ASYM[run]))
-        jobs.append(Job(3, rotated, 50, W4A4_ASYM[rotated]))
+        best, published = W4A4_ASYM
+        jobs.append(Job(1, best, 250, W4A4_ASYM[best], backend="cuda"))
+        jobs.append(Job(2, best, 50, W4A4_ASYM[best]))
+        jobs.append(Job(3, published, 50, W4A4_ASYM[published]))
     if "w4a4-baselines" in names:
         jobs += [Job(1, r, 50, f) for r, f in W4A4_BASELINES.items()]
     if "official-20k" in names:  # first: its calibration is the longest

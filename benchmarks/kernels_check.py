@@ -80,6 +80,16 @@ FORMATS = {
         a_group_size=64,
         a_dynamic=True,
     ),
+    "w4a4-wgroups64-agroups32-asym": dict(  # the CPU diagnostic's best SVDQuant (rank 64)
+        wbits=4,
+        abits=4,
+        w_symmetric=True,
+        w_granularity="group",
+        w_group_size=64,
+        a_granularity="group",
+        a_group_size=32,
+        a_dynamic=True,
+    ),
     "w4a8-channel-agroups64-asym": dict(
         wbits=4, abits=8, a_granularity="group", a_group_size=64, a_dynamic=True
     ),

@@ -72,6 +72,20 @@ def test_kernels_match_float64(name, extras, gemm_schedule):
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_weight_groups_wider_than_the_activation_groups_match_float64(gemm_schedule):
+    """4-bit weights in groups of 64 under asymmetric 4-bit activation groups of 32 (SVDQuant
+    with ``--a-group-size 32 --no-a-symmetric``): the kernel's K block is the activation
+    group, each weight scale read by both halves of its group."""
+    w_spec = QuantSpec(4, True, PerGroup(64))
+    a_spec = QuantSpec(4, False, PerGroup(32), dynamic=True)
+    layer, x = packed_layer(w_spec, a_spec, online_scale=True, rank=8, K=128)
+    real = RealQuantLinear.from_quant_linear(layer)
+    assert (real.kind, real.group_size) == ("int", 32)
+    rows = x.reshape(-1, 128)
+    ref = reference64(real, rows)
+    assert float((real._forward_cuda(rows).double() - ref).norm() / ref.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("name", ["w8a8 sym/static", "w8a8 asym/token", "w3a6"])
 def test_activation_codes_equal_torch_twin(name):
     layer, x = packed_layer(*FORMATS[name], online_scale=True, rank=0)
