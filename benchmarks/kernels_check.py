@@ -42,6 +42,23 @@ from ditq.pipeline.checkpoint import WEIGHTS
 from ditq.quant.layers import QuantLinear
 from ditq.quant.quantizer import Quantizer
 
+
+def svdquant_w4a4(a_group_size: int = 64, a_symmetric: bool = True) -> dict:
+    """SVDQuant's layout: 4-bit symmetric weights in groups of 64, 4-bit dynamic activations
+    per token and group of ``a_group_size`` input channels."""
+    return dict(
+        wbits=4,
+        abits=4,
+        w_symmetric=True,
+        w_granularity="group",
+        w_group_size=64,
+        a_symmetric=a_symmetric,
+        a_granularity="group",
+        a_group_size=a_group_size,
+        a_dynamic=True,
+    )
+
+
 FORMATS = {
     "w8a8-int-static-asym": dict(wbits=8, abits=8),
     "w8a8-int-static-sym": dict(wbits=8, abits=8, w_symmetric=True, a_symmetric=True),
@@ -59,37 +76,10 @@ FORMATS = {
     ),
     "w4a16-group128": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
     "w8a16-channel": dict(wbits=8, abits=16),
-    "w4a4-groups64-sym": dict(
-        wbits=4,
-        abits=4,
-        w_symmetric=True,
-        w_granularity="group",
-        w_group_size=64,
-        a_symmetric=True,
-        a_granularity="group",
-        a_group_size=64,
-        a_dynamic=True,
-    ),
-    "w4a4-groups64-asym-act": dict(  # svdquant --no-a-symmetric
-        wbits=4,
-        abits=4,
-        w_symmetric=True,
-        w_granularity="group",
-        w_group_size=64,
-        a_granularity="group",
-        a_group_size=64,
-        a_dynamic=True,
-    ),
-    "w4a4-wgroups64-agroups32-asym": dict(  # the CPU diagnostic's best SVDQuant (rank 64)
-        wbits=4,
-        abits=4,
-        w_symmetric=True,
-        w_granularity="group",
-        w_group_size=64,
-        a_granularity="group",
-        a_group_size=32,
-        a_dynamic=True,
-    ),
+    "w4a4-groups64-sym": svdquant_w4a4(),
+    "w4a4-groups64-asym-act": svdquant_w4a4(a_symmetric=False),  # --no-a-symmetric
+    # the CPU diagnostic's best SVDQuant (with rank 64): activation groups of 32
+    "w4a4-wgroups64-agroups32-asym": svdquant_w4a4(a_group_size=32, a_symmetric=False),
     "w4a8-channel-agroups64-asym": dict(
         wbits=4, abits=8, a_granularity="group", a_group_size=64, a_dynamic=True
     ),
