@@ -106,6 +106,7 @@ ref)
     --out $D/ref.npz --device cuda --batch-size 500 --quiet
   ls -la $D; progress ;;
 wait)
+  [ "${SLEEP:-500}" -le 540 ] || { echo "SLEEP=${SLEEP} leaves no time in a 600 s call"; exit 2; }
   sleep "${SLEEP:-500}"; progress; tail -n 3 $D/timing.log $D/kernels_check.log 2>/dev/null ;;
 bench)
   pgrep -f "[f]id_queue.py|[k]ernels_check.py" > /dev/null && { echo "GPU busy: not timed"; progress; exit 1; }
