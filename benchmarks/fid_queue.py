@@ -12,9 +12,9 @@ Every step is skipped when its output exists, so the queue can be stopped and st
 again, and ``--results DIR`` (repeatable) drops the jobs whose ``eval_ddpmN.json`` an
 earlier lease left in DIR; ``status.json`` records each job's command, wall time and
 outcome, and the logs are in ``OUT/logs`` (sampling's with its per-batch progress bar).
-Sampling is tried with ``--compile`` first and without it if that fails;
-a job on the real kernels (``--backend cuda``) that fails both ways samples the simulated
-model instead (its command in ``status.json`` says so).
+Sampling is tried with ``--compile`` first and without it if that fails; a job on the
+real kernels (``--backend cuda``) that fails both ways fails (its DDPM 250 samples on the
+simulated model would hold the GPU past a lease's end).
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
@@ -310,14 +310,7 @@ class Queue:
             str(samples),
         ]
         key = f"{job.run}.ddpm{job.steps}.sample"
-        if self.execute(key, [*command, "--compile"], gpu) or self.execute(key, command, gpu):
-            return True
-        if job.backend == "simulated":
-            return False
-        # the real kernels failed: the simulated model's samples (status.json says which ran)
-        simulated = [*command[: command.index("--backend") + 1], "simulated"]
-        simulated += command[command.index("--backend") + 2 :]
-        return self.execute(key, [*simulated, "--compile"], gpu)
+        return self.execute(key, [*command, "--compile"], gpu) or self.execute(key, command, gpu)
 
     def evaluate(self, job: Job, gpu: str) -> bool:
         directory = self.out / job.run
