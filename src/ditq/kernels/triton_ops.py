@@ -555,7 +555,7 @@ def _code_tile(ptr, offs_n, offs_d, N, D):
     return tl.load(ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
 
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 """log2(e): the attention passes keep scores in the base-2 domain (``exp2`` of scaled
 scores), one multiplication fewer per score than ``exp``."""
 

@@ -1,0 +1,132 @@
+"""Compile ditq's Triton kernels for an sm_90 GPU (Hopper) on a machine without one:
+Triton's code generation and ptxas run on the CPU, so errors that the interpreter never
+meets (a non-constexpr global read inside a kernel, a loop-carried value that changes type,
+a constexpr branch that does not type-check) fail here instead of on a leased GPU. Run as
+a script (the kernels must not be the interpreter's: no ``TRITON_INTERPRET``); prints one
+line per compiled kernel and exits non-zero on the first failure."""
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET"):
+    sys.exit("unset TRITON_INTERPRET: the interpreter's kernels do not compile")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ditq.kernels import triton_ops as ops  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY = 232_448
+"""Bytes of shared memory one program may use on an H100/H200 (227 KiB)."""
+
+
+def compile_kernel(fn, types: dict[str, str], constexprs: dict, label: str = "", **options) -> None:
+    """Compile ``fn`` with pointer/scalar ``types`` (others: i32) and ``constexprs``."""
+    signature = {
+        name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
+    }
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+    )
+    kernel = triton.compile(source, target=TARGET, options=options)
+    shared = kernel.metadata.shared
+    shown = label or {k: v for k, v in constexprs.items() if not isinstance(v, tl.dtype)}
+    print(f"{fn.__name__} {shown} {options}: shared {shared} B", flush=True)
+    if shared > SHARED_MEMORY:
+        raise RuntimeError(f"{fn.__name__} needs {shared} B of shared memory")
+
+
+def attention() -> None:
+    codes = dict(x_ptr="*bf16", qparams_ptr="*fp32", out_ptr="*bf16")
+    compile_kernel(
+        ops._attention_codes_kernel, codes, dict(QMIN=0, QMAX=255, BLOCK_N=64, BLOCK_D=128)
+    )
+    types = dict(
+        cq_ptr="*bf16", ck_ptr="*bf16", cv_ptr="*bf16", qparams_ptr="*fp32",
+        p_qparams_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", mask_ptr="*bf16",
+        out_ptr="*bf16", softmax_scale="fp32",
+    )  # fmt: skip
+    for mask in (False, True):
+        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=128)
+        for bm, bn, warps, stages in ops.ATTENTION_TILES:
+            tiles = dict(BLOCK_M=bm, BLOCK_N=bn)
+            compile_kernel(
+                ops._attention_stats_kernel, types, common | tiles,
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+            compile_kernel(
+                ops._attention_out_kernel, types,
+                common | tiles | dict(QMIN=0, QMAX=255, WHOLE_ROW=False),
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        for bm, warps, stages in ops.ONE_PASS_TILES:
+            compile_kernel(
+                ops._attention_out_kernel, types,
+                common | dict(QMIN=-128, QMAX=127, WHOLE_ROW=True, BLOCK_M=bm, BLOCK_N=256),
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+
+
+def activations() -> None:
+    types = dict(
+        x_ptr="*bf16", s_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", zp_ptr="*i32",
+        sum_ptr="*i32", static_ptr="*fp32",
+    )  # fmt: skip
+    for dynamic, symmetric in ((False, False), (True, True)):
+        compile_kernel(
+            ops._quantize_act_kernel, types,
+            dict(QMIN=0, QMAX=255, SHIFT=128, HAS_S=True, DYNAMIC=dynamic,
+                 SYMMETRIC=symmetric, BLOCK_K=2048),
+        )  # fmt: skip
+    compile_kernel(
+        ops._quantize_act_groups_kernel, types,
+        dict(QMIN=0, QMAX=15, SHIFT=0, HAS_S=True, SYMMETRIC=False, G=32, GROUPS_P=64),
+    )  # fmt: skip
+
+
+GEMM_FLAGS = dict(
+    GROUPED=False, X_GROUPED=False, HAS_XZP=False, HAS_WZP=False, HAS_BIAS=True, R=0, RP=0,
+    DOT=tl.bfloat16, GELU_QUANT=False, HAS_OS=False, RESIDUAL=False, PACKED=False, FP8=False,
+    NEXT_FP8=False, FAST_MATH=True, ACT=tl.bfloat16, QMIN=0, QMAX=0, SHIFT=0,
+    BM=128, BN=128, BK=64, GROUP_M=8, PERSISTENT=0, TMA=False,
+)  # fmt: skip
+"""A per-channel int8 GEMM with a bias; the cases below change what they name."""
+GEMM_CASES = {
+    "int8 asym": dict(HAS_XZP=True, HAS_WZP=True),
+    "fused MLP fc1 (GELU, next int8 codes)": dict(GELU_QUANT=True, HAS_OS=True, QMIN=0,
+                                                   QMAX=255, SHIFT=128),
+    "gated residual": dict(RESIDUAL=True),
+    "persistent": dict(PERSISTENT=2, BN=256, BK=128, HAS_XZP=True),
+    "W4A4 asym groups of 32, rank 64": dict(GROUPED=True, X_GROUPED=True, HAS_XZP=True,
+                                            BK=32, R=64, RP=64),
+    "int4 in kernel, groups of 64": dict(GROUPED=True, PACKED=True, HAS_WZP=True, BM=64, BK=64),
+    "FP8 fused MLP fc1": dict(FP8=True, GELU_QUANT=True, NEXT_FP8=True),
+    "FP8 gated residual": dict(FP8=True, RESIDUAL=True),
+}  # fmt: skip
+
+
+def gemm() -> None:
+    for name, case in GEMM_CASES.items():
+        flags = GEMM_FLAGS | case
+        operand = "*fp8e4nv" if flags["FP8"] else ("*u8" if flags["PACKED"] else "*i8")
+        out = "*bf16"
+        if flags["GELU_QUANT"]:
+            out = "*fp8e4nv" if flags["NEXT_FP8"] else "*i8"
+        types = dict(
+            a_ptr="*fp8e4nv" if flags["FP8"] else "*i8", w_ptr=operand, a_desc="*fp32",
+            w_desc="*fp32", xs_ptr="*fp32", xz_ptr="*i32", xsum_ptr="*i32", ws_ptr="*fp32",
+            wz_ptr="*i32", wsum_ptr="*i32", bias_ptr="*fp32", t_ptr="*bf16", l_ptr="*bf16",
+            out_ptr=out, oq_ptr="*fp32", os_ptr="*bf16", res_ptr="*bf16", gate_ptr="*bf16",
+        )  # fmt: skip
+        compile_kernel(ops._int_gemm_kernel, types, flags, name, num_warps=8, num_stages=3)
+
+
+if __name__ == "__main__":
+    attention()
+    activations()
+    gemm()
