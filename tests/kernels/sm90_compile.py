@@ -102,6 +102,7 @@ GEMM_CASES = {
                                                    QMAX=255, SHIFT=128),
     "gated residual": dict(RESIDUAL=True),
     "persistent": dict(PERSISTENT=2, BN=256, BK=128, HAS_XZP=True),
+    "TMA loads": dict(TMA=True, HAS_XZP=True),
     "W4A4 asym groups of 32, rank 64": dict(GROUPED=True, X_GROUPED=True, HAS_XZP=True,
                                             BK=32, R=64, RP=64),
     "int4 in kernel, groups of 64": dict(GROUPED=True, PACKED=True, HAS_WZP=True, BM=64, BK=64),
@@ -123,6 +124,9 @@ def gemm() -> None:
             wz_ptr="*i32", wsum_ptr="*i32", bias_ptr="*fp32", t_ptr="*bf16", l_ptr="*bf16",
             out_ptr=out, oq_ptr="*fp32", os_ptr="*bf16", res_ptr="*bf16", gate_ptr="*bf16",
         )  # fmt: skip
+        if flags["TMA"]:  # the copy engine's descriptors, boxes of one tile
+            types["a_desc"] = f"tensordesc<i8[{flags['BM']}, {flags['BK']}]>"
+            types["w_desc"] = f"tensordesc<i8[{flags['BN']}, {flags['BK']}]>"
         compile_kernel(ops._int_gemm_kernel, types, flags, name, num_warps=8, num_stages=3)
 
 
