@@ -154,3 +154,26 @@ def test_masked_attention_runs_the_kernel_and_equals_the_simulated_matmuls(
     unmasked = explicit_attention(attn, q, k, v, scale)
     torch.testing.assert_close(fused, simulated, rtol=0, atol=1e-5 * float(simulated.abs().max()))
     assert float((fused - unmasked).abs().max()) > 0.1  # the mask changed the output
+
+
+@pytest.mark.parametrize(("dynamic", "passes"), PASSES)
+def test_a_query_masked_everywhere_by_the_float_minimum_attends_uniformly(
+    dynamic, passes, monkeypatch
+):
+    """A mask of ``torch.finfo(float32).min`` on every key of a query (a padding convention)
+    gives that query uniform weights in the simulated matmuls; the kernel's base-2 scores
+    must not overflow it to -inf (NaN)."""
+    _use_passes(monkeypatch, passes, (40, 23, 24, True))
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 40, 24)
+    k, v = torch.randn(2, 2, 3, 23, 24).unbind(0)
+    mask = torch.zeros(2, 1, 40, 23)
+    mask[0, :, 5] = torch.finfo(torch.float32).min  # query 5 of sample 0 sees no key
+    spec = QuantSpec(bits=8, symmetric=False, granularity=PerTensor(), dynamic=dynamic)
+    scale = 24**-0.5
+    attn = _attention(spec, q, k, v, scale)
+    simulated = explicit_attention(attn, q, k, v, scale, mask)
+    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
+    fused = explicit_attention(attn, q, k, v, scale, mask)
+    assert not simulated.isnan().any()
+    torch.testing.assert_close(fused, simulated, rtol=0, atol=1e-5 * float(simulated.abs().max()))

@@ -558,6 +558,10 @@ def _code_tile(ptr, offs_n, offs_d, N, D):
 LOG2E = tl.constexpr(1.4426950408889634)
 """log2(e): the attention passes keep scores in the base-2 domain (``exp2`` of scaled
 scores), one multiplication fewer per score than ``exp``."""
+MASK_FLOOR = tl.constexpr(-1e38)
+"""Mask values below this are raised to it before the base-2 scaling, which would take a
+``torch.finfo(float32).min`` mask to -inf: a query masked on every key then attends
+uniformly, as in the simulated matmuls, instead of getting NaN."""
 
 
 @triton.jit
@@ -574,7 +578,8 @@ def _attention_scores(
     if HAS_MASK:
         valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         offs = offs_m[:, None] * smq + offs_n[None, :] * smk
-        s += tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32) * LOG2E
+        additive = tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        s += tl.maximum(additive, MASK_FLOOR) * LOG2E  # finite: no -inf from float-min masks
     return tl.where((offs_n < Nk)[None, :], s, float("-inf"))
 
 
