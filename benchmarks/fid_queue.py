@@ -24,7 +24,8 @@ W4A4 and GPTQ; ``w4a4-250`` samples on the real kernels, ``--backend cuda``;
 asymmetric activation groups),
 ``official-250`` (issue 15: the DDPM 250 rows of ``official`` on the real kernels, and the
 block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours),
-``official-20k`` (PTQ4DiT W4A8 with no flag but the bits: 20,000 iterations per unit;
+``official-keep-patch`` (the official coverage with the patch embedding in float, DDPM
+50), ``official-20k`` (PTQ4DiT W4A8 with no flag but the bits: 20,000 iterations per unit;
 DDPM 50 simulated, DDPM 250 on the real kernels).
 ``--gpus 0,0,0`` runs three workers on one GPU.
 """
@@ -78,6 +79,15 @@ OFFICIAL = {
 best-of-percentiles ranges, steps 0..240, paired classes, 10-chunk reconstruction), and the
 block-only coverage with the percentile search, to separate the two changes."""
 
+OFFICIAL_KEEP_PATCH = {
+    f"ptq4dit-official-keep-patch-{bits}": (
+        f"{OFFICIAL[f'ptq4dit-official-{bits}']} --keep-float x_embedder.proj"
+    )
+    for bits in ("w8a8", "w4a8")
+}
+"""``--plan official-keep-patch``: the official coverage with the patch embedding in float,
+DDPM 50: whether the patch embedding's 8-bit input (the pixels x_t) is the official
+coverage's whole loss, as the CPU diagnostic of the output error says (RESULTS.md)."""
 OFFICIAL_20K = "--method ptq4dit --wbits 4 --abits 8"
 """PTQ4DiT W4A8 with every default official, the 20,000 reconstruction iterations per unit
 included."""
@@ -155,6 +165,8 @@ def plan(names: list[str]) -> list[Job]:
         jobs += [Job(2, r, 250, f) for r, f in HEADLINE.items()]
     if "ablation" in names:
         jobs += [Job(3, r, 50, f) for r, f in ABLATION.items()]
+    if "official-keep-patch" in names:
+        jobs += [Job(1, r, 50, f) for r, f in OFFICIAL_KEEP_PATCH.items()]
     if "official" in names:
         jobs += [Job(1, r, 50, f) for r, f in OFFICIAL.items()]
         jobs += [Job(2, r, 250, f) for r, f in OFFICIAL.items()]
