@@ -916,9 +916,9 @@ def fp8_gemm(
         choice = "cublas"
     else:
         key = (codes.shape[0], weight.shape[0], codes.shape[1])
-        if key not in FP8_GEMM_CHOICE:
+        if key not in FP8_GEMM_CHOICE and _can_time():
             FP8_GEMM_CHOICE[key] = _faster_fp8_gemm(*key, codes.device)
-        choice = FP8_GEMM_CHOICE[key]
+        choice = FP8_GEMM_CHOICE.get(key, "cublas")
     run = _fp8_triton if choice == "triton" else _fp8_cublas
     return run(
         codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale,
@@ -1112,10 +1112,16 @@ def quant_attention(
         two_passes()
         return out
     key = (Nq, Nk, D, mask is not None)
-    if key not in ATTENTION_CHOICE and not INTERPRETED:
+    if key not in ATTENTION_CHOICE and not INTERPRETED and _can_time():
         ATTENTION_CHOICE[key] = _faster({"one-pass": one_pass, "two-pass": two_passes})
     (one_pass if ATTENTION_CHOICE.get(key, "one-pass") == "one-pass" else two_passes)()
     return out
+
+
+def _can_time() -> bool:
+    """Whether kernels may be timed now: not while a CUDA graph is being captured (a
+    shape first met there runs the default path, untimed, until a call outside one)."""
+    return not torch.cuda.is_current_stream_capturing()
 
 
 def _faster(runs: dict[str, Callable[[], object]]) -> str:
