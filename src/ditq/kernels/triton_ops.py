@@ -1121,7 +1121,7 @@ def quant_attention(
 def _can_time() -> bool:
     """Whether kernels may be timed now: not while a CUDA graph is being captured (a
     shape first met there runs the default path, untimed, until a call outside one)."""
-    return not torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
 
 
 def _faster(runs: dict[str, Callable[[], object]]) -> str:
