@@ -916,9 +916,8 @@ def fp8_gemm(
         choice = "cublas"
     else:
         key = (codes.shape[0], weight.shape[0], codes.shape[1])
-        if key not in FP8_GEMM_CHOICE and _can_time():
-            FP8_GEMM_CHOICE[key] = _faster_fp8_gemm(*key, codes.device)
-        choice = FP8_GEMM_CHOICE.get(key, "cublas")
+        runs = functools.partial(_fp8_gemm_runs, *key, codes.device)
+        choice = _chosen(FP8_GEMM_CHOICE, key, runs, default="cublas")
     run = _fp8_triton if choice == "triton" else _fp8_cublas
     return run(
         codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale,
@@ -928,20 +927,18 @@ def fp8_gemm(
 
 FP8_GEMM_CHOICE: dict[tuple[int, int, int], str] = {}
 """``"triton"`` or ``"cublas"`` per GEMM shape (M, N, K), measured by :func:`fp8_gemm`'s
-first call of that shape on the GPU."""
+first call of that shape on the GPU (:func:`_chosen`)."""
 
 
-def _faster_fp8_gemm(M: int, N: int, K: int, device: torch.device) -> str:
-    """The faster plain FP8 GEMM of shape (M, N, K), BF16 output (:func:`_faster`)."""
+def _fp8_gemm_runs(M: int, N: int, K: int, device: torch.device) -> dict:
+    """The two plain FP8 GEMMs of shape (M, N, K), BF16 output, on random operands."""
     a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
     w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
     xs, ws = torch.ones(M, device=device), torch.ones(N, device=device)
-    return _faster(
-        {
-            name: lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16)
-            for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas))
-        }
-    )
+    return {
+        name: lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16)
+        for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas))
+    }
 
 
 def _fp8_triton(
@@ -1028,7 +1025,8 @@ _TUNED_ONE_PASS = _attention_tuner(
 ATTENTION_CHOICE: dict[tuple[int, int, int, bool], str] = {}
 """``"one-pass"`` or ``"two-pass"`` per (Nq, Nk, D, masked) of attentions with a static P
 range over at most :data:`ONE_PASS_KEYS` keys, measured by ``quant_attention``'s first
-call of that shape on the GPU; the interpreter runs one pass unless this says otherwise."""
+call of that shape on the GPU (:func:`_chosen`); the interpreter runs one pass unless this
+says otherwise."""
 
 
 @torch.library.custom_op("ditq::quant_attention", mutates_args=())
@@ -1111,24 +1109,26 @@ def quant_attention(
     if p_qparams is None or Nk > ONE_PASS_KEYS:
         two_passes()
         return out
+    runs = {"one-pass": one_pass, "two-pass": two_passes}
     key = (Nq, Nk, D, mask is not None)
-    if key not in ATTENTION_CHOICE and not INTERPRETED and _can_time():
-        ATTENTION_CHOICE[key] = _faster({"one-pass": one_pass, "two-pass": two_passes})
-    (one_pass if ATTENTION_CHOICE.get(key, "one-pass") == "one-pass" else two_passes)()
+    runs[_chosen(ATTENTION_CHOICE, key, lambda: runs, default="one-pass")]()
     return out
 
 
-def _can_time() -> bool:
-    """Whether kernels may be timed now: not while a CUDA graph is being captured (a
-    shape first met there runs the default path, untimed, until a call outside one)."""
-    return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
-
-
-def _faster(runs: dict[str, Callable[[], object]]) -> str:
-    """The name of the fastest of ``runs``: the median time of ``triton.testing.do_bench``
-    (after its warm-up, which includes the Triton autotuning)."""
-    times = {name: triton.testing.do_bench(run, return_mode="median") for name, run in runs.items()}
-    return min(times, key=times.get)
+def _chosen(
+    table: dict, key: tuple, runs: Callable[[], dict[str, Callable[[], object]]], default: str
+) -> str:
+    """``table[key]``: on a shape's first call on the GPU the fastest of ``runs()`` by the
+    median time of ``triton.testing.do_bench`` (after its warm-up, which includes the Triton
+    autotuning), kept for the later calls; ``default`` in the interpreter and while a CUDA
+    graph is being captured (untimed, until a call outside one)."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if key not in table and not INTERPRETED and not capturing:
+        times = {
+            name: triton.testing.do_bench(run, return_mode="median") for name, run in runs().items()
+        }
+        table[key] = min(times, key=times.get)
+    return table.get(key, default)
 
 
 @quant_attention.register_fake
