@@ -177,9 +177,9 @@ def run(args: argparse.Namespace) -> None:
         int4_in_kernel=args.int4_in_kernel,
     )
     rows = []
+    float_variants = any(v != AS_QUANTIZED for v in variants)
     for name, make in sources:
         base = make()
-        float_variants = any(v != AS_QUANTIZED for v in variants)
         float_base = float_architecture(base) if name in quantized_runs and float_variants else base
         for variant in variants:
             if variant == AS_QUANTIZED and name not in quantized_runs:
