@@ -51,6 +51,15 @@ def _float64_reference(attn, q, k, v, scale):
     return quantized(scores.softmax(-1), attn.attn_act) @ quantized(v, attn.v_act)
 
 
+def _simulated_and_fused(spec: QuantSpec, q, k, v, scale, mask=None):
+    """An attention's quantizers (:func:`_attention`) and its output through the simulated
+    explicit matmuls, then through the fused kernel."""
+    attn = _attention(spec, q, k, v, scale)
+    simulated = explicit_attention(attn, q, k, v, scale, mask)
+    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
+    return attn, simulated, explicit_attention(attn, q, k, v, scale, mask)
+
+
 PASSES = [
     pytest.param(False, "one-pass", id="static-one-pass"),
     pytest.param(False, "two-pass", id="static-two-pass"),
@@ -80,10 +89,7 @@ def test_kernel_equals_the_simulated_matmuls(dynamic, passes, symmetric, monkeyp
     assert not q.is_contiguous()
     spec = QuantSpec(bits=8, symmetric=symmetric, granularity=PerTensor(), dynamic=dynamic)
     scale = 24**-0.5
-    attn = _attention(spec, q, k, v, scale)
-    simulated = explicit_attention(attn, q, k, v, scale)
-    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
-    fused = explicit_attention(attn, q, k, v, scale)
+    attn, simulated, fused = _simulated_and_fused(spec, q, k, v, scale)
     assert fused.shape == simulated.shape == (2, 3, 40, 24)
     assert fused.transpose(1, 2).is_contiguous()  # the layout proj reads, without a copy
     torch.testing.assert_close(fused, simulated, rtol=0, atol=1e-5 * float(simulated.abs().max()))
@@ -147,10 +153,7 @@ def test_masked_attention_runs_the_kernel_and_equals_the_simulated_matmuls(
         mask[1, :, ::3, :5] = -10000.0  # every third query of sample 1 skips the first keys
     spec = QuantSpec(bits=8, symmetric=False, granularity=PerTensor(), dynamic=dynamic)
     scale = 24**-0.5
-    attn = _attention(spec, q, k, v, scale)
-    simulated = explicit_attention(attn, q, k, v, scale, mask)
-    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
-    fused = explicit_attention(attn, q, k, v, scale, mask)
+    attn, simulated, fused = _simulated_and_fused(spec, q, k, v, scale, mask)
     unmasked = explicit_attention(attn, q, k, v, scale)
     torch.testing.assert_close(fused, simulated, rtol=0, atol=1e-5 * float(simulated.abs().max()))
     assert float((fused - unmasked).abs().max()) > 0.1  # the mask changed the output
@@ -171,9 +174,6 @@ def test_a_query_masked_everywhere_by_the_float_minimum_attends_uniformly(
     mask[0, :, 5] = torch.finfo(torch.float32).min  # query 5 of sample 0 sees no key
     spec = QuantSpec(bits=8, symmetric=False, granularity=PerTensor(), dynamic=dynamic)
     scale = 24**-0.5
-    attn = _attention(spec, q, k, v, scale)
-    simulated = explicit_attention(attn, q, k, v, scale, mask)
-    attn.fused_matmuls = FusedQuantAttention([getattr(attn, p) for p in MATMUL_POINTS])
-    fused = explicit_attention(attn, q, k, v, scale, mask)
+    _, simulated, fused = _simulated_and_fused(spec, q, k, v, scale, mask)
     assert not simulated.isnan().any()
     torch.testing.assert_close(fused, simulated, rtol=0, atol=1e-5 * float(simulated.abs().max()))
