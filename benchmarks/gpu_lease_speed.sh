@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One single-GPU lease for the timings that need no shipped data (random weights): issue 19's
+# speed rows, issue 18's GPTQ calibration time of a DiT-XL/2-shaped model and issue 15's
+# reconstruction step modes. Each stage fits one device call (run from the repository root;
+# carry .wheels, which holds the torchao wheel, for `peers`); results land in $OUT.
+#
+#   stage check  benchmarks/kernels_check.py (the real kernels against the simulated layers,
+#                each attention path included), then ditq bench of DiT-XL/2 256 px batch 64:
+#                BF16 compiled against the 8-bit formats, the fused quantized attention and
+#                PTQ4DiT's W4A8 layout, 50-step sampling and the kernel profile
+#   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
+#                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
+#   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
+#   stage calib  PTQ4DiT W4A8's reconstruction with each --recon-compile mode of RECON_MODES
+#                (default "on graphs", RECON_ITERS iterations per unit, default 300) on a
+#                random testbed-shaped model, then gptq on a random DiT-XL/2 at 256 px
+#                (detached; the call waits for it until it has run CALL_S seconds, default
+#                560; CALIB_S bounds the reconstruction timings)
+#   stage poll   waits the same way for the gptq timing, then copies it to $OUT
+# BENCH_S bounds each ditq bench (seconds); a bench rewrites its bench.json after every row,
+# so a bench stopped by the bound keeps the rows it measured.
+set -uo pipefail
+stage=$1
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+XL=DiT-XL/2@256
+gptq_wait() {  # until the detached gptq timing ends or the call has run CALL_S seconds
+  while kill -0 "$(cat /tmp/gptq_xl.pid)" 2> /dev/null && [ $SECONDS -lt "${CALL_S:-560}" ]; do
+    sleep 5
+  done
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  tail -c 600 /tmp/gptq_xl.log | tr '\r' '\n' | grep . | tail -n 4
+  cp /tmp/gptq_xl.json /tmp/gptq_xl.log "$OUT/" 2> /dev/null
+}
+bench() {  # OUT_NAME, then ditq bench's options
+  local name=$1; shift
+  timeout "${BENCH_S:-400}" python -m ditq bench --steps 50 "$@" --out "$OUT/$name"
+  cat "$OUT/$name/bench.md" 2> /dev/null
+}
+case $stage in
+check)
+  python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+  timeout "${CHECK_S:-240}" python benchmarks/kernels_check.py "$OUT/kernels_check.json" \
+    > "$OUT/kernels_check.log" 2>&1
+  echo "kernels_check rc=$?"; tail -n 60 "$OUT/kernels_check.log" | grep -v '^{'
+  bench b64 --shapes $XL --batches 64 --iters 30 --profile \
+    --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static ;;
+peers)
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .wheels/torchao-*.whl || exit
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  bench b64_peers --shapes $XL --batches 64 --iters 30 \
+    --variants bf16-compile,torchao-fp8row,torchao-int8dyn,w8a8-fp8-static,w8a8-static-symw ;;
+small)
+  bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel
+  bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 \
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel ;;
+calib)
+  ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '${RECON_ITERS:-300}', "recon_compile": '
+  methods=(); for mode in ${RECON_MODES:-on graphs}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
+  timeout "${CALIB_S:-300}" python benchmarks/calibration_time.py --shape testbed --quiet \
+    "${methods[@]}" --out "$OUT/recon_modes.json"
+  echo "recon modes rc=$? after ${SECONDS} s"; head -c 4000 "$OUT/recon_modes.json" 2> /dev/null
+  setsid nohup python benchmarks/calibration_time.py --shape $XL --method gptq \
+    --out /tmp/gptq_xl.json > /tmp/gptq_xl.log 2>&1 < /dev/null &
+  echo $! > /tmp/gptq_xl.pid; gptq_wait ;;
+poll)
+  gptq_wait ;;
+*)
+  echo "unknown stage $stage: check, peers, small, calib or poll"; exit 2 ;;
+esac
