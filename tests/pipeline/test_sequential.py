@@ -199,6 +199,28 @@ def test_cuda_graphs_mode_compiles_the_layerwise_units_too(calib):
         assert unit["final_loss"] == pytest.approx(eager[name]["final_loss"], rel=1e-3)
 
 
+def test_graphs_mode_compiles_every_unit_kind_of_the_official_coverage(calib, monkeypatch):
+    """PTQ4DiT's official coverage has six unit kinds (patch embedding, the timestep MLP's
+    two linears, blocks, the final adaLN and linear), each compiled with and without the
+    rounding regularizer: more graphs than dynamo's default limit of 8 per function, past
+    which the later units (the blocks) would silently run eagerly. Traced without Inductor
+    (the limit is dynamo's), with the limit made an error."""
+    compiled = []
+
+    def traced(graphs):
+        compiled.append(graphs)
+        return torch.compile(unit_objective, backend="eager")
+
+    monkeypatch.setattr("ditq.pipeline.adaround_solver.compiled_objective", traced)
+    torch._dynamo.reset()
+    model = _rtn(calib, depth=1, layers=LayerSelection.everything())
+    settings = ReconSettings(iters=4, batch_size=8, warmup=0.5, compile="graphs")
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        report = reconstruct_model(model, tiny_dit(depth=1), calib, settings, progress=False)
+    assert len(report["units"]) == len(compiled) == 6
+    assert all(unit["final_loss"] > 0 for unit in report["units"].values())
+
+
 def test_compile_mode_selects_blocks_on_a_gpu(calib):
     model = _rtn(calib, depth=1)
     data = UnitData({"arg0": torch.zeros(2, 3)}, torch.device("cpu"), SequentialSettings(), None)

@@ -30,7 +30,7 @@ rounding (tested against the eager one).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,6 +47,11 @@ from ditq.quant.quantizer import Quantizer
 LOG_EVERY = 200
 """Iterations between loss updates of the progress bar (each one syncs the device)."""
 COMPILE_MODES = ("auto", "on", "graphs", "off")
+RECOMPILE_LIMIT = 64
+"""Graphs of the compiled objective allowed per run. Every unit kind compiles two (with and
+without the rounding regularizer): PTQ4DiT's official coverage has six kinds with
+``graphs``, more than dynamo's default limit of 8, past which the later units would run
+eagerly."""
 
 
 @dataclass
@@ -226,6 +231,7 @@ class AdaRoundSolver:
         objective = compiled_objective(graphs) if compiled else unit_objective
         fused = data.device.type == "cuda"
         with (
+            _room_for_graphs() if compiled else nullcontext(),
             torch.enable_grad(),
             _frozen(unit.module),
             adaround(layers) as rounders,
@@ -288,6 +294,14 @@ def compiled_objective(graphs: bool) -> Callable[..., torch.Tensor]:
     """:func:`unit_objective` through ``torch.compile``; ``graphs``: its forward and backward
     replayed as CUDA graphs (on a GPU; the caller marks each step's begin)."""
     return torch.compile(unit_objective, mode="reduce-overhead" if graphs else None)
+
+
+def _room_for_graphs() -> Any:
+    """Dynamo's recompilation limit raised to :data:`RECOMPILE_LIMIT` (named
+    ``cache_size_limit`` before torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch({name: max(RECOMPILE_LIMIT, getattr(config, name))})
 
 
 def _static_act_quantizers(module: nn.Module) -> list[Quantizer]:
