@@ -14,8 +14,9 @@ kernel) on DiT-XL/2-shaped q, k, v and in whole models. FP8 layers through each 
 ``fp8_gemm``'s two paths (the Triton kernel and ``torch._scaled_mm``) whichever would be
 measured faster; whole FP8 models (static: with the fused MLP) on the measured choice. A
 failing check is recorded and the script goes on; the table is printed last and everything
-is written to OUT.json. ``--only`` keeps the checks whose name and format contain one of the
-PARTs (a quick check of the kernels a run is about to use, e.g. ``--only attention``).
+is written to OUT.json (rewritten after every row: a run stopped early keeps its rows).
+``--only`` keeps the checks whose name and format contain one of the PARTs (a quick check
+of the kernels a run is about to use, e.g. ``--only attention``).
 """
 
 from __future__ import annotations
@@ -229,8 +230,12 @@ def checkpoint_sizes(device: str) -> dict:
 
 def main(out_path: str, only: list[str]) -> None:
     device = "cuda"
+    rows: list[dict] = []
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    rows = []
+    results["rows"] = rows
+
+    def write() -> None:  # after every row: a run stopped early keeps what it checked
+        Path(out_path).write_text(json.dumps(results, indent=2) + "\n")
 
     def record(check: str, fmt: str, fn) -> None:
         if only and not any(part in f"{check} {fmt}" for part in only):
@@ -241,6 +246,7 @@ def main(out_path: str, only: list[str]) -> None:
             traceback.print_exc()
             row = {"check": check, "format": fmt, "error": f"{type(err).__name__}: {err}"}
         rows.append(row)
+        write()
         print(json.dumps(row), flush=True)
 
     # first the fused attention, which the cuda backend's PTQ4DiT sampling runs
@@ -266,7 +272,7 @@ def main(out_path: str, only: list[str]) -> None:
     for fmt in FP8_FORMATS:
         for path in ("triton", "cublas"):
             for name, (K, N) in XL_LAYERS.items():
-                triton_ops.FP8_GEMM_CHOICE[TOKENS, N, K] = path  # this path, not the faster
+                triton_ops.FP8_GEMM_CHOICE[TOKENS, N, K, ""] = path  # this path, not the faster
                 record(
                     f"XL {name} ({K}, {N}) fp8 via {path}",
                     fmt,
@@ -312,8 +318,7 @@ def main(out_path: str, only: list[str]) -> None:
     except Exception as err:  # noqa: BLE001
         traceback.print_exc()
         results["checkpoint_bytes_dit_xl2_256"] = {"error": f"{type(err).__name__}: {err}"}
-    results["rows"] = rows
-    Path(out_path).write_text(json.dumps(results, indent=2) + "\n")
+    write()
     print(f"\n{'check':<34} {'format':<26} {'kind':<14} {'rel.err':>9} nan")
     for r in rows:
         if "error" in r:

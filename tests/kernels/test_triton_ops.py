@@ -263,6 +263,24 @@ def test_fp8_cublas_twin_computes_the_kernels_epilogues(epilogue):
         assert float((cublas - kernel).norm() / kernel.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("epilogue", ["", "residual", "next-codes"])
+def test_fp8_choice_times_each_path_with_the_calls_epilogue(epilogue):
+    """``fp8_gemm`` chooses per shape and epilogue between the Triton kernel (epilogue
+    fused) and cuBLAS (epilogue as torch ops after it): the two timed runs must do the
+    work the call does, the gated residual or the next layer's codes included, and agree."""
+    torch.manual_seed(0)
+    runs = triton_ops._fp8_gemm_runs(64, 48, 32, epilogue, torch.device("cpu"))
+    kernel, cublas = (runs[name]().float() for name in ("triton", "cublas"))
+    assert kernel.shape == (64, 48)
+    expected_dtype = torch.float8_e4m3fn if epilogue == "next-codes" else torch.bfloat16
+    assert runs["triton"]().dtype == runs["cublas"]().dtype == expected_dtype
+    if epilogue == "residual":  # the same operands (seed), without the residual
+        torch.manual_seed(0)
+        plain = triton_ops._fp8_gemm_runs(64, 48, 32, "", torch.device("cpu"))["triton"]()
+        assert float((kernel - plain.float()).norm() / plain.float().norm()) > 0.1
+    torch.testing.assert_close(cublas, kernel, rtol=0.125, atol=0.125)
+
+
 def test_convert_model_fuses_only_fusable_mlps():
     from ditq.eval.speed import denoiser_inputs, quantize_random
     from ditq.kernels import FusedQuantMlp, convert_model

@@ -915,7 +915,9 @@ def fp8_gemm(
     elif codes.device.type != "cuda":
         choice = "cublas"
     else:
-        key = (codes.shape[0], weight.shape[0], codes.shape[1])
+        epilogue = "residual" if gate is not None else ""
+        epilogue = "next-codes" if next_scale is not None else epilogue
+        key = (codes.shape[0], weight.shape[0], codes.shape[1], epilogue)
         runs = functools.partial(_fp8_gemm_runs, *key, codes.device)
         choice = _chosen(FP8_GEMM_CHOICE, key, runs, default="cublas")
     run = _fp8_triton if choice == "triton" else _fp8_cublas
@@ -925,18 +927,28 @@ def fp8_gemm(
     )  # fmt: skip
 
 
-FP8_GEMM_CHOICE: dict[tuple[int, int, int], str] = {}
-"""``"triton"`` or ``"cublas"`` per GEMM shape (M, N, K), measured by :func:`fp8_gemm`'s
-first call of that shape on the GPU (:func:`_chosen`)."""
+FP8_GEMM_CHOICE: dict[tuple[int, int, int, str], str] = {}
+"""``"triton"`` or ``"cublas"`` per GEMM shape and epilogue (M, N, K, epilogue of
+:func:`_fp8_gemm_runs`), measured by :func:`fp8_gemm`'s first call of that key on the GPU
+(:func:`_chosen`)."""
 
 
-def _fp8_gemm_runs(M: int, N: int, K: int, device: torch.device) -> dict:
-    """The two plain FP8 GEMMs of shape (M, N, K), BF16 output, on random operands."""
+def _fp8_gemm_runs(M: int, N: int, K: int, epilogue: str, device: torch.device) -> dict:
+    """The two paths of an FP8 GEMM of shape (M, N, K) with ``epilogue`` on random operands:
+    ``""`` (BF16 output), ``"next-codes"`` (GELU and the next layer's e4m3 codes) or
+    ``"residual"`` (the gated residual), each path with the work it does after the product
+    (fused in the Triton kernel, torch ops after cuBLAS), so that the choice weighs both."""
     a = torch.randn(M, K, device=device).to(torch.float8_e4m3fn)
     w = torch.randn(N, K, device=device).to(torch.float8_e4m3fn)
     xs, ws = torch.ones(M, device=device), torch.ones(N, device=device)
+    extra: dict[str, torch.Tensor] = {}
+    if epilogue == "next-codes":
+        extra["next_scale"] = torch.ones(2, device=device)
+    elif epilogue == "residual":
+        extra["residual"] = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+        extra["gate"] = torch.randn(1, N, device=device, dtype=torch.bfloat16)
     return {
-        name: lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16)
+        name: lambda run=run: run(a, xs, w, ws, None, None, None, torch.bfloat16, **extra)
         for name, run in (("triton", _fp8_triton), ("cublas", _fp8_cublas))
     }
 
