@@ -87,6 +87,18 @@ def activations() -> None:
         ops._quantize_act_groups_kernel, types,
         dict(QMIN=0, QMAX=15, SHIFT=0, HAS_S=True, SYMMETRIC=False, G=32, GROUPS_P=64),
     )  # fmt: skip
+    norm = dict(
+        x_ptr="*bf16", shift_ptr="*bf16", mscale_ptr="*bf16", s_ptr="*bf16", static_ptr="*fp32",
+        sum_ptr="*i32", eps="fp32",
+    )  # fmt: skip
+    for fp8 in (False, True):
+        for rows, warps in ops.NORM_QUANTIZE_TILES:
+            compile_kernel(
+                ops._norm_quantize_kernel, norm | dict(q_ptr="*fp8e4nv" if fp8 else "*i8"),
+                dict(QMIN=0, QMAX=255, SHIFT=128, HAS_S=True, FP8=fp8, ROWS=rows,
+                     BLOCK_K=2048),
+                num_warps=warps,
+            )  # fmt: skip
 
 
 GEMM_FLAGS = dict(

@@ -311,3 +311,94 @@ def test_patch_embedding_widths_run_on_the_kernels(name, K, gemm_schedule):
     out = real._forward_cuda(rows)
     ref = reference64(real, rows)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def modulated_norm_case(B: int = 3, T: int = 10, K: int = 48, seed: int = 2):
+    """Rows of B samples, and shift / scale as the adaLN output's chunks (row stride 6K)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(B * T, K, generator=generator) * 3 + 1
+    modulation = torch.randn(B, 6 * K, generator=generator) * 0.5
+    shift, scale = modulation[:, :K], modulation[:, 2 * K : 3 * K]
+    return x, shift, scale
+
+
+@pytest.mark.parametrize(
+    "fmt", ["int8 sym", "uint8 asym", "int4 asym", "e4m3"], ids=lambda name: name.replace(" ", "-")
+)
+@pytest.mark.parametrize("online_scale", [False, True], ids=["plain", "input-scale"])
+def test_norm_quantize_matches_float64(fmt, online_scale):
+    """A DiT block's modulated LayerNorm and its quantization in one kernel, against the
+    float64 formulas: ``h = (x - μ) / sqrt(σ² + ε) ⊙ (1 + scale_b) + shift_b``, divided by
+    the online scale, then ``clamp(round(h / Δ) + z) - shift`` (or the e4m3 cast)."""
+    x, shift, scale = modulated_norm_case()
+    B, K = shift.shape
+    s = torch.rand(K) + 0.5 if online_scale else None
+    qmin, qmax, symmetric = {
+        "int8 sym": (-127, 127, True), "uint8 asym": (0, 255, False), "int4 asym": (0, 15, False),
+        "e4m3": (0, 0, True),
+    }[fmt]  # fmt: skip
+    static = torch.tensor([0.9 if fmt == "int4 asym" else 0.05, 0.0 if symmetric else 7.0])
+    codes, sums = triton_ops.norm_quantize(
+        x, shift, scale, 1e-6, s, static, qmin, qmax, symmetric, fmt == "e4m3"
+    )
+    xd = x.double()
+    h = (xd - xd.mean(1, keepdim=True)) / torch.sqrt(xd.var(1, unbiased=False, keepdim=True) + 1e-6)
+    batch = torch.arange(len(x)) // (len(x) // B)
+    h = h * (1 + scale.double()[batch]) + shift.double()[batch]
+    if s is not None:
+        h = h / s.double()
+    if fmt == "e4m3":
+        expected = (h / static[0]).clamp(-448, 448).float().to(torch.float8_e4m3fn).float()
+        assert codes.dtype == torch.float8_e4m3fn
+        torch.testing.assert_close(codes.float(), expected, rtol=0.07, atol=2**-9)
+        assert float((codes.float() != expected).float().mean()) < 0.02  # ties of fp32 rounding
+        return
+    shift_codes = 0 if symmetric else 128
+    expected = (torch.round(h / static[0].double()) + static[1]).clamp(qmin, qmax) - shift_codes
+    assert codes.dtype == torch.int8
+    assert int((codes.double() - expected).abs().max()) <= 1
+    assert float((codes.double() != expected).float().mean()) < 0.01
+    torch.testing.assert_close(sums, codes.sum(1, dtype=torch.int32), rtol=0, atol=0)
+    assert len(torch.unique(codes)) > 8  # the range is used, not one clamped code
+
+
+def test_blocks_quantize_their_inputs_in_the_norm_kernel():
+    """A converted DiT block's two branches from x itself (``norm_branch``: the norm,
+    modulation and input quantization in one kernel, the gated residual in proj's and
+    fc2's epilogues) equal the simulated block's branches, for int8 with asymmetric weights
+    (code sums), int4 and static FP8."""
+    import copy
+
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.kernels import FusedQuantMlp, convert_model
+    from ditq.methods import RTNConfig
+    from ditq.models.dit import gated_residual, modulate
+
+    from conftest import tiny_dit
+
+    configs = {
+        "w8a8": RTNConfig(wbits=8, abits=8),
+        "w4a8": RTNConfig(wbits=4, abits=8),
+        "fp8": RTNConfig(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3"),
+    }
+    for name, config in configs.items():
+        model = tiny_dit()
+        inputs = denoiser_inputs(model, 2, "cpu", torch.float32)
+        quantize_random(model, config, inputs)
+        simulated = copy.deepcopy(model).blocks[0]
+        block = convert_model(model).blocks[0]
+        assert block.attn.quantizes_norm and block.mlp.quantizes_norm
+        assert isinstance(block.mlp, FusedQuantMlp)
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(4, 16, model.config.hidden_size, generator=generator)
+        chunks = torch.randn(4, 6 * model.config.hidden_size, generator=generator).chunk(6, 1)
+        shift, scale, gate = chunks[:3]
+        with torch.no_grad():
+            for module, reference, norm in (
+                (block.attn, simulated.attn, simulated.norm1),
+                (block.mlp, simulated.mlp, simulated.norm2),
+            ):
+                out = module.norm_branch(x, norm.eps, shift, scale, gate)
+                ref = gated_residual(reference, modulate(norm(x), shift, scale), x, gate)
+                error = float((out - ref).norm() / (ref - x).norm())
+                assert error < 2e-3, (name, type(module).__name__, error)

@@ -365,6 +365,43 @@ class RealQuantLinear(nn.Module):
         y = self._quantized_cuda(self._rows(x), residual.reshape(-1, self.out_features), gate)
         return y.reshape(residual.shape)
 
+    @property
+    def quantizes_norm(self) -> bool:
+        """Whether :meth:`forward_from_norm` quantizes the input in one kernel with the
+        modulated LayerNorm before it: a static per-tensor input range, and no low-rank
+        branch or rotation (which need the float input)."""
+        return (
+            self.kind in ("int", "fp8")
+            and self.static_qparams is not None
+            and not self.act.group_size
+            and self.lowrank_down is None
+            and self.rotation_signs is None
+        )
+
+    def forward_from_norm(
+        self, x: torch.Tensor, eps: float, shift: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """``self(LayerNorm(x) ⊙ (1 + scale) + shift)`` for x (B, T, K) on CUDA, where
+        :attr:`quantizes_norm`: the norm, the modulation and the input's quantization in
+        one kernel (``triton_ops.norm_quantize``), then the GEMM."""
+        rows = x.reshape(-1, x.shape[-1])
+        y = self._gemm(self._norm_activation(rows, eps, shift, scale), None, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _norm_activation(
+        self, rows: torch.Tensor, eps: float, shift: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This layer's quantized input ``(codes, scale, zero, sums)`` from the rows of the
+        modulated LayerNorm's input (:meth:`forward_from_norm`)."""
+        from ditq.kernels import triton_ops
+
+        codes, sums = triton_ops.norm_quantize(
+            rows.contiguous(), shift, scale, eps, self.input_scale, self.static_qparams,
+            self.act.qmin, self.act.qmax, self.act.symmetric, self.kind == "fp8",
+        )  # fmt: skip
+        row_scale, row_zero = self._static_row_qparams(len(rows))
+        return codes, row_scale, row_zero, sums if self.needs_code_sums else None
+
     def _lowrank_t(self, rows: torch.Tensor) -> torch.Tensor | None:
         if self.lowrank_down is None:
             return None
@@ -627,14 +664,40 @@ class FusedQuantMlp(nn.Module):
         y = self._forward_fused(rows, residual.reshape(-1, self.fc2.out_features), gate)
         return y.reshape(residual.shape)
 
+    @property
+    def quantizes_norm(self) -> bool:
+        """Whether :meth:`norm_branch` quantizes fc1's input in the norm's kernel."""
+        return self.fc1.quantizes_norm
+
+    def norm_branch(
+        self,
+        x: torch.Tensor,
+        eps: float,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """``x + gate ⊙ self(LayerNorm(x) ⊙ (1 + scale) + shift)`` on CUDA (a DiT block's
+        MLP branch) in three kernels: the norm with fc1's input quantization, fc1 writing
+        fc2's codes, fc2 adding the gated residual."""
+        rows = x.reshape(-1, x.shape[-1])
+        y = self._forward_fused(rows, rows, gate, norm=(eps, shift, scale))
+        return y.reshape(x.shape)
+
     def _forward_fused(
         self,
         rows: torch.Tensor,
         residual: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
+        norm: tuple[float, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """fc1 on ``rows`` (with ``norm`` = (eps, shift, scale): on the modulated LayerNorm
+        of ``rows``, quantized in its kernel), then fc2, with the gated residual if given."""
         fc1, fc2 = self.fc1, self.fc2
-        hidden = fc1._quantized_cuda(rows, next_layer=fc2)
+        if norm is None:
+            hidden = fc1._quantized_cuda(rows, next_layer=fc2)
+        else:
+            hidden = fc1._gemm(fc1._norm_activation(rows, *norm), None, rows.dtype, fc2)
         h_scale, h_zero = fc2._static_row_qparams(len(rows))
         h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
         return fc2._gemm(

@@ -163,6 +163,55 @@ def _quantize_act_kernel(
 
 
 @triton.jit
+def _norm_quantize_kernel(
+    x_ptr, shift_ptr, mscale_ptr, s_ptr, static_ptr, q_ptr, sum_ptr, M, K, rows_per_batch,
+    stride_xm, stride_shift, stride_mscale, eps,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, HAS_S: tl.constexpr,
+    FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """ROWS rows of ``h = LayerNorm(x) ⊙ (1 + scale_b) + shift_b`` (no affine; b = row //
+    rows_per_batch), divided by the online scale s, quantized with the static range
+    [Δ, z]: int codes and their row sums, or e4m3 codes. The whole row in registers, its
+    statistics and ``h`` in fp32."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (offs < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / K
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / K + eps)
+    batch = (rows // rows_per_batch)[:, None]
+    shift = tl.load(shift_ptr + batch * stride_shift + offs[None, :], mask=mask, other=0.0)
+    mscale = tl.load(mscale_ptr + batch * stride_mscale + offs[None, :], mask=mask, other=0.0)
+    h = centered * rstd[:, None] * (1.0 + mscale.to(tl.float32)) + shift.to(tl.float32)
+    if HAS_S:
+        h = h / tl.load(s_ptr + offs, mask=offs < K, other=1.0).to(tl.float32)[None, :]
+    out = q_ptr + rows[:, None] * K + offs[None, :]
+    if FP8:  # e4m3 codes: saturated, rounded to nearest even by the cast
+        v = tl.minimum(tl.maximum(h / tl.load(static_ptr), -FP8_MAX), FP8_MAX)
+        if not HARDWARE_RINT:
+            v = _round_to_e4m3(v)
+        tl.store(out, v.to(tl.float8e4nv), mask=mask)
+    else:
+        zero = tl.load(static_ptr + 1)
+        codes = _codes(h, tl.load(static_ptr), zero, QMIN, QMAX, SHIFT)
+        codes = tl.where(mask, codes, 0.0).to(tl.int32)
+        tl.store(out, codes.to(tl.int8), mask=mask)
+        tl.store(sum_ptr + rows, tl.sum(codes, axis=1), mask=row_ok)
+
+
+NORM_QUANTIZE_TILES = ((1, 4), (2, 4), (2, 8), (4, 8))
+"""``(ROWS, num_warps)`` the autotuner tries for :func:`norm_quantize`, per K; not yet
+swept on a GPU."""
+_TUNED_NORM_QUANTIZE = triton.autotune(
+    [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in NORM_QUANTIZE_TILES],
+    key=["K"],
+)(_norm_quantize_kernel)
+
+
+@triton.jit
 def _quantize_act_groups_kernel(
     x_ptr,
     s_ptr,
@@ -720,6 +769,49 @@ def _(x, input_scale, static_qparams, qmin, qmax, symmetric):
     M, K = x.shape
     rows = [x.new_empty(M, dtype=dtype) for dtype in (torch.float32, torch.int32, torch.int32)]
     return (x.new_empty((M, K), dtype=torch.int8), *rows)
+
+
+@torch.library.custom_op("ditq::norm_quantize", mutates_args=())
+def norm_quantize(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    input_scale: torch.Tensor | None,
+    static_qparams: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (M, K), int8 or with ``fp8`` e4m3, and their row sums (M,) int32 (zero for
+    e4m3) of a DiT block's modulated LayerNorm ``LayerNorm(x) ⊙ (1 + scale) + shift`` with
+    the static range ``static_qparams`` = [Δ, z] (after the division by ``input_scale``)
+    in one kernel: x (M, K) holds B = len(shift) batches of M / B rows, shift and scale (B,
+    K) (any row stride). The statistics and the modulated value stay in fp32, where the
+    torch model rounds the norm's and the modulation's outputs to its dtype: a code may
+    differ by one at a rounding tie."""
+    M, K = x.shape
+    codes = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    sums = torch.zeros(M, device=x.device, dtype=torch.int32)
+    if not M:
+        return codes, sums
+    kernel, tiles = _TUNED_NORM_QUANTIZE, {}
+    if INTERPRETED:  # no autotuning without a GPU
+        kernel, tiles = _norm_quantize_kernel, dict(ROWS=2)
+    kernel[lambda meta: (triton.cdiv(M, meta["ROWS"]),)](
+        x, shift, scale, input_scale if input_scale is not None else _placeholder(x),
+        static_qparams, codes, sums, M, K, M // len(shift), x.stride(0), shift.stride(0),
+        scale.stride(0), eps, QMIN=qmin, QMAX=qmax, SHIFT=0 if symmetric else _SHIFT,
+        HAS_S=input_scale is not None, FP8=fp8, BLOCK_K=triton.next_power_of_2(K), **tiles,
+    )  # fmt: skip
+    return codes, sums
+
+
+@norm_quantize.register_fake
+def _(x, shift, scale, eps, input_scale, static_qparams, qmin, qmax, symmetric, fp8):
+    dtype = torch.float8_e4m3fn if fp8 else torch.int8
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[0], dtype=torch.int32)
 
 
 @torch.library.custom_op("ditq::quantize_act_groups", mutates_args=())

@@ -128,7 +128,8 @@ class Attention(nn.Module):
     ``q_act``, ``k_act``, ``v_act`` (inputs of Q·Kᵀ and P·V) and ``attn_act`` (the softmax
     output) are hook points. The explicit path runs when ``explicit_matmuls`` is set.
     :meth:`gated_residual` lets a ``proj`` that can (a real-kernel layer) add the block's
-    gated residual itself.
+    gated residual itself, :meth:`norm_branch` a ``qkv`` that can quantize its input in the
+    block's norm kernel too.
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -157,10 +158,33 @@ class Attention(nn.Module):
         """``residual + gate ⊙ self(x)``, added by ``proj`` (:attr:`fuses_gated_residual`)."""
         return self.proj.gated_residual(self._heads(x), residual, gate)
 
+    @property
+    def quantizes_norm(self) -> bool:
+        return getattr(self.qkv, "quantizes_norm", False) and self.fuses_gated_residual
+
+    def norm_branch(
+        self,
+        x: torch.Tensor,
+        eps: float,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """``x + gate ⊙ self(modulate(LayerNorm(x), shift, scale))`` with ``qkv``'s input
+        quantized in the norm's kernel and the residual added by ``proj``
+        (:attr:`quantizes_norm`)."""
+        qkv = self.qkv.forward_from_norm(x, eps, shift, scale)
+        return self.proj.gated_residual(self._attend(qkv), x, gate)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """The attention output, heads concatenated: ``proj``'s input."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self._attend(self.qkv(x))
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention of ``qkv``'s output (B, N, 3C), heads concatenated."""
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.explicit_matmuls:
             out = explicit_attention(self, q, k, v, self.scale)
@@ -191,6 +215,24 @@ class Mlp(nn.Module):
         """``residual + gate ⊙ self(x)``, added by ``fc2`` (:attr:`fuses_gated_residual`)."""
         return self.fc2.gated_residual(self.act(self.fc1(x)), residual, gate)
 
+    @property
+    def quantizes_norm(self) -> bool:
+        return getattr(self.fc1, "quantizes_norm", False) and self.fuses_gated_residual
+
+    def norm_branch(
+        self,
+        x: torch.Tensor,
+        eps: float,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """``x + gate ⊙ self(modulate(LayerNorm(x), shift, scale))`` with ``fc1``'s input
+        quantized in the norm's kernel and the residual added by ``fc2``
+        (:attr:`quantizes_norm`)."""
+        hidden = self.act(self.fc1.forward_from_norm(x, eps, shift, scale))
+        return self.fc2.gated_residual(hidden, x, gate)
+
 
 def gated_residual(
     module: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
@@ -201,6 +243,24 @@ def gated_residual(
     if getattr(module, "fuses_gated_residual", False):
         return module.gated_residual(x, residual, gate)
     return residual + gate.unsqueeze(1) * module(x)
+
+
+def adaln_branch(
+    module: nn.Module,
+    norm: nn.LayerNorm,
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """``x + gate ⊙ module(modulate(norm(x), shift, scale))``: a DiT block's adaLN-Zero
+    branch. On CUDA a module that can (``quantizes_norm``: real-kernel layers with a static
+    input range) quantizes its input in one kernel with the norm and the modulation, and
+    adds the gated residual in its last kernel (its forward hooks do not run then)."""
+    fused = getattr(module, "quantizes_norm", False) and norm.weight is None and x.is_cuda
+    if fused:
+        return module.norm_branch(x, norm.eps, shift, scale, gate)
+    return gated_residual(module, modulate(norm(x), shift, scale), x, gate)
 
 
 class DiTBlock(nn.Module):
@@ -220,8 +280,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=1)
-        x = gated_residual(self.attn, modulate(self.norm1(x), shift_msa, scale_msa), x, gate_msa)
-        return gated_residual(self.mlp, modulate(self.norm2(x), shift_mlp, scale_mlp), x, gate_mlp)
+        x = adaln_branch(self.attn, self.norm1, x, shift_msa, scale_msa, gate_msa)
+        return adaln_branch(self.mlp, self.norm2, x, shift_mlp, scale_mlp, gate_mlp)
 
 
 class FinalLayer(nn.Module):
