@@ -793,7 +793,7 @@ def norm_quantize(
     differ by one at a rounding tie."""
     M, K = x.shape
     codes = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    sums = torch.zeros(M, device=x.device, dtype=torch.int32)
+    sums = (torch.zeros if fp8 else torch.empty)(M, device=x.device, dtype=torch.int32)
     if not M:
         return codes, sums
     kernel, tiles = _TUNED_NORM_QUANTIZE, {}
