@@ -7,7 +7,8 @@ in its epilogue).
 
 Tokens 32768 is one call at batch 64 with guidance at 256 px (2 x 64 x 256). Each entry is
 the median of ``triton.testing.do_bench``; the activation quantization kernels (Triton
-``quantize_act`` and the ``torch.compile``d torch twin) are timed on the same inputs. W4
+``quantize_act`` and the ``torch.compile``d torch twin; a DiT block's LayerNorm, modulation
+and quantization as ``norm_quantize`` and compiled torch) are timed on the same inputs. W4
 rows include the per-call unpacking of the int4 codes to int8. ``--sweep`` also times each
 configuration of ``TILES`` alone (a one-configuration autotuner in place of the tuned one)
 for per-channel weights: that sweep chose ``triton_ops.TUNED_TILES``.
@@ -122,9 +123,23 @@ def quantize_cases(M: int, K: int, device: str) -> dict[str, Callable[[], object
     qp = torch.tensor([0.02, 3.0], device=device)
     act = ActFormat("int", 0, 255, False, False, False, QuantSpec(8, False))
     twin = torch.compile(lambda v: quantize_activation(v, act, None, qp))
+    samples = max(1, M // 256)  # DiT-XL/2 at 256 px: 256 tokens a sample
+    modulation = (torch.randn(samples, 6 * K, device=device) * 0.1).bfloat16()
+    shift, scale = modulation[:, :K], modulation[:, K : 2 * K]
+
+    def block_input(v: torch.Tensor) -> tuple:  # what a DiT block quantizes: modulate(LN(x))
+        h = F.layer_norm(v.view(samples, -1, K), (K,), eps=1e-6)
+        h = h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return quantize_activation(h.reshape(-1, K), act, None, qp)
+
+    norm_twin = torch.compile(block_input)
     return {
         "triton quantize_act static": lambda: triton_ops.quantize_act(x, None, qp, 0, 255, False),
         "compiled torch twin static": lambda: twin(x),
+        "triton norm_quantize static": lambda: triton_ops.norm_quantize(
+            x, shift, scale, 1e-6, None, qp, 0, 255, False, False
+        ),
+        "compiled torch norm + quantize static": lambda: norm_twin(x),
         "bf16 copy (memory floor)": lambda: x.clone(),
     }
 

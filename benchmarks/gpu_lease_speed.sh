@@ -11,6 +11,9 @@
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
 #   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
+#   stage gemm   gemm_sweep.py at 32,768 tokens: each layer's GEMM per format and kernel (why
+#                int8 runs slower than FP8 in the same template), the quantize kernels and
+#                the block's norm + quantize (Triton norm_quantize against compiled torch)
 #   stage calib  PTQ4DiT W4A8's reconstruction with each --recon-compile mode of RECON_MODES
 #                (default "on graphs", RECON_ITERS iterations per unit, default 300) on a
 #                random testbed-shaped model, then gptq on a random DiT-XL/2 at 256 px
@@ -55,6 +58,9 @@ small)
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel
   bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel ;;
+gemm)
+  timeout "${GEMM_S:-400}" python benchmarks/gemm_sweep.py "$OUT/gemm.json" --tokens 32768 \
+    | grep -v '^{' ;;
 calib)
   ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '${RECON_ITERS:-300}', "recon_compile": '
   methods=(); for mode in ${RECON_MODES:-on graphs}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
@@ -67,5 +73,5 @@ calib)
 poll)
   gptq_wait ;;
 *)
-  echo "unknown stage $stage: check, peers, small, calib or poll"; exit 2 ;;
+  echo "unknown stage $stage: check, peers, small, gemm, calib or poll"; exit 2 ;;
 esac
