@@ -60,7 +60,7 @@ small)
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel ;;
 gemm)
   timeout "${GEMM_S:-400}" python benchmarks/gemm_sweep.py "$OUT/gemm.json" --tokens 32768 \
-    | grep -v '^{' ;;
+    | tee "$OUT/gemm.log" | grep -v '^{' ;;  # the log keeps the rows of a run cut short
 calib)
   ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '${RECON_ITERS:-300}', "recon_compile": '
   methods=(); for mode in ${RECON_MODES:-on graphs}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
