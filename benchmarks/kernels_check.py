@@ -252,9 +252,10 @@ def main(out_path: str, only: list[str]) -> None:
     # first the fused attention, which the cuda backend's PTQ4DiT sampling runs
     for fmt, options in ATTENTION_FORMATS.items():  # each path, not the faster one
         static = not RTNConfig(**options).attention_spec().dynamic
-        for path in ("one-pass", "two-pass") if static else ("two-pass",):
+        passes = ("one-pass", "two-pass") if static else ("two-pass",)
+        for path in (f"{p}{codes}" for p in passes for codes in ("", f" {triton_ops.TILE_CODES}")):
             for masked in (False, True):
-                triton_ops.ATTENTION_CHOICE[256, 256, 72, masked] = path
+                triton_ops.ATTENTION_CHOICE[256, 256, 72, masked, static] = path
                 record(
                     f"XL attention (8, 16, 256, 72){' key mask' if masked else ''} {path}",
                     fmt,

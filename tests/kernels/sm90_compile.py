@@ -47,16 +47,16 @@ def attention() -> None:
         ops._attention_codes_kernel, codes, dict(QMIN=0, QMAX=255, BLOCK_N=64, BLOCK_D=128)
     )
     types = dict(
-        cq_ptr="*bf16", ck_ptr="*bf16", cv_ptr="*bf16", qparams_ptr="*fp32",
+        q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", qparams_ptr="*fp32",
         p_qparams_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", mask_ptr="*bf16",
         out_ptr="*bf16", softmax_scale="fp32",
     )  # fmt: skip
-    for mask in (False, True):
-        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=128)
+    for mask, quantize in ((False, False), (True, True)):  # codes pass / tile codes
+        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=128, QUANTIZE=quantize)
         for bm, bn, warps, stages in ops.ATTENTION_TILES:
             tiles = dict(BLOCK_M=bm, BLOCK_N=bn)
             compile_kernel(
-                ops._attention_stats_kernel, types, common | tiles,
+                ops._attention_stats_kernel, types, common | tiles | dict(QMIN=0, QMAX=255),
                 num_warps=warps, num_stages=stages,
             )  # fmt: skip
             compile_kernel(

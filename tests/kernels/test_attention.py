@@ -64,15 +64,20 @@ PASSES = [
     pytest.param(False, "one-pass", id="static-one-pass"),
     pytest.param(False, "two-pass", id="static-two-pass"),
     pytest.param(True, "two-pass", id="dynamic"),  # P's range needs every row's l first
+    pytest.param(False, "one-pass tile codes", id="static-one-pass-tile-codes"),
+    pytest.param(True, "two-pass tile codes", id="dynamic-tile-codes"),
 ]
 
 
-def _use_passes(monkeypatch, passes: str, key: tuple) -> None:
-    """Run the kernel with ``passes`` for the attention shape ``key``; one pass must not
-    launch pass 1."""
-    monkeypatch.setattr(triton_ops, "ATTENTION_CHOICE", {key: passes})
-    if passes == "one-pass":
+def _use_passes(monkeypatch, passes: str, shape: tuple, dynamic: bool) -> None:
+    """Run the kernel with ``passes`` for attentions of ``shape`` (Nq, Nk, D), masked or
+    not; one pass must not launch pass 1, tile codes not the codes pass."""
+    choice = {(*shape, masked, not dynamic): passes for masked in (False, True)}
+    monkeypatch.setattr(triton_ops, "ATTENTION_CHOICE", choice)
+    if passes.startswith("one-pass"):
         monkeypatch.setattr(triton_ops, "_attention_stats_kernel", None)  # not subscriptable
+    if passes.endswith(triton_ops.TILE_CODES):
+        monkeypatch.setattr(triton_ops, "_attention_codes_kernel", None)
 
 
 @pytest.mark.parametrize(("dynamic", "passes"), PASSES)
@@ -81,7 +86,7 @@ def test_kernel_equals_the_simulated_matmuls(dynamic, passes, symmetric, monkeyp
     """Batch 2, 3 heads, 40 queries over 23 keys (cross-attention, tiles cut at both ends),
     head dim 24 (not a power of 2), q/k/v strided views of one projection like a qkv's;
     one pass (every key in one tile, P's range static) or two."""
-    _use_passes(monkeypatch, passes, (40, 23, 24, False))
+    _use_passes(monkeypatch, passes, (40, 23, 24), dynamic)
     torch.manual_seed(0)
     projection = torch.randn(2, 40, 3, 3, 24) * torch.tensor([1.0, 2.0, 0.5]).view(1, 1, 3, 1, 1)
     q, k, v = projection.permute(2, 0, 3, 1, 4).unbind(0)
@@ -143,7 +148,7 @@ def test_masked_attention_runs_the_kernel_and_equals_the_simulated_matmuls(
     """An additive score mask (diffusers' cross-attention: -10000 on the padded keys of each
     sample) broadcast over heads or queries: the kernel adds it to its scores as the
     explicit matmuls do."""
-    _use_passes(monkeypatch, passes, (40, 23, 24, True))
+    _use_passes(monkeypatch, passes, (40, 23, 24), dynamic)
     torch.manual_seed(2)
     q = torch.randn(2, 3, 40, 24)
     k, v = torch.randn(2, 2, 3, 23, 24).unbind(0)
@@ -166,7 +171,7 @@ def test_a_query_masked_everywhere_by_the_float_minimum_attends_uniformly(
     """A mask of ``torch.finfo(float32).min`` on every key of a query (a padding convention)
     gives that query uniform weights in the simulated matmuls; the kernel's base-2 scores
     must not overflow it to -inf (NaN)."""
-    _use_passes(monkeypatch, passes, (40, 23, 24, True))
+    _use_passes(monkeypatch, passes, (40, 23, 24), dynamic)
     torch.manual_seed(3)
     q = torch.randn(2, 3, 40, 24)
     k, v = torch.randn(2, 2, 3, 23, 24).unbind(0)

@@ -581,8 +581,9 @@ def _attention_codes_kernel(
 ):  # fmt: skip
     """``clamp(round(x / s) + z) - z`` of a (BLOCK_N, D) tile of q, k or v (B, H, N, D, any
     strides) into ``out`` (B·H, N, D) contiguous, in the dot dtype: integers of at most 9
-    bits, exact in BF16. Once per tensor, so that the attention passes read codes instead
-    of quantizing every key and value tile again for each query tile."""
+    bits, exact in BF16. Once per tensor, so that the attention passes can read codes
+    instead of quantizing every key and value tile again for each query tile (the "codes
+    pass" of :data:`ATTENTION_CHOICE`)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -598,10 +599,21 @@ def _attention_codes_kernel(
 
 
 @triton.jit
-def _code_tile(ptr, offs_n, offs_d, N, D):
-    """Rows ``offs_n`` of one head's (N, D) codes (0 outside)."""
+def _code_tile(
+    ptr, s_n, s_d, offs_n, offs_d, N, D, qparams_ptr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
+):  # fmt: skip
+    """Rows ``offs_n`` of one head's codes minus the zero point (0 outside), strides
+    ``s_n``, ``s_d``: the codes pass's, or with ``QUANTIZE`` computed from the head's q, k
+    or v as the tile loads, ``clamp(round(x / Δ) + z) - z`` with [Δ, z] at
+    ``qparams_ptr``, as :func:`_attention_codes_kernel` computes them."""
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    return tl.load(ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    x = tl.load(ptr + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=mask, other=0.0)
+    if QUANTIZE:
+        zero = tl.load(qparams_ptr + 1)
+        codes = _codes(x.to(tl.float32), tl.load(qparams_ptr), zero, QMIN, QMAX, 0) - zero
+        x = tl.where(mask, codes, 0.0)
+    return x
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -615,14 +627,15 @@ uniformly, as in the simulated matmuls, instead of getting NaN."""
 
 @triton.jit
 def _attention_scores(
-    cq, ck_ptr, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_ptr, smq, smk,
+    cq, k_ptr, skn, skd, k_qparams_ptr, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_ptr,
+    smq, smk, QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
     DOT: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """Scores of a query tile against keys ``offs_n`` in the base-2 domain: ``log2(e) ·
     (alpha · Σ_d cq ck + mask)`` with ``alpha2 = log2(e) · alpha`` (the integer dot is
     exact in fp32), the additive mask this head's (strides ``smq``, ``smk``), -inf for
     keys past ``Nk``."""
-    ck = _code_tile(ck_ptr, offs_n, offs_d, Nk, D)
+    ck = _code_tile(k_ptr, skn, skd, offs_n, offs_d, Nk, D, k_qparams_ptr, QMIN, QMAX, QUANTIZE)
     s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha2
     if HAS_MASK:
         valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
@@ -634,8 +647,9 @@ def _attention_scores(
 
 @triton.jit
 def _attention_stats_kernel(
-    cq_ptr, ck_ptr, qparams_ptr, m_ptr, l_ptr, mask_ptr, softmax_scale, Nq, Nk, D, H,
-    smb, smh, smq, smk,
+    q_ptr, k_ptr, qparams_ptr, m_ptr, l_ptr, mask_ptr, softmax_scale, Nq, Nk, D, H,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smq, smk,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
     DOT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -645,17 +659,18 @@ def _attention_stats_kernel(
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
+    q_base = q_ptr + b * sqb + h * sqh
+    cq = _code_tile(q_base, sqn, sqd, offs_m, offs_d, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
-    ck_base = ck_ptr + bh * Nk * D
+    k_base = k_ptr + b * skb + h * skh
     mask_base = mask_ptr + b * smb + h * smh
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_base, smq, smk, DOT,
-            HAS_MASK,
+            cq, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2,
+            mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -667,10 +682,11 @@ def _attention_stats_kernel(
 
 @triton.jit
 def _attention_out_kernel(
-    cq_ptr, ck_ptr, cv_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, mask_ptr, out_ptr,
-    softmax_scale, Nq, Nk, D, H, smb, smh, smq, smk, so_b, so_h, so_n, so_d,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, DOT: tl.constexpr, HAS_MASK: tl.constexpr,
-    WHOLE_ROW: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, qparams_ptr, p_qparams_ptr, m_ptr, l_ptr, mask_ptr, out_ptr,
+    softmax_scale, Nq, Nk, D, H, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    smb, smh, smq, smk, so_b, so_h, so_n, so_d,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr, DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, WHOLE_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: P = 2^(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``. Per
@@ -683,7 +699,8 @@ def _attention_out_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m < Nq
-    cq = _code_tile(cq_ptr + bh * Nq * D, offs_m, offs_d, Nq, D)
+    q_base = q_ptr + b * sqb + h * sqh
+    cq = _code_tile(q_base, sqn, sqd, offs_m, offs_d, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     p_scale = tl.load(p_qparams_ptr)
     p_zero = tl.load(p_qparams_ptr + 1)
@@ -694,15 +711,15 @@ def _attention_out_kernel(
         m = tl.load(m_ptr + bh * Nq + offs_m, mask=rows, other=0.0)
         l = tl.load(l_ptr + bh * Nq + offs_m, mask=rows, other=1.0)
         per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), l * p_scale)
-    ck_base = ck_ptr + bh * Nk * D
-    cv_base = cv_ptr + bh * Nk * D
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
     mask_base = mask_ptr + b * smb + h * smh
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, ck_base, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_base, smq, smk, DOT,
-            HAS_MASK,
+            cq, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2,
+            mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
         )  # fmt: skip
         if WHOLE_ROW:
             m = tl.max(s, axis=1)
@@ -711,7 +728,9 @@ def _attention_out_kernel(
             per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sum(e, 1) * p_scale)
         cp = _round_half_even(e * per_code[:, None])
         cp = tl.minimum(tl.maximum(cp, QMIN - p_zero), QMAX - p_zero)  # v's codes: 0 past Nk
-        cv = _code_tile(cv_base, offs_n, offs_d, Nk, D)
+        cv = _code_tile(
+            v_base, svn, svd, offs_n, offs_d, Nk, D, qparams_ptr + 4, QMIN, QMAX, QUANTIZE
+        )
         acc += tl.dot(cp.to(DOT), cv.to(DOT), out_dtype=tl.float32)
     out = acc * (p_scale * tl.load(qparams_ptr + 4))
     offs = offs_m[:, None] * so_n + offs_d[None, :] * so_d
@@ -1126,11 +1145,15 @@ _TUNED_ONE_PASS = _attention_tuner(
         for bm, warps, stages in ONE_PASS_TILES
     ],
 )
-ATTENTION_CHOICE: dict[tuple[int, int, int, bool], str] = {}
-"""``"one-pass"`` or ``"two-pass"`` per (Nq, Nk, D, masked) of attentions with a static P
-range over at most :data:`ONE_PASS_KEYS` keys, measured by ``quant_attention``'s first
-call of that shape on the GPU (:func:`_chosen`); the interpreter runs one pass unless this
-says otherwise."""
+TILE_CODES = "tile codes"
+"""Suffix of the attention paths that quantize q, k and v as each tile loads, instead of
+once in a codes pass before the attention passes."""
+ATTENTION_CHOICE: dict[tuple[int, int, int, bool, bool], str] = {}
+"""The attention path per (Nq, Nk, D, masked, P's range static): ``"one-pass"`` (P's range
+static, at most :data:`ONE_PASS_KEYS` keys) or ``"two-pass"``, each with the codes pass or
+with ``" tile codes"`` (:data:`TILE_CODES`), measured by ``quant_attention``'s first call of
+that key on the GPU (:func:`_chosen`); the interpreter runs one pass with the codes pass
+(two where P's range is dynamic) unless this says otherwise."""
 
 
 @torch.library.custom_op("ditq::quant_attention", mutates_args=())
@@ -1151,10 +1174,10 @@ def quant_attention(
     ``qkv_qparams`` = [Δq, zq, Δk, zk, Δv, zv] (fp32, on the device);
     ``p_qparams`` = [Δp, zp], or None for P's dynamic per-tensor range (from the row
     denominators of pass 1: max P = max 1 / l, min P ≥ 0). q, k and v are quantized once
-    (:func:`_attention_codes_kernel`), then two passes over the keys, with no score matrix
-    in memory, or one where P's range is static and one tile holds every key (the faster
-    of the two, :data:`ATTENTION_CHOICE`); output (B, H, Nq, D) in q's dtype, laid out
-    (B, Nq, H, D)."""
+    (:func:`_attention_codes_kernel`) or as each tile loads; then two passes over the keys,
+    with no score matrix in memory, or one where P's range is static and one tile holds
+    every key: the fastest of these paths per shape (:data:`ATTENTION_CHOICE`). Output (B,
+    H, Nq, D) in q's dtype, laid out (B, Nq, H, D)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty((B, Nq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -1162,31 +1185,30 @@ def quant_attention(
         return out
     qmin, qmax = integer_range(bits, symmetric)
     block_d = max(16, triton.next_power_of_2(D))
-    code_dtype = torch.float32 if INTERPRETED else torch.bfloat16  # the dot dtype
-    codes = []
-    for i, x in enumerate((q, k, v)):
-        N = x.shape[2]
-        c = torch.empty((B * H, N, D), device=q.device, dtype=code_dtype)
-        _attention_codes_kernel[(triton.cdiv(N, CODE_ROWS), B * H)](
-            x, qkv_qparams[2 * i :], c, N, D, H, *x.stride(),
-            QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=block_d,
-        )  # fmt: skip
-        codes.append(c)
     mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
     mask_ptr = _placeholder(q) if mask is None else mask
-    meta = dict(DOT=_DOT_DTYPE, BLOCK_D=block_d, HAS_MASK=mask is not None)
+    meta = dict(DOT=_DOT_DTYPE, BLOCK_D=block_d, HAS_MASK=mask is not None, QMIN=qmin, QMAX=qmax)
+
+    def codes_pass() -> list[torch.Tensor]:
+        """q, k and v as codes (B, H, N, D), in the dot dtype."""
+        code_dtype = torch.float32 if INTERPRETED else torch.bfloat16
+        codes = []
+        for i, x in enumerate((q, k, v)):
+            N = x.shape[2]
+            c = torch.empty((B, H, N, D), device=q.device, dtype=code_dtype)
+            _attention_codes_kernel[(triton.cdiv(N, CODE_ROWS), B * H)](
+                x, qkv_qparams[2 * i :], c, N, D, H, *x.stride(),
+                QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=block_d,
+            )  # fmt: skip
+            codes.append(c)
+        return codes
 
     def grid(config: dict) -> tuple[int, int]:
         return (triton.cdiv(Nq, config["BLOCK_M"]), B * H)
 
-    def out_pass(kernel, p_qparams: torch.Tensor, stats: torch.Tensor, **options) -> None:
-        kernel[grid](
-            *codes, qkv_qparams, p_qparams.reshape(2), stats[0], stats[1], mask_ptr, out,
-            softmax_scale, Nq, Nk, D, H, *mask_strides, *out.stride(), QMIN=qmin, QMAX=qmax,
-            **meta, **options,
-        )  # fmt: skip
-
-    def two_passes() -> None:
+    def two_passes(quantize: bool) -> None:
+        operands = [q, k, v] if quantize else codes_pass()
+        strides = [stride for x in operands for stride in x.stride()]
         stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
         stats_kernel, out_kernel = _TUNED_ATTENTION
         tiles = {}
@@ -1194,28 +1216,43 @@ def quant_attention(
             stats_kernel, out_kernel = _attention_stats_kernel, _attention_out_kernel
             tiles = dict(BLOCK_M=16, BLOCK_N=16)
         stats_kernel[grid](
-            codes[0], codes[1], qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq,
-            Nk, D, H, *mask_strides, **meta, **tiles,
+            *operands[:2], qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq, Nk, D,
+            H, *strides[:8], *mask_strides, QUANTIZE=quantize, **meta, **tiles,
         )  # fmt: skip
         p_range = p_qparams
         if p_range is None:
             p_max = stats[1].reciprocal().amax().reshape(1, 1)
             p_range = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
-        out_pass(out_kernel, p_range, stats, WHOLE_ROW=False, **tiles)
+        out_kernel[grid](
+            *operands, qkv_qparams, p_range.reshape(2), stats[0], stats[1], mask_ptr, out,
+            softmax_scale, Nq, Nk, D, H, *strides, *mask_strides, *out.stride(),
+            QUANTIZE=quantize, WHOLE_ROW=False, **meta, **tiles,
+        )  # fmt: skip
 
-    def one_pass() -> None:
+    def one_pass(quantize: bool) -> None:
+        operands = [q, k, v] if quantize else codes_pass()
+        strides = [stride for x in operands for stride in x.stride()]
         kernel = _attention_out_kernel if INTERPRETED else _TUNED_ONE_PASS
         tiles = dict(BLOCK_M=16) if INTERPRETED else {}
-        stats = _placeholder(q).expand(2, 1)  # m and l are not read
-        block_n = max(16, triton.next_power_of_2(Nk))
-        out_pass(kernel, p_qparams, stats, WHOLE_ROW=True, BLOCK_N=block_n, **tiles)
+        unread = _placeholder(q)  # m and l: from the one key tile
+        kernel[grid](
+            *operands, qkv_qparams, p_qparams.reshape(2), unread, unread, mask_ptr, out,
+            softmax_scale, Nq, Nk, D, H, *strides, *mask_strides, *out.stride(),
+            QUANTIZE=quantize, WHOLE_ROW=True, BLOCK_N=max(16, triton.next_power_of_2(Nk)),
+            **meta, **tiles,
+        )  # fmt: skip
 
-    if p_qparams is None or Nk > ONE_PASS_KEYS:
-        two_passes()
-        return out
-    runs = {"one-pass": one_pass, "two-pass": two_passes}
-    key = (Nq, Nk, D, mask is not None)
-    runs[_chosen(ATTENTION_CHOICE, key, lambda: runs, default="one-pass")]()
+    passes = {"two-pass": two_passes}
+    if p_qparams is not None and Nk <= ONE_PASS_KEYS:
+        passes["one-pass"] = one_pass
+    runs = {
+        f"{name}{' ' + TILE_CODES if quantize else ''}": functools.partial(run, quantize)
+        for name, run in passes.items()
+        for quantize in (False, True)
+    }
+    key = (Nq, Nk, D, mask is not None, p_qparams is not None)
+    default = "one-pass" if "one-pass" in passes else "two-pass"
+    runs[_chosen(ATTENTION_CHOICE, key, lambda: runs, default=default)]()
     return out
 
 
