@@ -11,6 +11,9 @@
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
 #   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
+#   stage sample ditq sample --compile of the bundled model (RTN W8A8 static, real kernels)
+#                at batch 16 with the CUDA graphs (its default there) and without: wall
+#                times (compilation included) and the two runs' images against each other
 #   stage gemm   gemm_sweep.py at 32,768 tokens: each layer's GEMM per format and kernel (why
 #                int8 runs slower than FP8 in the same template), the quantize kernels and
 #                the block's norm + quantize (Triton norm_quantize against compiled torch)
@@ -59,6 +62,23 @@ small)
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel
   bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel ;;
+sample)
+  python -m ditq quantize --model src/ditq/assets/dit_demo_cifar10.safetensors --method rtn \
+    --wbits 8 --abits 8 --device cuda --out /tmp/demo_w8a8 --quiet --overwrite || exit
+  for graphs in cuda-graphs no-cuda-graphs; do
+    python -m ditq sample --model /tmp/demo_w8a8 --device cuda --backend cuda --compile --$graphs \
+      --batch-size 16 --num-samples 256 --sampler ddim --steps 50 --seed 0 --dtype bf16 \
+      --out "$OUT/sample_$graphs.npz" --quiet --overwrite
+  done
+  python - "$OUT" <<'PY'
+import sys, numpy as np
+a, b = (np.load(f"{sys.argv[1]}/sample_{g}.npz")["arr_0"].astype(float)
+        for g in ("cuda-graphs", "no-cuda-graphs"))
+mse = ((a - b) ** 2).mean()
+print(f"graphs vs no graphs: max |diff| {np.abs(a - b).max():.0f} levels, "
+      f"PSNR {10 * np.log10(255 ** 2 / mse) if mse else float('inf'):.1f} dB")
+PY
+  ;;
 gemm)
   timeout "${GEMM_S:-400}" python benchmarks/gemm_sweep.py "$OUT/gemm.json" --tokens 32768 \
     | tee "$OUT/gemm.log" | grep -v '^{' ;;  # the log keeps the rows of a run cut short
@@ -75,5 +95,5 @@ calib)
 poll)
   gptq_wait ;;
 *)
-  echo "unknown stage $stage: check, peers, small, gemm, calib or poll"; exit 2 ;;
+  echo "unknown stage $stage: check, peers, small, sample, gemm, calib or poll"; exit 2 ;;
 esac
