@@ -52,7 +52,7 @@ def attention() -> None:
         out_ptr="*bf16", softmax_scale="fp32",
     )  # fmt: skip
     for mask, quantize in ((False, False), (True, True)):  # codes pass / tile codes
-        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=128, QUANTIZE=quantize)
+        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=64, BLOCK_DH=16, QUANTIZE=quantize)
         for bm, bn, warps, stages in ops.ATTENTION_TILES:
             tiles = dict(BLOCK_M=bm, BLOCK_N=bn)
             compile_kernel(

@@ -627,16 +627,19 @@ uniformly, as in the simulated matmuls, instead of getting NaN."""
 
 @triton.jit
 def _attention_scores(
-    cq, k_ptr, skn, skd, k_qparams_ptr, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2, mask_ptr,
-    smq, smk, QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
-    DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+    cq, cq_hi, k_ptr, skn, skd, k_qparams_ptr, offs_m, offs_n, offs_d, offs_dh, Nq, Nk, D,
+    alpha2, mask_ptr, smq, smk, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    QUANTIZE: tl.constexpr, DOT: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Scores of a query tile against keys ``offs_n`` in the base-2 domain: ``log2(e) ·
-    (alpha · Σ_d cq ck + mask)`` with ``alpha2 = log2(e) · alpha`` (the integer dot is
-    exact in fp32), the additive mask this head's (strides ``smq``, ``smk``), -inf for
-    keys past ``Nk``."""
+    """Scores of a query tile (codes ``cq`` over the head channels ``offs_d``, ``cq_hi``
+    over ``offs_dh``) against keys ``offs_n`` in the base-2 domain: ``log2(e) · (alpha ·
+    Σ_d cq ck + mask)`` with ``alpha2 = log2(e) · alpha`` (the integer dots are exact in
+    fp32), the additive mask this head's (strides ``smq``, ``smk``), -inf for keys past
+    ``Nk``."""
     ck = _code_tile(k_ptr, skn, skd, offs_n, offs_d, Nk, D, k_qparams_ptr, QMIN, QMAX, QUANTIZE)
-    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha2
+    ck_hi = _code_tile(k_ptr, skn, skd, offs_n, offs_dh, Nk, D, k_qparams_ptr, QMIN, QMAX, QUANTIZE)
+    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32)
+    s = tl.dot(cq_hi.to(DOT), tl.trans(ck_hi.to(DOT)), acc=s, out_dtype=tl.float32) * alpha2
     if HAS_MASK:
         valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         offs = offs_m[:, None] * smq + offs_n[None, :] * smk
@@ -652,15 +655,19 @@ def _attention_stats_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
     DOT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the quantized attention: each query row's maximum m of its base-2 scores
-    and softmax denominator l = Σ 2^(s - m) = Σ exp(s_e - m_e) (online over key tiles)."""
+    and softmax denominator l = Σ 2^(s - m) = Σ exp(s_e - m_e) (online over key tiles).
+    The head's D channels in two parts of BLOCK_D and BLOCK_DH (:func:`_head_parts`)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dh = BLOCK_D + tl.arange(0, BLOCK_DH)
     q_base = q_ptr + b * sqb + h * sqh
     cq = _code_tile(q_base, sqn, sqd, offs_m, offs_d, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
+    cq_hi = _code_tile(q_base, sqn, sqd, offs_m, offs_dh, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     k_base = k_ptr + b * skb + h * skh
     mask_base = mask_ptr + b * smb + h * smh
@@ -669,8 +676,8 @@ def _attention_stats_kernel(
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2,
-            mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
+            cq, cq_hi, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, offs_dh, Nq,
+            Nk, D, alpha2, mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -688,6 +695,7 @@ def _attention_out_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr, DOT: tl.constexpr,
     HAS_MASK: tl.constexpr, WHOLE_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: P = 2^(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``. Per
     score one exp2, one multiplication by the row's 1 / (l Δp), a rounding and a clamp to
@@ -698,9 +706,11 @@ def _attention_out_kernel(
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dh = BLOCK_D + tl.arange(0, BLOCK_DH)
     rows = offs_m < Nq
     q_base = q_ptr + b * sqb + h * sqh
     cq = _code_tile(q_base, sqn, sqd, offs_m, offs_d, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
+    cq_hi = _code_tile(q_base, sqn, sqd, offs_m, offs_dh, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     p_scale = tl.load(p_qparams_ptr)
     p_zero = tl.load(p_qparams_ptr + 1)
@@ -715,11 +725,12 @@ def _attention_out_kernel(
     v_base = v_ptr + b * svb + h * svh
     mask_base = mask_ptr + b * smb + h * smh
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2,
-            mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
+            cq, cq_hi, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, offs_dh, Nq,
+            Nk, D, alpha2, mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
         )  # fmt: skip
         if WHOLE_ROW:
             m = tl.max(s, axis=1)
@@ -728,14 +739,26 @@ def _attention_out_kernel(
             per_code = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sum(e, 1) * p_scale)
         cp = _round_half_even(e * per_code[:, None])
         cp = tl.minimum(tl.maximum(cp, QMIN - p_zero), QMAX - p_zero)  # v's codes: 0 past Nk
+        cp = cp.to(DOT)
         cv = _code_tile(
             v_base, svn, svd, offs_n, offs_d, Nk, D, qparams_ptr + 4, QMIN, QMAX, QUANTIZE
         )
-        acc += tl.dot(cp.to(DOT), cv.to(DOT), out_dtype=tl.float32)
-    out = acc * (p_scale * tl.load(qparams_ptr + 4))
-    offs = offs_m[:, None] * so_n + offs_d[None, :] * so_d
+        acc = tl.dot(cp, cv.to(DOT), acc=acc, out_dtype=tl.float32)
+        cv_hi = _code_tile(
+            v_base, svn, svd, offs_n, offs_dh, Nk, D, qparams_ptr + 4, QMIN, QMAX, QUANTIZE
+        )
+        acc_hi = tl.dot(cp, cv_hi.to(DOT), acc=acc_hi, out_dtype=tl.float32)
+    out_scale = p_scale * tl.load(qparams_ptr + 4)
+    out_rows = out_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n
+    _store_channels(out_rows, so_d, acc * out_scale, rows, offs_d, D)
+    _store_channels(out_rows, so_d, acc_hi * out_scale, rows, offs_dh, D)
+
+
+@triton.jit
+def _store_channels(out_rows, so_d, values, rows, offs_d, D):
+    """``values`` into the channels ``offs_d`` (those below D) of the output rows."""
     mask = rows[:, None] & (offs_d < D)[None, :]
-    tl.store(out_ptr + b * so_b + h * so_h + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_rows + offs_d[None, :] * so_d, values.to(out_rows.dtype.element_ty), mask=mask)
 
 
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
@@ -1145,6 +1168,16 @@ _TUNED_ONE_PASS = _attention_tuner(
         for bm, warps, stages in ONE_PASS_TILES
     ],
 )
+
+
+def _head_parts(D: int) -> tuple[int, int]:
+    """The attention kernels' two parts of a head's D channels, each a power of two of at
+    least 16 (a dot's smallest): the largest power of two below D, and the rest padded
+    (DiT-XL/2's 72 = 64 + 16 with 8 masked, where one padded part would take 128)."""
+    low = max(16, 1 << ((D - 1).bit_length() - 1))
+    return low, max(16, triton.next_power_of_2(max(1, D - low)))
+
+
 TILE_CODES = "tile codes"
 """Suffix of the attention paths that quantize q, k and v as each tile loads, instead of
 once in a codes pass before the attention passes."""
@@ -1184,10 +1217,11 @@ def quant_attention(
     if not B * H * Nq:
         return out
     qmin, qmax = integer_range(bits, symmetric)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d, block_dh = _head_parts(D)
     mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
     mask_ptr = _placeholder(q) if mask is None else mask
-    meta = dict(DOT=_DOT_DTYPE, BLOCK_D=block_d, HAS_MASK=mask is not None, QMIN=qmin, QMAX=qmax)
+    meta = dict(DOT=_DOT_DTYPE, HAS_MASK=mask is not None, QMIN=qmin, QMAX=qmax)
+    meta |= dict(BLOCK_D=block_d, BLOCK_DH=block_dh)
 
     def codes_pass() -> list[torch.Tensor]:
         """q, k and v as codes (B, H, N, D), in the dot dtype."""
@@ -1198,7 +1232,7 @@ def quant_attention(
             c = torch.empty((B, H, N, D), device=q.device, dtype=code_dtype)
             _attention_codes_kernel[(triton.cdiv(N, CODE_ROWS), B * H)](
                 x, qkv_qparams[2 * i :], c, N, D, H, *x.stride(),
-                QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=block_d,
+                QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=triton.next_power_of_2(D),
             )  # fmt: skip
             codes.append(c)
         return codes
