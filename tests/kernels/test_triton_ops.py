@@ -402,3 +402,17 @@ def test_blocks_quantize_their_inputs_in_the_norm_kernel():
                 ref = gated_residual(reference, modulate(norm(x), shift, scale), x, gate)
                 error = float((out - ref).norm() / (ref - x).norm())
                 assert error < 2e-3, (name, type(module).__name__, error)
+
+
+def test_norm_quantize_takes_modulations_of_any_layout():
+    """shift and scale whose channels are not contiguous (a transposed table) give the
+    codes of their contiguous copies."""
+    x, shift, scale = modulated_norm_case()
+    static = torch.tensor([0.05, 7.0])
+    transposed = [t.t().contiguous().t() for t in (shift, scale)]
+    assert transposed[0].stride(-1) != 1
+    args = (1e-6, None, static, 0, 255, False, False)
+    expected = triton_ops.norm_quantize(x, shift.contiguous(), scale.contiguous(), *args)
+    ours = triton_ops.norm_quantize(x, *transposed, *args)
+    for tensor, reference in zip(ours, expected, strict=True):
+        torch.testing.assert_close(tensor, reference, rtol=0, atol=0)

@@ -834,6 +834,7 @@ def norm_quantize(
     torch model rounds the norm's and the modulation's outputs to its dtype: a code may
     differ by one at a rounding tie."""
     M, K = x.shape
+    x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
     codes = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     sums = (torch.zeros if fp8 else torch.empty)(M, device=x.device, dtype=torch.int32)
     if not M:
