@@ -24,6 +24,9 @@
 #                for it until it has run CALL_S seconds, default 560; CALIB_S bounds the
 #                reconstruction timings)
 #   stage poll   waits the same way for the gptq timing, then copies it to $OUT
+#   stage solvers issue 18's comparison on one machine: gptq (W4A8) and PTQ4DiT W4A8 with
+#                2,000 reconstruction iterations per unit on a random testbed-shaped model,
+#                the GPU alone (calibration time does not depend on the weights' values)
 # BENCH_S bounds each ditq bench (seconds); a bench rewrites its bench.json after every row,
 # so a bench stopped by the bound keeps the rows it measured.
 set -uo pipefail
@@ -94,6 +97,11 @@ calib)
   echo $! > /tmp/gptq_xl.pid; gptq_wait ;;
 poll)
   gptq_wait ;;
+solvers)
+  timeout "${CALIB_S:-540}" python benchmarks/calibration_time.py --shape testbed --quiet \
+    --method gptq --method 'ptq4dit:{"wbits": 4, "recon_iters": 2000}' \
+    --out "$OUT/solvers.json"
+  echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, peers, small, sample, gemm, calib or poll"; exit 2 ;;
+  echo "unknown stage $stage: check, peers, small, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
