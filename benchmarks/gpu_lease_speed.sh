@@ -19,9 +19,9 @@
 #                the block's norm + quantize (Triton norm_quantize against compiled torch)
 #   stage calib  PTQ4DiT W4A8's reconstruction with each --recon-compile mode of RECON_MODES
 #                (default "on graphs", RECON_ITERS iterations per unit, default 300) on a
-#                random testbed-shaped model, then (GPTQ_XL=1, the default; measured in
-#                session 12) gptq on a random DiT-XL/2 at 256 px (detached; the call waits
-#                for it until it has run CALL_S seconds, default 560; CALIB_S bounds the
+#                random testbed-shaped model; with GPTQ_XL=1 (measured once, RESULTS.md)
+#                then gptq on a random DiT-XL/2 at 256 px (detached; the call waits for
+#                it until it has run CALL_S seconds, default 560; CALIB_S bounds the
 #                reconstruction timings)
 #   stage poll   waits the same way for the gptq timing, then copies it to $OUT
 #   stage solvers issue 18's comparison on one machine: gptq (W4A8) and PTQ4DiT W4A8 with
@@ -91,7 +91,7 @@ calib)
   timeout "${CALIB_S:-300}" python benchmarks/calibration_time.py --shape testbed --quiet \
     "${methods[@]}" --out "$OUT/recon_modes.json"
   echo "recon modes rc=$? after ${SECONDS} s"; head -c 4000 "$OUT/recon_modes.json" 2> /dev/null
-  [ "${GPTQ_XL:-1}" = 1 ] || exit 0
+  [ "${GPTQ_XL:-0}" = 1 ] || exit 0
   setsid nohup python benchmarks/calibration_time.py --shape $XL --method gptq \
     --out /tmp/gptq_xl.json > /tmp/gptq_xl.log 2>&1 < /dev/null &
   echo $! > /tmp/gptq_xl.pid; gptq_wait ;;
