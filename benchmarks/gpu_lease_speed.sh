@@ -4,10 +4,12 @@
 # reconstruction step modes. Each stage fits one device call (run from the repository root;
 # carry .wheels, which holds the torchao wheel, for `peers`); results land in $OUT.
 #
-#   stage check  benchmarks/kernels_check.py (the real kernels against the simulated layers,
-#                each attention path included), then ditq bench of DiT-XL/2 256 px batch 64:
-#                BF16 compiled against the 8-bit formats, the fused quantized attention and
-#                PTQ4DiT's W4A8 layout, 50-step sampling and the kernel profile
+#   stage check  benchmarks/kernels_check.py's whole-model and attention rows (the real
+#                kernels against the simulated model; CHECK_PARTS), then ditq bench of
+#                DiT-XL/2 256 px batch 64: BF16 compiled against the 8-bit formats, the fused
+#                quantized attention and PTQ4DiT's W4A8 layout, 50-step sampling and the
+#                kernel profile
+#   stage kcheck all of kernels_check.py (every format on DiT-XL/2-sized layers too)
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
 #   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
@@ -50,10 +52,14 @@ case $stage in
 check)
   python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
   timeout "${CHECK_S:-240}" python benchmarks/kernels_check.py "$OUT/kernels_check.json" \
-    > "$OUT/kernels_check.log" 2>&1
+    --only "${CHECK_PARTS:-model,attention}" > "$OUT/kernels_check.log" 2>&1
   echo "kernels_check rc=$?"; tail -n 60 "$OUT/kernels_check.log" | grep -v '^{'
   bench b64 --shapes $XL --batches 64 --iters 30 --profile \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static ;;
+kcheck)
+  timeout "${CHECK_S:-540}" python benchmarks/kernels_check.py "$OUT/kernels_check_all.json" \
+    > "$OUT/kernels_check_all.log" 2>&1
+  echo "kernels_check rc=$?"; tail -n 150 "$OUT/kernels_check_all.log" | grep -v '^{' ;;
 peers)
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .wheels/torchao-*.whl || exit
@@ -103,5 +109,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, peers, small, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: check, kcheck, peers, small, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
