@@ -416,3 +416,31 @@ def test_norm_quantize_takes_modulations_of_any_layout():
     ours = triton_ops.norm_quantize(x, *transposed, *args)
     for tensor, reference in zip(ours, expected, strict=True):
         torch.testing.assert_close(tensor, reference, rtol=0, atol=0)
+
+
+def test_blocks_kernel_paths_compile_with_inductor():
+    """``torch.compile`` (Inductor) of a converted block's fused branches, as ``ditq bench``
+    and ``ditq sample --compile`` run them: the custom ops' schemas must lower (an op that
+    declares a mutated argument did not), and the compiled branches give the eager ones."""
+    import copy
+
+    from ditq.eval.speed import denoiser_inputs, quantize_random
+    from ditq.kernels import convert_model
+    from ditq.methods import RTNConfig
+
+    from conftest import tiny_dit
+
+    model = tiny_dit()
+    inputs = denoiser_inputs(model, 2, "cpu", torch.float32)
+    quantize_random(model, RTNConfig(wbits=8, abits=8), inputs)  # asymmetric: code sums
+    block = convert_model(copy.deepcopy(model)).blocks[0]
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, model.config.hidden_size, generator=generator)
+    shift, scale, gate = torch.randn(2, 3 * model.config.hidden_size, generator=generator).chunk(
+        3, 1
+    )
+    with torch.no_grad():
+        for module, norm in ((block.attn, block.norm1), (block.mlp, block.norm2)):
+            eager = module.norm_branch(x, norm.eps, shift, scale, gate)
+            compiled = torch.compile(module.norm_branch)(x, norm.eps, shift, scale, gate)
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
