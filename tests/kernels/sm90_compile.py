@@ -103,15 +103,17 @@ def activations() -> None:
 
 GEMM_FLAGS = dict(
     GROUPED=False, X_GROUPED=False, HAS_XZP=False, HAS_WZP=False, HAS_BIAS=True, R=0, RP=0,
-    DOT=tl.bfloat16, GELU_QUANT=False, HAS_OS=False, RESIDUAL=False, PACKED=False, FP8=False,
+    DOT=tl.bfloat16, GELU_QUANT=False, HAS_OS=False, NEXT_SUMS=False, RESIDUAL=False,
+    PACKED=False, FP8=False,
     NEXT_FP8=False, FAST_MATH=True, ACT=tl.bfloat16, QMIN=0, QMAX=0, SHIFT=0,
     BM=128, BN=128, BK=64, GROUP_M=8, PERSISTENT=0, TMA=False,
 )  # fmt: skip
 """A per-channel int8 GEMM with a bias; the cases below change what they name."""
 GEMM_CASES = {
     "int8 asym": dict(HAS_XZP=True, HAS_WZP=True),
-    "fused MLP fc1 (GELU, next int8 codes)": dict(GELU_QUANT=True, HAS_OS=True, QMIN=0,
-                                                   QMAX=255, SHIFT=128),
+    "fused MLP fc1 (GELU, next int8 codes and their sums)": dict(
+        GELU_QUANT=True, HAS_OS=True, NEXT_SUMS=True, QMIN=0, QMAX=255, SHIFT=128
+    ),
     "gated residual": dict(RESIDUAL=True),
     "persistent": dict(PERSISTENT=2, BN=256, BK=128, HAS_XZP=True),
     "TMA loads": dict(TMA=True, HAS_XZP=True),
@@ -135,6 +137,7 @@ def gemm() -> None:
             w_desc="*fp32", xs_ptr="*fp32", xz_ptr="*i32", xsum_ptr="*i32", ws_ptr="*fp32",
             wz_ptr="*i32", wsum_ptr="*i32", bias_ptr="*fp32", t_ptr="*bf16", l_ptr="*bf16",
             out_ptr=out, oq_ptr="*fp32", os_ptr="*bf16", res_ptr="*bf16", gate_ptr="*bf16",
+            nsum_ptr="*i32",
         )  # fmt: skip
         if flags["TMA"]:  # the copy engine's descriptors, boxes of one tile
             types["a_desc"] = f"tensordesc<i8[{flags['BM']}, {flags['BK']}]>"

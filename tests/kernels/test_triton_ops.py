@@ -444,3 +444,23 @@ def test_blocks_kernel_paths_compile_with_inductor():
             eager = module.norm_branch(x, norm.eps, shift, scale, gate)
             compiled = torch.compile(module.norm_branch)(x, norm.eps, shift, scale, gate)
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fc2_symmetric", [False, True], ids=["fc2-zero-points", "fc2-symmetric"])
+def test_fc1_epilogue_adds_up_fc2s_code_sums(fc2_symmetric, gemm_schedule):
+    """Where fc2's weights have zero points its input's code sums are needed: fc1's epilogue
+    adds them up as it writes the codes (one atomic add per row and tile), equal to the
+    codes' row sums; none where fc2's weights are symmetric."""
+    from ditq.kernels import convert_model
+
+    mlp, _, x = fused_mlp_case(QuantSpec(8, fc2_symmetric, PerChannel()), fc2_scale=True)
+    convert_model(mlp)
+    rows = x.reshape(-1, 64)
+    activation = mlp.fc1._quantize_cuda(rows)
+    codes, sums = mlp.fc1._next_layer_codes(activation, None, rows.dtype, mlp.fc2)
+    assert codes.dtype == torch.int8 and codes.shape == (15, 128)
+    if fc2_symmetric:
+        assert sums is None
+    else:
+        torch.testing.assert_close(sums, codes.sum(1, dtype=torch.int32), rtol=0, atol=0)
+        assert int(sums.abs().max()) > 0

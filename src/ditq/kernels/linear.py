@@ -444,17 +444,15 @@ class RealQuantLinear(nn.Module):
         rows: torch.Tensor,
         residual: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
-        next_layer: RealQuantLinear | None = None,
     ) -> torch.Tensor:
         """The ``int`` and ``fp8`` paths: activation codes, then the GEMM (with the gated
-        residual, or writing ``next_layer``'s input codes: :meth:`_gemm`)."""
+        residual if given: :meth:`_gemm`)."""
         if not rows.is_contiguous():
             rows = rows.contiguous()
         return self._gemm(
             self._quantize_cuda(rows),
             self._lowrank_t(rows),
             rows.dtype,
-            next_layer=next_layer,
             residual=_contiguous(residual),
             gate=_contiguous(gate),
         )
@@ -464,26 +462,45 @@ class RealQuantLinear(nn.Module):
         activation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
         lowrank_t: torch.Tensor | None,
         out_dtype: torch.dtype,
-        next_layer: RealQuantLinear | None = None,
         residual: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This layer's GEMM on its quantized input ``(codes, scale, zero, sums)``; with
-        ``next_layer`` (static input range) the epilogue writes that layer's input codes
-        from GELU(y), with ``residual`` and ``gate`` it adds the gated residual."""
+        ``residual`` and ``gate`` the epilogue adds the gated residual."""
         if self.kind == "int":
-            epilogue = {} if next_layer is None else next_layer._input_epilogue()
-            return self._int_gemm(
-                activation, lowrank_t, out_dtype, residual=residual, gate=gate, **epilogue
-            )
+            return self._int_gemm(activation, lowrank_t, out_dtype, residual=residual, gate=gate)[0]
         from ditq.kernels import triton_ops
 
         return triton_ops.fp8_gemm(
             *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
-            out_dtype, next_scale=None if next_layer is None else next_layer.static_qparams,
-            next_input_scale=None if next_layer is None else next_layer.input_scale,
-            residual=residual, gate=gate,
+            out_dtype, residual=residual, gate=gate,
         )  # fmt: skip
+
+    def _next_layer_codes(
+        self,
+        activation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+        lowrank_t: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        next_layer: RealQuantLinear,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This layer's GEMM whose epilogue writes ``next_layer``'s input codes from GELU(y)
+        (a fused MLP's fc1, ``next_layer`` with a static input range), and the codes' row
+        sums, added up in the same epilogue, where that layer's weights have zero points."""
+        if self.kind == "int":
+            sums = next_layer.needs_code_sums
+            epilogue = next_layer._input_epilogue()
+            codes, row_sums = self._int_gemm(
+                activation, lowrank_t, out_dtype, next_sums=sums, **epilogue
+            )
+            return codes, row_sums if sums else None
+        from ditq.kernels import triton_ops
+
+        codes = triton_ops.fp8_gemm(
+            *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
+            out_dtype, next_scale=next_layer.static_qparams,
+            next_input_scale=next_layer.input_scale,
+        )  # fmt: skip
+        return codes, None
 
     def _input_epilogue(self) -> dict:
         """The ``int_gemm`` options with which the previous layer writes this layer's int8
@@ -508,9 +525,10 @@ class RealQuantLinear(nn.Module):
         lowrank_t: torch.Tensor | None,
         out_dtype: torch.dtype,
         **epilogue,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``triton_ops.int_gemm`` on input ``(codes, scale, zero, sums)`` with this layer's
-        weight (packed int4 bytes or int8 codes) and ``epilogue`` options."""
+        weight (packed int4 bytes or int8 codes) and ``epilogue`` options: its output and
+        the next layer's code sums (empty unless ``next_sums``)."""
         from ditq.kernels import triton_ops
 
         packed = self.unpacks_in_kernel
@@ -695,11 +713,12 @@ class FusedQuantMlp(nn.Module):
         of ``rows``, quantized in its kernel), then fc2, with the gated residual if given."""
         fc1, fc2 = self.fc1, self.fc2
         if norm is None:
-            hidden = fc1._quantized_cuda(rows, next_layer=fc2)
+            rows = rows.contiguous()
+            activation, lowrank_t = fc1._quantize_cuda(rows), fc1._lowrank_t(rows)
         else:
-            hidden = fc1._gemm(fc1._norm_activation(rows, *norm), None, rows.dtype, fc2)
+            activation, lowrank_t = fc1._norm_activation(rows, *norm), None
+        hidden, h_sums = fc1._next_layer_codes(activation, lowrank_t, rows.dtype, fc2)
         h_scale, h_zero = fc2._static_row_qparams(len(rows))
-        h_sums = hidden.sum(dim=-1, dtype=torch.int32) if fc2.needs_code_sums else None
         return fc2._gemm(
             (hidden, h_scale, h_zero, h_sums),
             None,

@@ -265,6 +265,7 @@ def _int_gemm_kernel(
     os_ptr,
     res_ptr,
     gate_ptr,
+    nsum_ptr,
     M,
     N,
     K,
@@ -282,6 +283,7 @@ def _int_gemm_kernel(
     DOT: tl.constexpr,
     GELU_QUANT: tl.constexpr,
     HAS_OS: tl.constexpr,
+    NEXT_SUMS: tl.constexpr,
     RESIDUAL: tl.constexpr,
     PACKED: tl.constexpr,
     FP8: tl.constexpr,
@@ -450,7 +452,11 @@ def _int_gemm_kernel(
             else:
                 v = _round_half_even(v)
                 codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
-                tl.store(out, codes.to(tl.int32).to(tl.int8), mask=mask)
+                codes = codes.to(tl.int32)
+                tl.store(out, codes.to(tl.int8), mask=mask)
+                if NEXT_SUMS:  # this tile's part of each row's code sum (integers: exact)
+                    part = tl.sum(tl.where(mask, codes, 0), axis=1)
+                    tl.atomic_add(nsum_ptr + offs_m, part, mask=offs_m < M, sem="relaxed")
         else:
             if RESIDUAL:  # x + gate ⊙ y (DiT's gated residual), y rounded as stored unfused
                 y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -936,7 +942,8 @@ def int_gemm(
     gate: torch.Tensor | None = None,
     packed_int4: bool = False,
     fp8: bool = False,
-) -> torch.Tensor:
+    next_sums: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``y`` (M, N) in ``out_dtype`` from int8 activation codes (M, K) and int8 weight codes
     (N, K); ``group_size`` 0 for per-channel weight scales (w_scale (N,)), else the
     input-channel group size (w_scale (N, K / g)). ``x_grouped``: ``x_scale``/``x_zero`` are
@@ -946,7 +953,9 @@ def int_gemm(
     With ``next_qparams`` (the next layer's static input [scale, zero point]) the epilogue
     instead applies GELU (tanh) to ``y`` (rounded to ``out_dtype``), divides by
     ``next_input_scale`` if given and returns the next layer's int8 input codes (M, N), shifted
-    by -128 when asymmetric as ``quantize_act``'s: ``y`` itself is never written.
+    by -128 when asymmetric as ``quantize_act``'s: ``y`` itself is never written. With
+    ``next_sums`` the epilogue also adds up each row's int codes: the second output, (M,)
+    int32, the next layer's code sums that weights with zero points need (else empty).
 
     With ``residual`` (M, N) and ``gate`` (B, N), M a multiple of B, the epilogue returns
     ``residual + gate[m // (M / B)] ⊙ y`` (a DiT block's gated residual; y rounded to
@@ -963,8 +972,10 @@ def int_gemm(
     quantized = next_qparams is not None
     code_dtype = torch.float8_e4m3fn if fp8 else torch.int8
     out = torch.empty((M, N), device=codes.device, dtype=code_dtype if quantized else out_dtype)
+    summed = next_sums and quantized and not fp8
+    sums = torch.zeros(M if summed else 0, device=codes.device, dtype=torch.int32)
     if not M:
-        return out
+        return out, sums
     rank = 0 if lowrank_t is None else lowrank_t.shape[1]
     if INTERPRETED:
         meta = _interpreter_meta(M, N, K, group_size)
@@ -995,27 +1006,32 @@ def int_gemm(
         optional(w_zero), optional(w_sum), optional(bias), optional(lowrank_t),
         optional(lowrank_up), out,
         optional(next_qparams), optional(next_input_scale), optional(residual), optional(gate),
-        M, N, K, max(1, K // group_size) if group_size else 1, weight.stride(0), out.stride(0),
-        M // gate.shape[0] if gate is not None else 1,
+        sums, M, N, K, max(1, K // group_size) if group_size else 1, weight.stride(0),
+        out.stride(0), M // gate.shape[0] if gate is not None else 1,
         GROUPED=bool(group_size), X_GROUPED=x_grouped, HAS_XZP=has_x_zero,
         HAS_WZP=w_zero is not None, HAS_BIAS=bias is not None, R=rank, RP=_rank_padding(rank),
         DOT=_DOT_DTYPE,
-        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, RESIDUAL=residual is not None,
+        GELU_QUANT=quantized, HAS_OS=next_input_scale is not None, NEXT_SUMS=summed,
+        RESIDUAL=residual is not None,
         PACKED=packed_int4, FP8=fp8, NEXT_FP8=fp8 and quantized,
         FAST_MATH=not INTERPRETED, ACT=_TL_DTYPES[out_dtype],
         QMIN=next_qmin, QMAX=next_qmax, SHIFT=0 if next_symmetric else _SHIFT, **meta,
     )  # fmt: skip
-    return out
+    return out, sums
 
 
 @int_gemm.register_fake
 def _(codes, x_scale, x_zero, x_sum, weight, w_scale, w_zero, w_sum, bias, lowrank_t,
       lowrank_up, group_size, has_x_zero, x_grouped, out_dtype, next_qparams=None,
       next_input_scale=None, next_qmin=0, next_qmax=0, next_symmetric=True, residual=None,
-      gate=None, packed_int4=False, fp8=False):  # fmt: skip
+      gate=None, packed_int4=False, fp8=False, next_sums=False):  # fmt: skip
     code_dtype = torch.float8_e4m3fn if fp8 else torch.int8
-    dtype = code_dtype if next_qparams is not None else out_dtype
-    return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
+    quantized = next_qparams is not None
+    dtype = code_dtype if quantized else out_dtype
+    summed = next_sums and quantized and not fp8
+    M = codes.shape[0]
+    out = codes.new_empty((M, weight.shape[0]), dtype=dtype)
+    return out, codes.new_empty(M if summed else 0, dtype=torch.int32)
 
 
 @torch.library.custom_op("ditq::fp8_gemm", mutates_args=())
@@ -1096,7 +1112,7 @@ def _fp8_triton(
         codes, x_scale, None, None, weight, w_scale, None, None, bias, lowrank_t, lowrank_up,
         0, False, False, out_dtype, next_scale, next_input_scale, 0, 0, True, residual, gate,
         False, fp8=True,
-    )  # fmt: skip
+    )[0]  # fmt: skip
 
 
 def _fp8_cublas(
