@@ -122,15 +122,63 @@ class PatchEmbed(nn.Module):
             state_dict[key] = weight.reshape(weight.shape[0], module.in_channels, p, p)
 
 
-class Attention(nn.Module):
+class BlockBranch(nn.Module):
+    """A DiT block branch from its first linear to its last (the attention's ``qkv`` to
+    ``proj``, the MLP's ``fc1`` to ``fc2``; :attr:`FIRST` and :attr:`LAST` name them,
+    :meth:`_between` is the work between them), and what real-kernel layers fuse around
+    it: the block's gated residual in the last layer's epilogue (:meth:`gated_residual`),
+    and then the first layer's input quantization in the block's norm kernel
+    (:meth:`norm_branch`)."""
+
+    FIRST: str
+    LAST: str
+
+    def _between(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.LAST)(self._between(getattr(self, self.FIRST)(x)))
+
+    @property
+    def fuses_gated_residual(self) -> bool:
+        return getattr(getattr(self, self.LAST), "fuses_gated_residual", False)
+
+    def gated_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + gate ⊙ self(x)``, added by the last layer
+        (:attr:`fuses_gated_residual`)."""
+        y = self._between(getattr(self, self.FIRST)(x))
+        return getattr(self, self.LAST).gated_residual(y, residual, gate)
+
+    @property
+    def quantizes_norm(self) -> bool:
+        first = getattr(self, self.FIRST)
+        return getattr(first, "quantizes_norm", False) and self.fuses_gated_residual
+
+    def norm_branch(
+        self,
+        x: torch.Tensor,
+        eps: float,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """``x + gate ⊙ self(modulate(LayerNorm(x), shift, scale))`` with the first layer's
+        input quantized in the norm's kernel and the residual added by the last layer
+        (:attr:`quantizes_norm`)."""
+        y = self._between(getattr(self, self.FIRST).forward_from_norm(x, eps, shift, scale))
+        return getattr(self, self.LAST).gated_residual(y, x, gate)
+
+
+class Attention(BlockBranch):
     """Multi-head self-attention with timm's ``qkv``/``proj`` parameter layout.
 
     ``q_act``, ``k_act``, ``v_act`` (inputs of Q·Kᵀ and P·V) and ``attn_act`` (the softmax
     output) are hook points. The explicit path runs when ``explicit_matmuls`` is set.
-    :meth:`gated_residual` lets a ``proj`` that can (a real-kernel layer) add the block's
-    gated residual itself, :meth:`norm_branch` a ``qkv`` that can quantize its input in the
-    block's norm kernel too.
     """
+
+    FIRST, LAST = "qkv", "proj"
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -145,56 +193,23 @@ class Attention(nn.Module):
         self.attn_act: nn.Module = nn.Identity()
         self.explicit_matmuls = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self._heads(x))
-
-    @property
-    def fuses_gated_residual(self) -> bool:
-        return getattr(self.proj, "fuses_gated_residual", False)
-
-    def gated_residual(
-        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
-    ) -> torch.Tensor:
-        """``residual + gate ⊙ self(x)``, added by ``proj`` (:attr:`fuses_gated_residual`)."""
-        return self.proj.gated_residual(self._heads(x), residual, gate)
-
-    @property
-    def quantizes_norm(self) -> bool:
-        return getattr(self.qkv, "quantizes_norm", False) and self.fuses_gated_residual
-
-    def norm_branch(
-        self,
-        x: torch.Tensor,
-        eps: float,
-        shift: torch.Tensor,
-        scale: torch.Tensor,
-        gate: torch.Tensor,
-    ) -> torch.Tensor:
-        """``x + gate ⊙ self(modulate(LayerNorm(x), shift, scale))`` with ``qkv``'s input
-        quantized in the norm's kernel and the residual added by ``proj``
-        (:attr:`quantizes_norm`)."""
-        qkv = self.qkv.forward_from_norm(x, eps, shift, scale)
-        return self.proj.gated_residual(self._attend(qkv), x, gate)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention output, heads concatenated: ``proj``'s input."""
-        return self._attend(self.qkv(x))
-
-    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The attention of ``qkv``'s output (B, N, 3C), heads concatenated."""
+    def _between(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention of ``qkv``'s output (B, N, 3C), heads concatenated: ``proj``'s
+        input."""
         B, N, C3 = qkv.shape
-        C = C3 // 3
         qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.explicit_matmuls:
             out = explicit_attention(self, q, k, v, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(B, N, C)
+        return out.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-class Mlp(nn.Module):
+class Mlp(BlockBranch):
     """``fc1 -> GELU(tanh) -> fc2`` (timm ``Mlp`` layout)."""
+
+    FIRST, LAST = "fc1", "fc2"
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -202,36 +217,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-    @property
-    def fuses_gated_residual(self) -> bool:
-        return getattr(self.fc2, "fuses_gated_residual", False)
-
-    def gated_residual(
-        self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor
-    ) -> torch.Tensor:
-        """``residual + gate ⊙ self(x)``, added by ``fc2`` (:attr:`fuses_gated_residual`)."""
-        return self.fc2.gated_residual(self.act(self.fc1(x)), residual, gate)
-
-    @property
-    def quantizes_norm(self) -> bool:
-        return getattr(self.fc1, "quantizes_norm", False) and self.fuses_gated_residual
-
-    def norm_branch(
-        self,
-        x: torch.Tensor,
-        eps: float,
-        shift: torch.Tensor,
-        scale: torch.Tensor,
-        gate: torch.Tensor,
-    ) -> torch.Tensor:
-        """``x + gate ⊙ self(modulate(LayerNorm(x), shift, scale))`` with ``fc1``'s input
-        quantized in the norm's kernel and the residual added by ``fc2``
-        (:attr:`quantizes_norm`)."""
-        hidden = self.act(self.fc1.forward_from_norm(x, eps, shift, scale))
-        return self.fc2.gated_residual(hidden, x, gate)
+    def _between(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.act(hidden)
 
 
 def gated_residual(
