@@ -4,9 +4,11 @@ matmuls (``ditq.models.adapter.explicit_attention``), which otherwise run simula
 fake-quantizations around two matmuls, with the (B, H, N, N) score and probability
 matrices in memory.
 
-A code pass quantizes q, k and v once each to their codes minus zero points (integers of
-at most 9 bits, exact in BF16, stored as BF16); the attention passes multiply these codes
-on BF16 tensor cores (summed exactly in fp32): a first pass over the keys finds each query
+q, k and v are quantized to their codes minus zero points (integers of at most 9 bits,
+exact in BF16), once each in a code pass (stored as BF16) or by the attention passes as
+each tile loads, whichever is measured faster per shape; the attention passes multiply
+these codes on BF16 tensor cores (summed exactly in fp32; a head's channels in two
+power-of-two parts, DiT-XL/2's 72 as 64 + 16): a first pass over the keys finds each query
 row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l in registers
 with P's range and multiplies it with v's codes (with a static P range over at most 256
 keys, where measured faster, one pass holds a query tile's scores over every key and does

@@ -467,14 +467,8 @@ class RealQuantLinear(nn.Module):
     ) -> torch.Tensor:
         """This layer's GEMM on its quantized input ``(codes, scale, zero, sums)``; with
         ``residual`` and ``gate`` the epilogue adds the gated residual."""
-        if self.kind == "int":
-            return self._int_gemm(activation, lowrank_t, out_dtype, residual=residual, gate=gate)[0]
-        from ditq.kernels import triton_ops
-
-        return triton_ops.fp8_gemm(
-            *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
-            out_dtype, residual=residual, gate=gate,
-        )  # fmt: skip
+        gemm = self._int_gemm if self.kind == "int" else self._fp8_gemm
+        return gemm(activation, lowrank_t, out_dtype, residual=residual, gate=gate)[0]
 
     def _next_layer_codes(
         self,
@@ -487,20 +481,16 @@ class RealQuantLinear(nn.Module):
         (a fused MLP's fc1, ``next_layer`` with a static input range), and the codes' row
         sums, added up in the same epilogue, where that layer's weights have zero points."""
         if self.kind == "int":
-            sums = next_layer.needs_code_sums
+            summed = next_layer.needs_code_sums
             epilogue = next_layer._input_epilogue()
-            codes, row_sums = self._int_gemm(
-                activation, lowrank_t, out_dtype, next_sums=sums, **epilogue
+            codes, sums = self._int_gemm(
+                activation, lowrank_t, out_dtype, next_sums=summed, **epilogue
             )
-            return codes, row_sums if sums else None
-        from ditq.kernels import triton_ops
-
-        codes = triton_ops.fp8_gemm(
-            *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
-            out_dtype, next_scale=next_layer.static_qparams,
+            return codes, sums if summed else None
+        return self._fp8_gemm(
+            activation, lowrank_t, out_dtype, next_scale=next_layer.static_qparams,
             next_input_scale=next_layer.input_scale,
         )  # fmt: skip
-        return codes, None
 
     def _input_epilogue(self) -> dict:
         """The ``int_gemm`` options with which the previous layer writes this layer's int8
@@ -538,6 +528,22 @@ class RealQuantLinear(nn.Module):
             not self.act.symmetric, bool(self.act.group_size), out_dtype, packed_int4=packed,
             **epilogue,
         )  # fmt: skip
+
+    def _fp8_gemm(
+        self,
+        activation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+        lowrank_t: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        **epilogue,
+    ) -> tuple[torch.Tensor, None]:
+        """``triton_ops.fp8_gemm`` on input ``(codes, scale, ...)`` with this layer's e4m3
+        weight and ``epilogue`` options, shaped as :meth:`_int_gemm`'s result (no sums)."""
+        from ditq.kernels import triton_ops
+
+        return triton_ops.fp8_gemm(
+            *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
+            out_dtype, **epilogue,
+        ), None  # fmt: skip
 
     def _static_row_qparams(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row scale (fp32) and shifted zero point (int32) of the static input range, as

@@ -95,6 +95,16 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def _e4m3_codes(v):
+    """e4m3 codes of ``v`` (fp32): saturated at ±448, rounded to nearest even by the cast
+    (in the interpreter by :func:`_round_to_e4m3` first)."""
+    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    if not HARDWARE_RINT:
+        v = _round_to_e4m3(v)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
 def _scaled_input(x_ptr, s_ptr, offs, mask, HAS_S: tl.constexpr):
     """The input at ``offs`` in fp32, divided by the online scale first (as torch: x / s in
     the input's dtype)."""
@@ -189,11 +199,8 @@ def _norm_quantize_kernel(
     if HAS_S:
         h = h / tl.load(s_ptr + offs, mask=offs < K, other=1.0).to(tl.float32)[None, :]
     out = q_ptr + rows[:, None] * K + offs[None, :]
-    if FP8:  # e4m3 codes: saturated, rounded to nearest even by the cast
-        v = tl.minimum(tl.maximum(h / tl.load(static_ptr), -FP8_MAX), FP8_MAX)
-        if not HARDWARE_RINT:
-            v = _round_to_e4m3(v)
-        tl.store(out, v.to(tl.float8e4nv), mask=mask)
+    if FP8:
+        tl.store(out, _e4m3_codes(h / tl.load(static_ptr)), mask=mask)
     else:
         zero = tl.load(static_ptr + 1)
         codes = _codes(h, tl.load(static_ptr), zero, QMIN, QMAX, SHIFT)
@@ -444,11 +451,8 @@ def _int_gemm_kernel(
                 s = tl.load(os_ptr + offs_n, mask=offs_n < N, other=1.0).to(ACT).to(tl.float32)
                 y = (y * (1.0 / s)[None, :]).to(ACT).to(tl.float32)
             v = y * (1.0 / tl.load(oq_ptr))
-            if NEXT_FP8:  # e4m3 codes: saturated, rounded to nearest even by the cast
-                v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                if not FAST_MATH:
-                    v = _round_to_e4m3(v)
-                tl.store(out, v.to(tl.float8e4nv), mask=mask)
+            if NEXT_FP8:
+                tl.store(out, _e4m3_codes(v), mask=mask)
             else:
                 v = _round_half_even(v)
                 codes = tl.minimum(tl.maximum(v + tl.load(oq_ptr + 1), QMIN), QMAX) - SHIFT
@@ -581,30 +585,6 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _attention_codes_kernel(
-    x_ptr, qparams_ptr, out_ptr, N, D, H, sx_b, sx_h, sx_n, sx_d,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """``clamp(round(x / s) + z) - z`` of a (BLOCK_N, D) tile of q, k or v (B, H, N, D, any
-    strides) into ``out`` (B·H, N, D) contiguous, in the dot dtype: integers of at most 9
-    bits, exact in BF16. Once per tensor, so that the attention passes can read codes
-    instead of quantizing every key and value tile again for each query tile (the "codes
-    pass" of :data:`ATTENTION_CHOICE`)."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    offs = offs_n[:, None] * sx_n + offs_d[None, :] * sx_d
-    x = tl.load(x_ptr + b * sx_b + h * sx_h + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(qparams_ptr)
-    zero = tl.load(qparams_ptr + 1)
-    codes = _codes(x, scale, zero, QMIN, QMAX, 0) - zero
-    out = out_ptr + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(out, codes.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _code_tile(
     ptr, s_n, s_d, offs_n, offs_d, N, D, qparams_ptr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
@@ -620,6 +600,29 @@ def _code_tile(
         codes = _codes(x.to(tl.float32), tl.load(qparams_ptr), zero, QMIN, QMAX, 0) - zero
         x = tl.where(mask, codes, 0.0)
     return x
+
+
+@triton.jit
+def _attention_codes_kernel(
+    x_ptr, qparams_ptr, out_ptr, N, D, H, sx_b, sx_h, sx_n, sx_d,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``clamp(round(x / s) + z) - z`` of a (BLOCK_N, D) tile of q, k or v (B, H, N, D, any
+    strides) into ``out`` (B·H, N, D) contiguous, in the dot dtype: integers of at most 9
+    bits, exact in BF16. Once per tensor, so that the attention passes can read codes
+    instead of quantizing every key and value tile again for each query tile (the "codes
+    pass" of :data:`ATTENTION_CHOICE`)."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    codes = _code_tile(
+        x_ptr + b * sx_b + h * sx_h, sx_n, sx_d, offs_n, offs_d, N, D, qparams_ptr, QMIN, QMAX,
+        True,
+    )  # fmt: skip
+    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    out = out_ptr + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(out, codes.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -1257,9 +1260,14 @@ def quant_attention(
     def grid(config: dict) -> tuple[int, int]:
         return (triton.cdiv(Nq, config["BLOCK_M"]), B * H)
 
+    def operands(quantize: bool) -> tuple[list[torch.Tensor], list[int]]:
+        """q, k and v (``quantize``: the kernels quantize their tiles) or their codes, and
+        the four strides of each."""
+        tensors = [q, k, v] if quantize else codes_pass()
+        return tensors, [stride for x in tensors for stride in x.stride()]
+
     def two_passes(quantize: bool) -> None:
-        operands = [q, k, v] if quantize else codes_pass()
-        strides = [stride for x in operands for stride in x.stride()]
+        tensors, strides = operands(quantize)
         stats = torch.empty((2, B * H, Nq), device=q.device, dtype=torch.float32)
         stats_kernel, out_kernel = _TUNED_ATTENTION
         tiles = {}
@@ -1267,7 +1275,7 @@ def quant_attention(
             stats_kernel, out_kernel = _attention_stats_kernel, _attention_out_kernel
             tiles = dict(BLOCK_M=16, BLOCK_N=16)
         stats_kernel[grid](
-            *operands[:2], qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq, Nk, D,
+            *tensors[:2], qkv_qparams, stats[0], stats[1], mask_ptr, softmax_scale, Nq, Nk, D,
             H, *strides[:8], *mask_strides, QUANTIZE=quantize, **meta, **tiles,
         )  # fmt: skip
         p_range = p_qparams
@@ -1275,19 +1283,18 @@ def quant_attention(
             p_max = stats[1].reciprocal().amax().reshape(1, 1)
             p_range = torch.cat(compute_qparams(torch.zeros_like(p_max), p_max, bits, symmetric))
         out_kernel[grid](
-            *operands, qkv_qparams, p_range.reshape(2), stats[0], stats[1], mask_ptr, out,
+            *tensors, qkv_qparams, p_range.reshape(2), stats[0], stats[1], mask_ptr, out,
             softmax_scale, Nq, Nk, D, H, *strides, *mask_strides, *out.stride(),
             QUANTIZE=quantize, WHOLE_ROW=False, **meta, **tiles,
         )  # fmt: skip
 
     def one_pass(quantize: bool) -> None:
-        operands = [q, k, v] if quantize else codes_pass()
-        strides = [stride for x in operands for stride in x.stride()]
+        tensors, strides = operands(quantize)
         kernel = _attention_out_kernel if INTERPRETED else _TUNED_ONE_PASS
         tiles = dict(BLOCK_M=16) if INTERPRETED else {}
         unread = _placeholder(q)  # m and l: from the one key tile
         kernel[grid](
-            *operands, qkv_qparams, p_qparams.reshape(2), unread, unread, mask_ptr, out,
+            *tensors, qkv_qparams, p_qparams.reshape(2), unread, unread, mask_ptr, out,
             softmax_scale, Nq, Nk, D, H, *strides, *mask_strides, *out.stride(),
             QUANTIZE=quantize, WHOLE_ROW=True, BLOCK_N=max(16, triton.next_power_of_2(Nk)),
             **meta, **tiles,
