@@ -43,6 +43,12 @@ gptq_wait() {  # until the detached gptq timing ends or the call has run CALL_S 
   tail -c 600 /tmp/gptq_xl.log | tr '\r' '\n' | grep . | tail -n 4
   cp /tmp/gptq_xl.json /tmp/gptq_xl.log "$OUT/" 2> /dev/null
 }
+kernels_check() {  # OUT_NAME, the default bound (CHECK_S), then kernels_check.py's options
+  local name=$1 bound=$2; shift 2
+  timeout "${CHECK_S:-$bound}" python benchmarks/kernels_check.py "$OUT/$name.json" "$@" \
+    > "$OUT/$name.log" 2>&1
+  echo "kernels_check rc=$?"; tail -n 150 "$OUT/$name.log" | grep -v '^{'
+}
 bench() {  # OUT_NAME, then ditq bench's options
   local name=$1; shift
   timeout "${BENCH_S:-400}" python -m ditq bench --steps 50 "$@" --out "$OUT/$name"
@@ -51,15 +57,11 @@ bench() {  # OUT_NAME, then ditq bench's options
 case $stage in
 check)
   python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-  timeout "${CHECK_S:-240}" python benchmarks/kernels_check.py "$OUT/kernels_check.json" \
-    --only "${CHECK_PARTS:-model,attention}" > "$OUT/kernels_check.log" 2>&1
-  echo "kernels_check rc=$?"; tail -n 60 "$OUT/kernels_check.log" | grep -v '^{'
+  kernels_check kernels_check 240 --only "${CHECK_PARTS:-model,attention}"
   bench b64 --shapes $XL --batches 64 --iters 30 --profile \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static ;;
 kcheck)
-  timeout "${CHECK_S:-540}" python benchmarks/kernels_check.py "$OUT/kernels_check_all.json" \
-    > "$OUT/kernels_check_all.log" 2>&1
-  echo "kernels_check rc=$?"; tail -n 150 "$OUT/kernels_check_all.log" | grep -v '^{' ;;
+  kernels_check kernels_check_all 540 ;;
 peers)
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .wheels/torchao-*.whl || exit
