@@ -197,6 +197,33 @@ def check_attention(fmt: str, device: str, masked: bool = False) -> dict:
     return {"kind": "attention", **rel_error(out, ref)}
 
 
+def with_attention_tiles(path: str, index: int, check) -> dict:
+    """``check()`` with the attention kernels of ``path`` fixed to their ``index``-th tile
+    configuration (a one-configuration autotuner, which does not benchmark): a
+    configuration that computes wrong results must not hide behind the autotuner's
+    choice."""
+    tuners = (
+        [triton_ops._TUNED_ONE_PASS]
+        if path.startswith("one-pass")
+        else list(triton_ops._TUNED_ATTENTION)
+    )
+    saved = [tuner.configs for tuner in tuners]
+    try:
+        for tuner in tuners:
+            tuner.configs = [tuner.configs[index]]
+        return {"tiles": str(tuners[0].configs[0]), **check()}
+    finally:
+        for tuner, configs in zip(tuners, saved, strict=True):
+            tuner.configs = configs
+
+
+def attention_paths(fmt: str) -> tuple[bool, list[str]]:
+    """Whether ``fmt``'s P range is static, and the attention paths it can take."""
+    static = not RTNConfig(**ATTENTION_FORMATS[fmt]).attention_spec().dynamic
+    passes = ("one-pass", "two-pass") if static else ("two-pass",)
+    return static, [f"{p}{codes}" for p in passes for codes in ("", f" {triton_ops.TILE_CODES}")]
+
+
 def with_grouped_tiles(tiles: tuple[int, ...], check) -> dict:
     """``check()`` with the grouped-weight GEMM fixed to one tile configuration."""
     with triton_ops.fixed_tiles(tiles, grouped=True):
@@ -250,10 +277,9 @@ def main(out_path: str, only: list[str]) -> None:
         print(json.dumps(row), flush=True)
 
     # first the fused attention, which the cuda backend's PTQ4DiT sampling runs
-    for fmt, options in ATTENTION_FORMATS.items():  # each path, not the faster one
-        static = not RTNConfig(**options).attention_spec().dynamic
-        passes = ("one-pass", "two-pass") if static else ("two-pass",)
-        for path in (f"{p}{codes}" for p in passes for codes in ("", f" {triton_ops.TILE_CODES}")):
+    for fmt in ATTENTION_FORMATS:  # each path, not the faster one
+        static, paths = attention_paths(fmt)
+        for path in paths:
             for masked in (False, True):
                 triton_ops.ATTENTION_CHOICE[256, 256, 72, masked, static] = path
                 record(
@@ -320,6 +346,23 @@ def main(out_path: str, only: list[str]) -> None:
         traceback.print_exc()
         results["checkpoint_bytes_dit_xl2_256"] = {"error": f"{type(err).__name__}: {err}"}
     write()
+    # last (a faulting configuration ends the CUDA context): every tile configuration of
+    # each attention path, unmasked
+    for fmt in ATTENTION_FORMATS:
+        static, paths = attention_paths(fmt)
+        for path in paths:
+            triton_ops.ATTENTION_CHOICE[256, 256, 72, False, static] = path
+            tuner = triton_ops._TUNED_ONE_PASS if path.startswith("one-pass") else None
+            count = len((tuner or triton_ops._TUNED_ATTENTION[0]).configs)
+            for index in range(count):
+                record(
+                    f"XL attention (8, 16, 256, 72) {path} tile {index}",
+                    fmt,
+                    lambda f=fmt, p=path, i=index: with_attention_tiles(
+                        p, i, lambda: check_attention(f, device)
+                    ),
+                )
+    triton_ops.ATTENTION_CHOICE.clear()
     print(f"\n{'check':<34} {'format':<26} {'kind':<14} {'rel.err':>9} nan")
     for r in rows:
         if "error" in r:

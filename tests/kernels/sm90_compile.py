@@ -52,7 +52,7 @@ def attention() -> None:
         out_ptr="*bf16", softmax_scale="fp32",
     )  # fmt: skip
     for mask, quantize in ((False, False), (True, True)):  # codes pass / tile codes
-        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=64, BLOCK_DH=16, QUANTIZE=quantize)
+        common = dict(DOT=tl.bfloat16, HAS_MASK=mask, BLOCK_D=128, QUANTIZE=quantize)
         for bm, bn, warps, stages in ops.ATTENTION_TILES:
             tiles = dict(BLOCK_M=bm, BLOCK_N=bn)
             compile_kernel(
@@ -91,11 +91,11 @@ def activations() -> None:
         x_ptr="*bf16", shift_ptr="*bf16", mscale_ptr="*bf16", s_ptr="*bf16", static_ptr="*fp32",
         sum_ptr="*i32", eps="fp32",
     )  # fmt: skip
-    for fp8 in (False, True):
+    for fp8, sums in ((False, True), (False, False), (True, False)):
         for rows, warps in ops.NORM_QUANTIZE_TILES:
             compile_kernel(
                 ops._norm_quantize_kernel, norm | dict(q_ptr="*fp8e4nv" if fp8 else "*i8"),
-                dict(QMIN=0, QMAX=255, SHIFT=128, HAS_S=True, FP8=fp8, ROWS=rows,
+                dict(QMIN=0, QMAX=255, SHIFT=128, HAS_S=True, FP8=fp8, SUMS=sums, ROWS=rows,
                      BLOCK_K=2048),
                 num_warps=warps,
             )  # fmt: skip

@@ -105,14 +105,12 @@ def test_kernel_equals_the_simulated_matmuls(dynamic, passes, symmetric, monkeyp
 
 @pytest.mark.parametrize("D", [16, 32, 72, 80], ids=lambda d: f"head-{d}")
 @pytest.mark.parametrize("passes", ["one-pass", "two-pass tile codes"])
-def test_head_widths_split_in_two_parts_equal_the_simulated_matmuls(D, passes, monkeypatch):
-    """The kernels take a head's D channels in two power-of-two parts (DiT-XL/2's 72 as
-    64 + 16 with 8 masked, instead of one part of 128): a power of two (its halves), a
-    width that needs the mask, and the smallest."""
-    low, high = triton_ops._head_parts(D)
-    assert low & (low - 1) == 0 and high & (high - 1) == 0 and min(low, high) >= 16
-    assert low < D <= low + high or D == low == 16
-    assert low + high <= max(32, triton_ops.triton.next_power_of_2(D))  # never wider than one
+def test_head_widths_padded_to_a_power_of_two_equal_the_simulated_matmuls(D, passes, monkeypatch):
+    """The kernels pad a head's D channels to a power of two of at least 16 (DiT-XL/2's
+    72 to 128, 56 channels masked): powers of two, widths that need the mask, the
+    smallest."""
+    block = triton_ops._head_block(D)
+    assert block & (block - 1) == 0 and block >= 16 and block // 2 < D <= block or D < 16
     _use_passes(monkeypatch, passes, (20, 20, D), dynamic=False)
     torch.manual_seed(4)
     q, k, v = torch.randn(3, 1, 2, 20, D).unbind(0)

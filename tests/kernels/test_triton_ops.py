@@ -20,6 +20,7 @@ if (
     # (seen with 2.4.6 and 3.6.0; 3.9.0 runs them): install numpy<2.4 or a newer triton.
     pytest.skip("this Triton's interpreter needs numpy < 2.4", allow_module_level=True)
 
+import triton.language as tl  # noqa: E402
 from kernel_cases import FORMATS, packed_layer  # noqa: E402
 
 from ditq.kernels import RealQuantLinear, quantize_activation, triton_ops  # noqa: E402
@@ -349,7 +350,7 @@ def test_norm_quantize_matches_float64(fmt, online_scale):
         h = h / s.double()
     if fmt == "e4m3":
         expected = (h / static[0]).clamp(-448, 448).float().to(torch.float8_e4m3fn).float()
-        assert codes.dtype == torch.float8_e4m3fn
+        assert codes.dtype == torch.float8_e4m3fn and sums.numel() == 0
         torch.testing.assert_close(codes.float(), expected, rtol=0.07, atol=2**-9)
         assert float((codes.float() != expected).float().mean()) < 0.02  # ties of fp32 rounding
         return
@@ -360,6 +361,10 @@ def test_norm_quantize_matches_float64(fmt, online_scale):
     assert float((codes.double() != expected).float().mean()) < 0.01
     torch.testing.assert_close(sums, codes.sum(1, dtype=torch.int32), rtol=0, atol=0)
     assert len(torch.unique(codes)) > 8  # the range is used, not one clamped code
+    unsummed, no_sums = triton_ops.norm_quantize(
+        x, shift, scale, 1e-6, s, static, qmin, qmax, symmetric, False, False
+    )
+    assert torch.equal(unsummed, codes) and no_sums.numel() == 0
 
 
 def test_blocks_quantize_their_inputs_in_the_norm_kernel():
@@ -464,3 +469,32 @@ def test_fc1_epilogue_adds_up_fc2s_code_sums(fc2_symmetric, gemm_schedule):
     else:
         torch.testing.assert_close(sums, codes.sum(1, dtype=torch.int32), rtol=0, atol=0)
         assert int(sums.abs().max()) > 0
+
+
+@triton.jit
+def _quotient_kernel(x_ptr, d_ptr, out_ptr, N: tl.constexpr):
+    """Row r of x divided by d[r] with ``_quotient`` (one divisor per row, as a scale)."""
+    row = tl.program_id(0)
+    offs = row * N + tl.arange(0, N)
+    out = triton_ops._quotient(tl.load(x_ptr + offs), tl.load(d_ptr + row))
+    tl.store(out_ptr + offs, out)
+
+
+def test_quotient_is_the_correctly_rounded_division():
+    """``_quotient`` (a reciprocal and an FMA correction) equals IEEE fp32 division bit for
+    bit: random quotients over many binades, and quotients next to the half-integers where
+    a code's rounding turns."""
+    generator = torch.Generator().manual_seed(7)
+    rows, N = 64, 256
+    d = torch.exp2(torch.empty(rows).uniform_(-12, 4, generator=generator)).float()
+    d = d * (1 + torch.rand(rows, generator=generator))
+    spread = torch.randn(rows, N // 2, generator=generator) * torch.exp2(
+        torch.empty(rows, N // 2).uniform_(-6, 10, generator=generator)
+    )
+    halves = torch.randint(-300, 300, (rows, N // 2), generator=generator) + 0.5
+    near_ties = halves.double() * d.double()[:, None]
+    x = torch.cat([spread * d[:, None], near_ties.float()], 1).contiguous()
+    out = torch.empty_like(x)
+    _quotient_kernel[(rows,)](x, d, out, N)
+    expected = x / d[:, None]
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))

@@ -7,8 +7,8 @@ matrices in memory.
 q, k and v are quantized to their codes minus zero points (integers of at most 9 bits,
 exact in BF16), once each in a code pass (stored as BF16) or by the attention passes as
 each tile loads, whichever is measured faster per shape; the attention passes multiply
-these codes on BF16 tensor cores (summed exactly in fp32; a head's channels in two
-power-of-two parts, DiT-XL/2's 72 as 64 + 16): a first pass over the keys finds each query
+these codes on BF16 tensor cores (summed exactly in fp32; a head's channels padded to a
+power of two, DiT-XL/2's 72 to 128): a first pass over the keys finds each query
 row's softmax maximum and denominator, a second quantizes P = exp(s - m) / l in registers
 with P's range and multiplies it with v's codes (with a static P range over at most 256
 keys, where measured faster, one pass holds a query tile's scores over every key and does

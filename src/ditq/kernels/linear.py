@@ -395,12 +395,13 @@ class RealQuantLinear(nn.Module):
         modulated LayerNorm's input (:meth:`forward_from_norm`)."""
         from ditq.kernels import triton_ops
 
+        summed = self.needs_code_sums
         codes, sums = triton_ops.norm_quantize(
             rows.contiguous(), shift, scale, eps, self.input_scale, self.static_qparams,
-            self.act.qmin, self.act.qmax, self.act.symmetric, self.kind == "fp8",
+            self.act.qmin, self.act.qmax, self.act.symmetric, self.kind == "fp8", summed,
         )  # fmt: skip
         row_scale, row_zero = self._static_row_qparams(len(rows))
-        return codes, row_scale, row_zero, sums if self.needs_code_sums else None
+        return codes, row_scale, row_zero, sums if summed else None
 
     def _lowrank_t(self, rows: torch.Tensor) -> torch.Tensor | None:
         if self.lowrank_down is None:

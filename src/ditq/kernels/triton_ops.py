@@ -129,9 +129,21 @@ def _dynamic_qparams(x_min, x_max, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMME
 
 
 @triton.jit
+def _quotient(x, d):
+    """``x / d`` in fp32 rounded as IEEE division (``div_rn``), for a divisor shared by many
+    ``x`` (a tensor's or a row's scale): d's correctly rounded reciprocal once, then per
+    element a product and one FMA correction (Markstein's theorem: ``q + (x - q d) / d``
+    with the exact residual of an FMA is the correctly rounded quotient, barring underflow,
+    where the codes are 0 anyway), instead of a slower ``div_rn`` per element."""
+    inv = tl.math.div_rn(1.0, d)
+    q = x * inv
+    return tl.math.fma(tl.math.fma(-q, d, x), inv, q)
+
+
+@triton.jit
 def _codes(x, scale, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr):
     """``clamp(round(x / scale) + zero) - SHIFT`` in fp32, rounding half to even."""
-    codes = _round_half_even(tl.math.div_rn(x, scale)) + zero
+    codes = _round_half_even(_quotient(x, scale)) + zero
     return tl.minimum(tl.maximum(codes, QMIN), QMAX) - SHIFT
 
 
@@ -177,12 +189,12 @@ def _norm_quantize_kernel(
     x_ptr, shift_ptr, mscale_ptr, s_ptr, static_ptr, q_ptr, sum_ptr, M, K, rows_per_batch,
     stride_xm, stride_shift, stride_mscale, eps,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, HAS_S: tl.constexpr,
-    FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, SUMS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """ROWS rows of ``h = LayerNorm(x) ⊙ (1 + scale_b) + shift_b`` (no affine; b = row //
     rows_per_batch), divided by the online scale s, quantized with the static range
-    [Δ, z]: int codes and their row sums, or e4m3 codes. The whole row in registers, its
-    statistics and ``h`` in fp32."""
+    [Δ, z]: int codes (and with ``SUMS`` their row sums), or e4m3 codes. The whole row in
+    registers, its statistics and ``h`` in fp32."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK_K)
     row_ok = rows < M
@@ -206,12 +218,14 @@ def _norm_quantize_kernel(
         codes = _codes(h, tl.load(static_ptr), zero, QMIN, QMAX, SHIFT)
         codes = tl.where(mask, codes, 0.0).to(tl.int32)
         tl.store(out, codes.to(tl.int8), mask=mask)
-        tl.store(sum_ptr + rows, tl.sum(codes, axis=1), mask=row_ok)
+        if SUMS:
+            tl.store(sum_ptr + rows, tl.sum(codes, axis=1), mask=row_ok)
 
 
-NORM_QUANTIZE_TILES = ((1, 4), (2, 4), (2, 8), (4, 8))
-"""``(ROWS, num_warps)`` the autotuner tries for :func:`norm_quantize`, per K; not yet
-swept on a GPU."""
+NORM_QUANTIZE_TILES = ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (4, 8))
+"""``(ROWS, num_warps)`` the autotuner tries for :func:`norm_quantize`, per K: on an H100
+at 32,768 × 1,152 the int codes ran fastest with one row per program and one or two warps,
+e4m3 with four rows and four warps (benchmarks/RESULTS.md)."""
 _TUNED_NORM_QUANTIZE = triton.autotune(
     [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in NORM_QUANTIZE_TILES],
     key=["K"],
@@ -636,19 +650,17 @@ uniformly, as in the simulated matmuls, instead of getting NaN."""
 
 @triton.jit
 def _attention_scores(
-    cq, cq_hi, k_ptr, skn, skd, k_qparams_ptr, offs_m, offs_n, offs_d, offs_dh, Nq, Nk, D,
+    cq, k_ptr, skn, skd, k_qparams_ptr, offs_m, offs_n, offs_d, Nq, Nk, D,
     alpha2, mask_ptr, smq, smk, QMIN: tl.constexpr, QMAX: tl.constexpr,
     QUANTIZE: tl.constexpr, DOT: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Scores of a query tile (codes ``cq`` over the head channels ``offs_d``, ``cq_hi``
-    over ``offs_dh``) against keys ``offs_n`` in the base-2 domain: ``log2(e) · (alpha ·
+    """Scores of a query tile (codes ``cq`` over the head channels ``offs_d``) against keys
+    ``offs_n`` in the base-2 domain: ``log2(e) · (alpha ·
     Σ_d cq ck + mask)`` with ``alpha2 = log2(e) · alpha`` (the integer dots are exact in
     fp32), the additive mask this head's (strides ``smq``, ``smk``), -inf for keys past
     ``Nk``."""
     ck = _code_tile(k_ptr, skn, skd, offs_n, offs_d, Nk, D, k_qparams_ptr, QMIN, QMAX, QUANTIZE)
-    ck_hi = _code_tile(k_ptr, skn, skd, offs_n, offs_dh, Nk, D, k_qparams_ptr, QMIN, QMAX, QUANTIZE)
-    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32)
-    s = tl.dot(cq_hi.to(DOT), tl.trans(ck_hi.to(DOT)), acc=s, out_dtype=tl.float32) * alpha2
+    s = tl.dot(cq.to(DOT), tl.trans(ck.to(DOT)), out_dtype=tl.float32) * alpha2
     if HAS_MASK:
         valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         offs = offs_m[:, None] * smq + offs_n[None, :] * smk
@@ -664,19 +676,16 @@ def _attention_stats_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr,
     DOT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 of the quantized attention: each query row's maximum m of its base-2 scores
     and softmax denominator l = Σ 2^(s - m) = Σ exp(s_e - m_e) (online over key tiles).
-    The head's D channels in two parts of BLOCK_D and BLOCK_DH (:func:`_head_parts`)."""
+    A head's D channels padded to BLOCK_D, a power of two (:func:`_head_block`)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dh = BLOCK_D + tl.arange(0, BLOCK_DH)
     q_base = q_ptr + b * sqb + h * sqh
     cq = _code_tile(q_base, sqn, sqd, offs_m, offs_d, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
-    cq_hi = _code_tile(q_base, sqn, sqd, offs_m, offs_dh, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     k_base = k_ptr + b * skb + h * skh
     mask_base = mask_ptr + b * smb + h * smh
@@ -685,8 +694,8 @@ def _attention_stats_kernel(
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, cq_hi, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, offs_dh, Nq,
-            Nk, D, alpha2, mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
+            cq, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2,
+            mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -704,7 +713,6 @@ def _attention_out_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, QUANTIZE: tl.constexpr, DOT: tl.constexpr,
     HAS_MASK: tl.constexpr, WHOLE_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: P = 2^(s - m) / l quantized with P's range, ``out = Δp Δv Σ cp cv``. Per
     score one exp2, one multiplication by the row's 1 / (l Δp), a rounding and a clamp to
@@ -715,11 +723,9 @@ def _attention_out_kernel(
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dh = BLOCK_D + tl.arange(0, BLOCK_DH)
     rows = offs_m < Nq
     q_base = q_ptr + b * sqb + h * sqh
     cq = _code_tile(q_base, sqn, sqd, offs_m, offs_d, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
-    cq_hi = _code_tile(q_base, sqn, sqd, offs_m, offs_dh, Nq, D, qparams_ptr, QMIN, QMAX, QUANTIZE)
     alpha2 = tl.load(qparams_ptr) * tl.load(qparams_ptr + 2) * (softmax_scale * LOG2E)
     p_scale = tl.load(p_qparams_ptr)
     p_zero = tl.load(p_qparams_ptr + 1)
@@ -734,12 +740,11 @@ def _attention_out_kernel(
     v_base = v_ptr + b * svb + h * svh
     mask_base = mask_ptr + b * smb + h * smh
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
     for start in range(0, Nk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _attention_scores(
-            cq, cq_hi, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, offs_dh, Nq,
-            Nk, D, alpha2, mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
+            cq, k_base, skn, skd, qparams_ptr + 2, offs_m, offs_n, offs_d, Nq, Nk, D, alpha2,
+            mask_base, smq, smk, QMIN, QMAX, QUANTIZE, DOT, HAS_MASK,
         )  # fmt: skip
         if WHOLE_ROW:
             m = tl.max(s, axis=1)
@@ -753,21 +758,11 @@ def _attention_out_kernel(
             v_base, svn, svd, offs_n, offs_d, Nk, D, qparams_ptr + 4, QMIN, QMAX, QUANTIZE
         )
         acc = tl.dot(cp, cv.to(DOT), acc=acc, out_dtype=tl.float32)
-        cv_hi = _code_tile(
-            v_base, svn, svd, offs_n, offs_dh, Nk, D, qparams_ptr + 4, QMIN, QMAX, QUANTIZE
-        )
-        acc_hi = tl.dot(cp, cv_hi.to(DOT), acc=acc_hi, out_dtype=tl.float32)
     out_scale = p_scale * tl.load(qparams_ptr + 4)
     out_rows = out_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n
-    _store_channels(out_rows, so_d, acc * out_scale, rows, offs_d, D)
-    _store_channels(out_rows, so_d, acc_hi * out_scale, rows, offs_dh, D)
-
-
-@triton.jit
-def _store_channels(out_rows, so_d, values, rows, offs_d, D):
-    """``values`` into the channels ``offs_d`` (those below D) of the output rows."""
     mask = rows[:, None] & (offs_d < D)[None, :]
-    tl.store(out_rows + offs_d[None, :] * so_d, values.to(out_rows.dtype.element_ty), mask=mask)
+    out = (acc * out_scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_rows + offs_d[None, :] * so_d, out, mask=mask)
 
 
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
@@ -834,18 +829,20 @@ def norm_quantize(
     qmax: int,
     symmetric: bool,
     fp8: bool,
+    code_sums: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (M, K), int8 or with ``fp8`` e4m3, and their row sums (M,) int32 (zero for
-    e4m3) of a DiT block's modulated LayerNorm ``LayerNorm(x) ⊙ (1 + scale) + shift`` with
-    the static range ``static_qparams`` = [Δ, z] (after the division by ``input_scale``)
-    in one kernel: x (M, K) holds B = len(shift) batches of M / B rows, shift and scale (B,
-    K) (any row stride). The statistics and the modulated value stay in fp32, where the
-    torch model rounds the norm's and the modulation's outputs to its dtype: a code may
-    differ by one at a rounding tie."""
+    """Codes (M, K), int8 or with ``fp8`` e4m3, and with ``code_sums`` their row sums (M,)
+    int32 (else, and for e4m3, an empty tensor) of a DiT block's modulated LayerNorm
+    ``LayerNorm(x) ⊙ (1 + scale) + shift`` with the static range ``static_qparams`` = [Δ,
+    z] (after the division by ``input_scale``) in one kernel: x (M, K) holds B = len(shift)
+    batches of M / B rows, shift and scale (B, K) (any row stride). The statistics and the
+    modulated value stay in fp32, where the torch model rounds the norm's and the
+    modulation's outputs to its dtype: a code may differ by one at a rounding tie."""
     M, K = x.shape
     x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
     codes = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    sums = (torch.zeros if fp8 else torch.empty)(M, device=x.device, dtype=torch.int32)
+    summed = code_sums and not fp8
+    sums = torch.empty(M if summed else 0, device=x.device, dtype=torch.int32)
     if not M:
         return codes, sums
     kernel, tiles = _TUNED_NORM_QUANTIZE, {}
@@ -855,15 +852,19 @@ def norm_quantize(
         x, shift, scale, input_scale if input_scale is not None else _placeholder(x),
         static_qparams, codes, sums, M, K, M // len(shift), x.stride(0), shift.stride(0),
         scale.stride(0), eps, QMIN=qmin, QMAX=qmax, SHIFT=0 if symmetric else _SHIFT,
-        HAS_S=input_scale is not None, FP8=fp8, BLOCK_K=triton.next_power_of_2(K), **tiles,
+        HAS_S=input_scale is not None, FP8=fp8, SUMS=summed, BLOCK_K=triton.next_power_of_2(K),
+        **tiles,
     )  # fmt: skip
     return codes, sums
 
 
 @norm_quantize.register_fake
-def _(x, shift, scale, eps, input_scale, static_qparams, qmin, qmax, symmetric, fp8):
+def _(
+    x, shift, scale, eps, input_scale, static_qparams, qmin, qmax, symmetric, fp8, code_sums=True
+):
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[0], dtype=torch.int32)
+    rows = x.shape[0] if code_sums and not fp8 else 0
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(rows, dtype=torch.int32)
 
 
 @torch.library.custom_op("ditq::quantize_act_groups", mutates_args=())
@@ -1190,12 +1191,12 @@ _TUNED_ONE_PASS = _attention_tuner(
 )
 
 
-def _head_parts(D: int) -> tuple[int, int]:
-    """The attention kernels' two parts of a head's D channels, each a power of two of at
-    least 16 (a dot's smallest): the largest power of two below D, and the rest padded
-    (DiT-XL/2's 72 = 64 + 16 with 8 masked, where one padded part would take 128)."""
-    low = max(16, 1 << ((D - 1).bit_length() - 1))
-    return low, max(16, triton.next_power_of_2(max(1, D - low)))
+def _head_block(D: int) -> int:
+    """The attention kernels' tile width of a head's D channels: the power of two of at
+    least 16 (a dot's smallest) that holds them, the rest masked (DiT-XL/2's 72 in 128).
+    Two parts (72 as 64 + 16) gave wrong outputs on an H100 with Triton 3.6 in six of the
+    ten tile configurations and faulted in two (benchmarks/RESULTS.md, issue 19)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 TILE_CODES = "tile codes"
@@ -1237,11 +1238,10 @@ def quant_attention(
     if not B * H * Nq:
         return out
     qmin, qmax = integer_range(bits, symmetric)
-    block_d, block_dh = _head_parts(D)
     mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
     mask_ptr = _placeholder(q) if mask is None else mask
     meta = dict(DOT=_DOT_DTYPE, HAS_MASK=mask is not None, QMIN=qmin, QMAX=qmax)
-    meta |= dict(BLOCK_D=block_d, BLOCK_DH=block_dh)
+    meta |= dict(BLOCK_D=_head_block(D))
 
     def codes_pass() -> list[torch.Tensor]:
         """q, k and v as codes (B, H, N, D), in the dot dtype."""
