@@ -100,19 +100,19 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
         ),
         "int8 torch._int_mm": lambda: torch._int_mm(a8, w8.t()),
         "ditq int w8 sym": lambda: gemm(
-            a8, xs, xz, None, w8, ws, None, wsum, bias, None, None, 0, True, bf
+            a8, xs, xz, None, w8, ws, None, wsum, bias, None, None, 0, True, False, bf
         ),
         "ditq int w8 asym": lambda: gemm(
-            a8, xs, xz, xsum, w8, ws, wz, wsum, bias, None, None, 0, True, bf
+            a8, xs, xz, xsum, w8, ws, wz, wsum, bias, None, None, 0, True, False, bf
         ),
         "ditq int w8 group128": lambda: gemm(
-            a8, xs, xz, None, w8, gs, None, gsum, bias, None, None, 128, True, bf
+            a8, xs, xz, None, w8, gs, None, gsum, bias, None, None, 128, True, False, bf
         ),
         "ditq int w4 sym (unpack + int8)": lambda: gemm(
-            a8, xs, xz, None, unpack(), ws, None, w4_sum, bias, None, None, 0, True, bf
+            a8, xs, xz, None, unpack(), ws, None, w4_sum, bias, None, None, 0, True, False, bf
         ),
         "ditq int w4 group128 (unpack + int8)": lambda: gemm(
-            a8, xs, xz, None, unpack(), gs, None, gsum, bias, None, None, 128, True, bf
+            a8, xs, xz, None, unpack(), gs, None, gsum, bias, None, None, 128, True, False, bf
         ),
         "w4 unpack alone": unpack,
     }  # fmt: skip
@@ -121,7 +121,7 @@ def layer_cases(M: int, K: int, N: int, device: str) -> dict[str, Callable[[], o
 def quantize_cases(M: int, K: int, device: str) -> dict[str, Callable[[], object]]:
     x = torch.randn(M, K, device=device).bfloat16()
     qp = torch.tensor([0.02, 3.0], device=device)
-    act = ActFormat("int", 0, 255, False, False, False, QuantSpec(8, False))
+    act = ActFormat("int", qmin=0, qmax=255, symmetric=False, spec=QuantSpec(8, False))
     twin = torch.compile(lambda v: quantize_activation(v, act, None, qp))
     samples = max(1, M // 256)  # DiT-XL/2 at 256 px: 256 tokens a sample
     modulation = (torch.randn(samples, 6 * K, device=device) * 0.1).bfloat16()

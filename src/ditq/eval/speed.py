@@ -314,20 +314,24 @@ def warm_up(call: Callable[[], object], device: str, calls_per_round: int) -> in
 @torch.no_grad()
 def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) -> dict:
     """Median and spread of per-call latency (CUDA events on GPU), first call separately,
-    after :func:`warm_up` in rounds of ``warmup`` calls."""
+    after :func:`warm_up` in rounds of ``warmup`` calls; on the GPU also the median host
+    time of a call (until it returns, launches queued): a call whose host time reaches its
+    latency is bound by the CPU, which CUDA graphs remove."""
     call = lambda: model.forward_with_cfg(*inputs, cfg_scale=1.5)  # noqa: E731
     start = time.perf_counter()
     call()
     _synchronize(device)
     first = time.perf_counter() - start
     warmup_calls = warm_up(call, device, warmup)
-    times = []
+    times, host = [], []
     cuda = torch.device(device).type == "cuda"
     for _ in range(iters):
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
+            begin_s = time.perf_counter()
             call()
+            host.append((time.perf_counter() - begin_s) * 1000)
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end))
@@ -340,6 +344,7 @@ def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) 
         "latency_ms": statistics.median(times),
         "latency_p10_ms": times[len(times) // 10],
         "latency_p90_ms": times[(9 * len(times)) // 10],
+        **({"host_ms": statistics.median(host)} if host else {}),
         "first_call_s": first,
         "warmup_calls": warmup_calls,
     }
@@ -411,11 +416,18 @@ def profile_calls(model: DiT, inputs: tuple, device: str, top: int = 8) -> dict[
 
 
 def time_sampling(model: DiT, batch: int, steps: int, device: str) -> float:
-    """Seconds for ``steps`` DDIM steps with guidance on ``batch`` samples (no VAE)."""
-    settings = SamplingSettings(sampler="ddim", steps=steps, cfg_scale=1.5)
+    """Seconds for ``steps`` DDIM steps with guidance on ``batch`` samples (no VAE), after
+    an untimed run of two steps (the sampler's inputs may recompile a compiled model, and
+    its first calls pick kernels for their shapes)."""
+
+    def sample(count: int) -> None:
+        settings = SamplingSettings(sampler="ddim", steps=count, cfg_scale=1.5)
+        generate(model, batch, settings, batch_size=batch, device=device, progress=False)
+
+    sample(min(steps, 2))
     _synchronize(device)
     start = time.perf_counter()
-    generate(model, batch, settings, batch_size=batch, device=device, progress=False)
+    sample(steps)
     _synchronize(device)
     return time.perf_counter() - start
 
@@ -498,14 +510,15 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
     """The results as a markdown table."""
     head = (
-        "| shape | batch (×2 cfg) | variant | kernels | ms / call | ×BF16c | 50-step s | ×BF16c "
-        "| peak GiB | weights MB (mem / disk) |\n|" + " --- |" * 10
+        "| shape | batch (×2 cfg) | variant | kernels | ms / call (p10–p90) | host ms | ×BF16c "
+        "| 50-step s | ×BF16c | peak GiB | weights MB (mem / disk) |\n|" + " --- |" * 11
     )
     warmups = sorted({r["warmup_calls"] for r in rows if "warmup_calls" in r})
     lines = [
-        f"Device: {device_name}. Ratios: BF16 torch.compile time / variant time. Warm-up "
-        f"calls before timing (until the call time settled): "
-        f"{', '.join(map(str, warmups)) or 'none'}.\n",
+        f"Device: {device_name}. Ratios: BF16 torch.compile time / variant time (medians). "
+        f"Warm-up calls before timing (until the call time settled): "
+        f"{', '.join(map(str, warmups)) or 'none'}. Host ms: the CPU's time to issue a call "
+        f"(a call is CPU-bound where it reaches the latency).\n",
         head,
     ]
 
@@ -523,7 +536,9 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
             kernels += " (compiled, CUDA graphs)" if r.get("cuda_graphs") else " (compiled)"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {kernels} | "
-            f"{num(r, 'latency_ms', '.2f')} | {num(r, 'speedup', '.2f')} | "
+            f"{num(r, 'latency_ms', '.2f')} ({num(r, 'latency_p10_ms', '.1f')}–"
+            f"{num(r, 'latency_p90_ms', '.1f')}) | {num(r, 'host_ms', '.2f')} | "
+            f"{num(r, 'speedup', '.2f')} | "
             f"{num(r, 'e2e_s', '.2f')} | {num(r, 'e2e_speedup', '.2f')} | "
             f"{num(r, 'peak_memory_bytes', '.2f', 2**30)} | "
             f"{num(r, 'memory_bytes', '.2f', 1e6)} / {num(r, 'disk_bytes', '.2f', 1e6)} |"
