@@ -22,7 +22,8 @@
 #                int8 runs slower than FP8 in the same template), the quantize kernels and
 #                the block's norm + quantize (Triton norm_quantize against compiled torch)
 #   stage calib  PTQ4DiT W4A8's reconstruction with each --recon-compile mode of RECON_MODES
-#                (default "on graphs", RECON_ITERS iterations per unit, default 300) on a
+#                (default "on") and each --recon-tf32 of RECON_TF32 (default "true false"),
+#                RECON_ITERS iterations per unit (default 300) on a
 #                random testbed-shaped model; with GPTQ_XL=1 (measured once, RESULTS.md)
 #                then gptq on a random DiT-XL/2 at 256 px (detached; the call waits for
 #                it until it has run CALL_S seconds, default 560; CALIB_S bounds the
@@ -100,7 +101,12 @@ gemm)
     | tee "$OUT/gemm.log" | grep -v '^{' ;;  # the log keeps the rows of a run cut short
 calib)
   ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '${RECON_ITERS:-300}', "recon_compile": '
-  methods=(); for mode in ${RECON_MODES:-on graphs}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
+  methods=()
+  for mode in ${RECON_MODES:-on}; do
+    for tf32 in ${RECON_TF32:-true false}; do
+      methods+=(--method "$ptq4dit\"$mode\", \"recon_tf32\": $tf32}")
+    done
+  done
   timeout "${CALIB_S:-300}" python benchmarks/calibration_time.py --shape testbed --quiet \
     "${methods[@]}" --out "$OUT/recon_modes.json"
   echo "recon modes rc=$? after ${SECONDS} s"; head -c 4000 "$OUT/recon_modes.json" 2> /dev/null

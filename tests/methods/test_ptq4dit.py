@@ -189,6 +189,9 @@ def test_defaults_are_the_official_settings():
     assert (config.recon_iters, config.recon_batch_size) == (20000, 32)
     assert (config.recon_weight_lr, config.recon_act_lr) == (1e-3, 4e-5)
     assert config.recon_chunks == 10
+    assert config.recon_tf32  # the official script allows TF32
+    assert METHODS["ptq4dit"].solver(config).settings.tf32
+    assert not METHODS["ptq4dit"].solver(PTQ4DiTConfig(recon_tf32=False)).settings.tf32
     assert config.layers == LayerSelection(
         blocks=True, embedders=True, adaln=True, final_layer=True
     )

@@ -360,3 +360,21 @@ def test_chained_blocks_get_the_inputs_a_capture_would(calib, monkeypatch):
     fp = tiny_dit(depth=3)
     model = _rtn(calib, depth=3, layers=LayerSelection(embedders=True, adaln=True))
     check_block_inputs_match_capture(model, fp, calib, monkeypatch)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_reconstruction_steps_set_tf32_and_restore_it(calib, monkeypatch, tf32):
+    """The steps run with CUDA matmuls and convolutions allowed TF32 as ``tf32`` says (the
+    official script allows it globally); the global settings are restored afterwards."""
+    seen = []
+
+    def objective(*args):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return unit_objective(*args)
+
+    monkeypatch.setattr("ditq.pipeline.adaround_solver.unit_objective", objective)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    settings = ReconSettings(iters=2, batch_size=4, compile="off", tf32=tf32)
+    reconstruct_model(_rtn(calib, depth=1), tiny_dit(depth=1), calib, settings, progress=False)
+    assert seen and set(seen) == {(tf32, tf32)}
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

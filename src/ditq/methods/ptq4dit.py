@@ -68,6 +68,9 @@ Deviations from the official code:
   reconstructs the final layer as one unit. The reconstruction shuffles single entries
   (the official code shuffles groups of 4 entries).
 - A ρ that is undefined (a constant salience vector has no rank order) counts as 0.
+- TF32 (``recon_tf32``, on by default as in the official script, which allows it for every
+  CUDA matmul and convolution) only in the reconstruction steps; the calibration passes,
+  the range search and the reconstruction targets run in full fp32.
 """
 
 from __future__ import annotations
@@ -148,6 +151,13 @@ class PTQ4DiTConfig(QuantConfig):
         metadata={
             "help": "block reconstruction step through torch.compile: auto (on a GPU), on, "
             "graphs (compiled and replayed as CUDA graphs on a GPU), off"
+        },
+    )
+    recon_tf32: bool = field(
+        default=True,
+        metadata={
+            "help": "block reconstruction matmuls in TF32 on a GPU, as the official script "
+            "allows (false: full fp32)"
         },
     )
 
@@ -344,6 +354,7 @@ class PTQ4DiT(Method):
             act_lr=config.recon_act_lr,
             chunks=config.recon_chunks,
             compile=config.recon_compile,
+            tf32=config.recon_tf32,
         )
         return AdaRoundSolver(settings)
 

@@ -24,7 +24,9 @@ replays the compiled forward and backward as CUDA graphs (``mode="reduce-overhea
 per-kernel launch cost; each unit's graphs are recorded once, on its first steps), for the
 layer-wise units too.
 The official code runs eagerly; the compiled step computes the same loss up to float
-rounding (tested against the eager one).
+rounding (tested against the eager one). Its script (``quant_sample.py``) allows TF32 for
+every CUDA matmul and convolution; here (``tf32``) the reconstruction steps only, the
+calibration passes and the targets stay in full fp32.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class ReconSettings:
     each part in turn; 1: every step draws from all entries); ``seed``: shuffling and
     minibatches (unit k of the run uses ``seed + k``); ``compile``: a block's step through
     ``torch.compile`` (``auto``: when its cached data is on a GPU; ``on``; ``graphs``:
-    compiled and replayed as CUDA graphs on a GPU; ``off``).
+    compiled and replayed as CUDA graphs on a GPU; ``off``); ``tf32``: the steps' CUDA
+    matmuls and convolutions in TF32 (the official script's setting; off: full fp32).
     """
 
     iters: int = 20000
@@ -84,6 +87,7 @@ class ReconSettings:
     chunks: int = 1
     seed: int = 0
     compile: str = "auto"
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -232,6 +236,7 @@ class AdaRoundSolver:
         fused = data.device.type == "cuda"
         with (
             _room_for_graphs() if compiled else nullcontext(),
+            _tf32(settings.tf32),
             torch.enable_grad(),
             _frozen(unit.module),
             adaround(layers) as rounders,
@@ -294,6 +299,19 @@ def compiled_objective(graphs: bool) -> Callable[..., torch.Tensor]:
     """:func:`unit_objective` through ``torch.compile``; ``graphs``: its forward and backward
     replayed as CUDA graphs (on a GPU; the caller marks each step's begin)."""
     return torch.compile(unit_objective, mode="reduce-overhead" if graphs else None)
+
+
+@contextmanager
+def _tf32(allowed: bool) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions allowed (or not) to use TF32 inside, the global
+    settings restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def _room_for_graphs() -> Any:
