@@ -765,8 +765,16 @@ def _attention_out_kernel(
     tl.store(out_rows + offs_d[None, :] * so_d, out, mask=mask)
 
 
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(1, device=like.device, dtype=torch.float32)
+    """A pointer argument for an absent optional input on ``like``'s device (never read):
+    one tensor per device, instead of an allocation per argument and call (host time)."""
+    tensor = _PLACEHOLDERS.get(like.device)
+    if tensor is None:
+        tensor = _PLACEHOLDERS[like.device] = torch.empty(1, device=like.device)
+    return tensor
 
 
 @torch.library.custom_op("ditq::quantize_act", mutates_args=())
