@@ -15,6 +15,8 @@
 #   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
 #   stage graphs64 the check stage's batch 64 with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
+#   stage host   host_profile.py at batch 64: host against wall time per call (with the
+#                garbage collector on and off) and a cProfile of the host's work
 #   stage sample ditq sample --compile of the bundled model (RTN W8A8 static, real kernels)
 #                at batch 16 with the CUDA graphs (its default there) and without: wall
 #                times (compilation included) and the two runs' images against each other
@@ -79,6 +81,9 @@ small)
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static ;;
+host)
+  timeout "${HOST_S:-400}" python benchmarks/host_profile.py "$OUT/host.json" --batch 64 \
+    | tee "$OUT/host.log" ;;
 sample)
   python -m ditq quantize --model src/ditq/assets/dit_demo_cifar10.safetensors --method rtn \
     --wbits 8 --abits 8 --device cuda --out /tmp/demo_w8a8 --quiet --overwrite || exit
@@ -122,5 +127,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, kcheck, peers, small, graphs64, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: check, kcheck, peers, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
