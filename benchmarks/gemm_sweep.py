@@ -39,6 +39,12 @@ TILES = [  # (BM, BN, BK, warps, stages, PERSISTENT, TMA); BK: group size if gro
     (128, 256, 64, 8, 4, 0, 0),
     (128, 256, 128, 8, 3, 1, 1),
     (128, 128, 128, 8, 4, 1, 1),
+    # Triton waits for each int8 wgmma before the next (it keeps only fp32-accumulator dots
+    # in flight): deeper K steps and two warp groups per tile amortize or hide that wait
+    (128, 128, 128, 4, 4, 0, 1),
+    (128, 128, 256, 4, 3, 0, 1),
+    (128, 256, 128, 8, 3, 0, 1),
+    (256, 128, 128, 8, 3, 0, 1),
 ]
 
 

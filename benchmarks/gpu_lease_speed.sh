@@ -20,9 +20,10 @@
 #   stage sample ditq sample --compile of the bundled model (RTN W8A8 static, real kernels)
 #                at batch 16 with the CUDA graphs (its default there) and without: wall
 #                times (compilation included) and the two runs' images against each other
-#   stage gemm   gemm_sweep.py at 32,768 tokens: each layer's GEMM per format and kernel (why
-#                int8 runs slower than FP8 in the same template), the quantize kernels and
-#                the block's norm + quantize (Triton norm_quantize against compiled torch)
+#   stage gemm   gemm_sweep.py at 32,768 tokens: the int8 GEMM in each tile configuration
+#                of its sweep (BF16 beside it), then each layer's GEMM per format and kernel,
+#                the quantize kernels and the block's norm + quantize (Triton norm_quantize
+#                against compiled torch)
 #   stage calib  PTQ4DiT W4A8's reconstruction with each --recon-compile mode of RECON_MODES
 #                (default "on") and each --recon-tf32 of RECON_TF32 (default "true false"),
 #                RECON_ITERS iterations per unit (default 300) on a
@@ -101,9 +102,11 @@ print(f"graphs vs no graphs: max |diff| {np.abs(a - b).max():.0f} levels, "
       f"PSNR {10 * np.log10(255 ** 2 / mse) if mse else float('inf'):.1f} dB")
 PY
   ;;
-gemm)
-  timeout "${GEMM_S:-400}" python benchmarks/gemm_sweep.py "$OUT/gemm.json" --tokens 32768 \
-    | tee "$OUT/gemm.log" | grep -v '^{' ;;  # the log keeps the rows of a run cut short
+gemm)  # the logs keep the rows of a run cut short
+  timeout "${SWEEP_S:-200}" python benchmarks/gemm_sweep.py "$OUT/gemm_sweep.json" \
+    --tokens 32768 --sweep --only "ditq int w8 sym,bf16" | tee "$OUT/gemm_sweep.log" | grep -v '^{'
+  timeout "${GEMM_S:-300}" python benchmarks/gemm_sweep.py "$OUT/gemm.json" --tokens 32768 \
+    | tee "$OUT/gemm.log" | grep -v '^{' ;;
 calib)
   ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '${RECON_ITERS:-300}', "recon_compile": '
   methods=()
