@@ -282,6 +282,28 @@ def test_fp8_choice_times_each_path_with_the_calls_epilogue(epilogue):
     torch.testing.assert_close(cublas, kernel, rtol=0.125, atol=0.125)
 
 
+def test_a_measured_choice_keeps_the_fastest_path_and_its_times(monkeypatch):
+    """``_chosen`` times every path once per key (here with a stand-in for the GPU's
+    ``do_bench``), keeps the fastest for the later calls and records the times it saw."""
+    table, timed = {}, []
+    runs = {"cublas": lambda: "cublas", "triton": lambda: "triton"}
+    fake_ms = {"cublas": 0.30, "triton": 0.20}
+
+    def do_bench(fn, return_mode):
+        timed.append(fn())
+        return fake_ms[fn()]
+
+    monkeypatch.setattr(triton_ops, "INTERPRETED", False)
+    monkeypatch.setattr(triton_ops.triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(triton_ops, "CHOICE_TIMES", {})
+    key = (32, 16, 8, "residual")
+    assert triton_ops._chosen(table, key, lambda: runs, default="cublas") == "triton"
+    assert triton_ops._chosen(table, key, lambda: runs, default="cublas") == "triton"
+    assert timed == ["cublas", "triton"]  # measured once
+    recorded = triton_ops.CHOICE_TIMES
+    assert recorded == {key: fake_ms}
+
+
 def test_convert_model_fuses_only_fusable_mlps():
     from ditq.eval.speed import denoiser_inputs, quantize_random
     from ditq.kernels import FusedQuantMlp, convert_model

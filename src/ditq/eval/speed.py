@@ -28,7 +28,7 @@ from ditq.api import quantize
 from ditq.calib.dataset import CalibrationSet
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
-from ditq.kernels import FusedQuantMlp, RealQuantLinear, compile_blocks, convert_model
+from ditq.kernels import FusedQuantMlp, RealQuantLinear, compile_blocks, convert_model, triton_ops
 from ditq.kernels.attention import FusedQuantAttention
 from ditq.methods.rtn import RTNConfig
 from ditq.models.adapter import adapter_for
@@ -486,6 +486,8 @@ def bench_variant(
                 row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(args.device)
             if args.profile:
                 row["profile"] = profile_calls(model, inputs, args.device)
+            if cuda:  # the kernel paths measured so far in this process, and their times
+                row["kernel_choices"] = _kernel_choices()
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"
         rows.append(row)
@@ -493,6 +495,12 @@ def bench_variant(
     if cuda:
         torch.cuda.empty_cache()
     return rows
+
+
+def _kernel_choices() -> dict[str, dict[str, float]]:
+    """The milliseconds per path of each per-shape kernel choice (FP8 GEMM: Triton or
+    cuBLAS, attention paths) measured so far, keyed by the choice's key as text."""
+    return {str(key): dict(times) for key, times in triton_ops.CHOICE_TIMES.items()}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

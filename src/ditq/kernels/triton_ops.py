@@ -1335,7 +1335,13 @@ def _chosen(
             name: triton.testing.do_bench(run, return_mode="median") for name, run in runs().items()
         }
         table[key] = min(times, key=times.get)
+        CHOICE_TIMES[key] = times
     return table.get(key, default)
+
+
+CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
+"""What :func:`_chosen` measured, per key of :data:`FP8_GEMM_CHOICE` and
+:data:`ATTENTION_CHOICE`: milliseconds per path (``ditq bench`` reports them)."""
 
 
 @quant_attention.register_fake
