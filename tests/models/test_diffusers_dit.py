@@ -135,7 +135,10 @@ def test_model_and_pipeline_directories_load_and_sample(tmp_path):
 
 
 def test_an_unreachable_hub_id_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import: the constant too, or the
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # hub is retried
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DitqError, match="neither a diffusers DiT directory nor a hub id"):
         ditq.load_model("nobody/no-such-dit")
