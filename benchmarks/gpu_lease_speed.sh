@@ -4,16 +4,18 @@
 # reconstruction step modes. Each stage fits one device call (run from the repository root;
 # carry .wheels, which holds the torchao wheel, for `peers`); results land in $OUT.
 #
-#   stage check  benchmarks/kernels_check.py's whole-model and attention rows (the real
-#                kernels against the simulated model; CHECK_PARTS), then ditq bench of
-#                DiT-XL/2 256 px batch 64: BF16 compiled against the 8-bit formats, the fused
-#                quantized attention and PTQ4DiT's W4A8 layout, 50-step sampling and the
-#                kernel profile
+#   stage check  benchmarks/kernels_check.py's attention rows (every path, and every tile
+#                configuration of each), then in a second process its whole-model rows (the
+#                real kernels against the simulated model; a fault in one part cannot end
+#                the other)
+#   stage b64    ditq bench of DiT-XL/2 256 px batch 64: BF16 compiled against the 8-bit
+#                formats, the fused quantized attention and PTQ4DiT's W4A8 layout, 50-step
+#                sampling and the kernel profile
 #   stage kcheck all of kernels_check.py (every format on DiT-XL/2-sized layers too)
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
 #   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
-#   stage graphs64 the check stage's batch 64 with CUDA graphs (no host time in the call: is
+#   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
 #                garbage collector on and off) and a cProfile of the host's work
@@ -63,7 +65,9 @@ bench() {  # OUT_NAME, then ditq bench's options
 case $stage in
 check)
   python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-  kernels_check kernels_check 240 --only "${CHECK_PARTS:-model,attention}"
+  kernels_check kernels_check_attention 300 --only attention
+  kernels_check kernels_check_model 240 --only model ;;
+b64)
   bench b64 --shapes $XL --batches 64 --iters 30 --profile \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static ;;
 kcheck)
@@ -130,5 +134,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, kcheck, peers, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: check, b64, kcheck, peers, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
