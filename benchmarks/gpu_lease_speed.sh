@@ -69,7 +69,7 @@ check)
   kernels_check kernels_check_model 240 --only model ;;
 b64)
   bench b64 --shapes $XL --batches 64 --iters 30 --profile \
-    --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static ;;
+    --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static,w4a8-fp8 ;;
 kcheck)
   kernels_check kernels_check_all 540 ;;
 peers)
@@ -80,12 +80,12 @@ peers)
     --variants bf16-compile,torchao-fp8row,torchao-int8dyn,w8a8-fp8-static,w8a8-static-symw ;;
 small)
   bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
   bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel ;;
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8 ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
-    --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static ;;
+    --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;
 host)
   timeout "${HOST_S:-400}" python benchmarks/host_profile.py "$OUT/host.json" --batch 64 \
     | tee "$OUT/host.log" ;;

@@ -72,6 +72,7 @@ FORMATS = {
     "w4a8-group128-sym": dict(wbits=4, abits=8, w_symmetric=True, w_granularity="group"),
     "w4a8-group128-asym": dict(wbits=4, abits=8, w_granularity="group"),
     "w4a8-channel": dict(wbits=4, abits=8),
+    "w4a8-channel-fp8-static": dict(wbits=4, abits=8, a_fmt="fp8_e4m3"),
     "w4a8-ditas-colgroup": dict(
         wbits=4, abits=8, w_granularity="column_group_strided", w_group_size=32, a_dynamic=True
     ),

@@ -16,11 +16,12 @@ def test_bench_writes_json_and_markdown(tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(tiny_dit().state_dict(), path)
     args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
-    args += ["--steps", "1", "--variants", "bf16,w8a8-static,w4a16", "--device", "cpu"]
+    args += ["--steps", "1", "--variants", "bf16,w8a8-static,w4a16,w4a8-fp8", "--device", "cpu"]
     assert main(args + ["--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
-    assert set(rows) == {"bf16", "w8a8-static", "w4a16"}
+    assert set(rows) == {"bf16", "w8a8-static", "w4a16", "w4a8-fp8"}
+    assert rows["w4a8-fp8"]["kernels"] == {"fp8": 8, "fused-mlp": 2}
     assert all("error" not in r and r["latency_ms"] > 0 and r["e2e_s"] > 0 for r in rows.values())
     assert rows["w8a8-static"]["kernels"] == {"int": 8, "fused-mlp": 2}  # the default
     assert rows["w4a16"]["memory_bytes"] < rows["bf16"]["memory_bytes"]

@@ -40,6 +40,11 @@ FORMATS = {
         QuantSpec(8, True, fmt="fp8_e4m3"),
     ),
     "w8 int, a fp8": (QuantSpec(8, True, PerChannel()), QuantSpec(8, True, fmt="fp8_e4m3")),
+    "w4 int asym, a fp8": (QuantSpec(4, False, PerChannel()), QuantSpec(8, True, fmt="fp8_e4m3")),
+    "w4 int sym, a fp8 token": (
+        QuantSpec(4, True, PerChannel()),
+        QuantSpec(8, True, PerToken(), dynamic=True, fmt="fp8_e4m3"),
+    ),
     "fp8, a fp8 groups": (
         QuantSpec(8, True, PerChannel(), fmt="fp8_e4m3"),
         QuantSpec(8, True, PerGroup(32), dynamic=True, fmt="fp8_e4m3"),

@@ -122,20 +122,22 @@ GEMM_CASES = {
     "int4 in kernel, groups of 64": dict(GROUPED=True, PACKED=True, HAS_WZP=True, BM=64, BK=64),
     "FP8 fused MLP fc1": dict(FP8=True, GELU_QUANT=True, NEXT_FP8=True),
     "FP8 gated residual": dict(FP8=True, RESIDUAL=True),
+    "int4 weights in kernel, FP8 activations": dict(FP8=True, PACKED=True, HAS_WZP=True),
 }  # fmt: skip
 
 
 def gemm() -> None:
     for name, case in GEMM_CASES.items():
         flags = GEMM_FLAGS | case
-        operand = "*fp8e4nv" if flags["FP8"] else ("*u8" if flags["PACKED"] else "*i8")
+        operand = "*u8" if flags["PACKED"] else ("*fp8e4nv" if flags["FP8"] else "*i8")
         out = "*bf16"
         if flags["GELU_QUANT"]:
             out = "*fp8e4nv" if flags["NEXT_FP8"] else "*i8"
         types = dict(
             a_ptr="*fp8e4nv" if flags["FP8"] else "*i8", w_ptr=operand, a_desc="*fp32",
             w_desc="*fp32", xs_ptr="*fp32", xz_ptr="*i32", xsum_ptr="*i32", ws_ptr="*fp32",
-            wz_ptr="*i32", wsum_ptr="*i32", bias_ptr="*fp32", t_ptr="*bf16", l_ptr="*bf16",
+            wz_ptr="*fp32" if flags["FP8"] else "*i32", wsum_ptr="*i32", bias_ptr="*fp32",
+            t_ptr="*bf16", l_ptr="*bf16",
             out_ptr=out, oq_ptr="*fp32", os_ptr="*bf16", res_ptr="*bf16", gate_ptr="*bf16",
             nsum_ptr="*i32",
         )  # fmt: skip

@@ -165,6 +165,21 @@ def test_fp8_layers_narrower_than_scaled_mm_takes_dequantize():
     assert layer_kind(narrow) == "reference" and layer_kind(wide) == "fp8"
 
 
+def test_int_weights_with_fp8_activations_take_the_fp8_gemm_only_at_4_bits():
+    """int4 codes minus their zero point are exact in e4m3, so int4 weights with e4m3
+    activations run on the FP8 GEMM; int8 codes are not, and are dequantized."""
+    w4, _ = packed_layer(*FORMATS["w4 int asym, a fp8"], rank=0)
+    w8, _ = packed_layer(*FORMATS["w8 int, a fp8"], rank=0)
+    assert layer_kind(w4) == "fp8" and layer_kind(w8) == "reference"
+    real = RealQuantLinear.from_quant_linear(w4).to(torch.bfloat16)
+    assert real.weight.dtype == torch.uint8 and real.weight.shape == (48, 32)  # 4-bit at rest
+    codes = real._e4m3_weight()
+    assert codes.dtype == torch.float8_e4m3fn and codes.float().abs().max() <= 15
+    torch.testing.assert_close(
+        codes.float() * real.w_scale[:, None], real.dequantized_weight(), rtol=0, atol=0
+    )
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_rotated_layers_run_real_after_the_hadamard_transform(name):
     """The cuda backend's claim for ``--rotate``: a rotated layer (online scale and low-rank

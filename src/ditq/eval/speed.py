@@ -53,6 +53,7 @@ QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "w8a8-fp8-static": dict(wbits=8, abits=8, w_fmt="fp8_e4m3", a_fmt="fp8_e4m3"),
     "w4a8": dict(wbits=4, abits=8, w_symmetric=True, w_granularity="group"),
     "w4a8-channel": dict(wbits=4, abits=8),
+    "w4a8-fp8": dict(wbits=4, abits=8, a_fmt="fp8_e4m3"),
     "w4a8-all": dict(wbits=4, abits=8, layers=LayerSelection(adaln=True, final_layer=True)),
     "w4a16": dict(wbits=4, abits=16, w_symmetric=True, w_granularity="group"),
     "w4a4-groups": dict(
@@ -71,7 +72,8 @@ does not divide the width). Weights are asymmetric per output channel unless not
 (``symw``: symmetric, which spares the activation code sums), activations 8-bit static
 per tensor unless noted, attention matmuls in BF16 (SDPA) except ``w8a8-attn8``'s (8-bit
 static, PTQ4DiT's ``--attn-bits 8``: the fused quantized attention kernel);
-``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128.
+``w4a8-channel`` is PTQ4DiT's W4A8 layout, ``w4a8`` groups of 128, ``w4a8-fp8`` the
+same weights with e4m3 activations (the FP8 GEMM, int4 codes unpacked to e4m3).
 Block linears only, except ``w4a8-all``: ``w4a8-channel`` on the adaLN and final linears too
 (a third of DiT-XL/2's parameters are adaLN's)."""
 TORCHAO = ("torchao-int8dyn", "torchao-fp8row")

@@ -20,11 +20,13 @@ kind           formats                                    CUDA path
                16-bit activations (W4A16, W8A16, DiTAS'    kernel under ``torch.compile``),
                W4A8 column groups)                         then one cuBLAS GEMM
 ``fp8``        FP8 e4m3 weights (per-tensor/channel) with  ``fp8_gemm``: the Triton GEMM (FP8
-               FP8 activations (static or dynamic)         tensor cores, the int kernel's
-                                                           epilogues) or ``torch._scaled_mm``,
-                                                           the faster for the shape (measured
-                                                           once); activation cast in torch
-``reference``  anything else (e.g. int weights with FP8    the dequantizing path below, on
+               FP8 activations (static or dynamic), or     tensor cores, the int kernel's
+               int weights of 2-4 bits per-tensor/channel  epilogues) or ``torch._scaled_mm``,
+               with FP8 activations (codes minus zero      the faster for the shape (measured
+               points, |v| <= 15, are exact in e4m3)       once); activation cast in torch;
+                                                           int4 codes unpacked to e4m3 per
+                                                           call (or read packed by the GEMM)
+``reference``  anything else (e.g. int8 weights with FP8   the dequantizing path below, on
                activations)                                the GPU too
 =============  =========================================  ===================================
 
@@ -143,6 +145,14 @@ def layer_kind(layer: QuantLinear) -> str:
         row_scales = not isinstance(a.granularity, PerGroup)  # _scaled_mm: one per row
         fast = a.enabled and a.fmt == "fp8_e4m3" and per_channel and aligned and row_scales
         return "fp8" if fast else "reference"
+    if a.enabled and a.fmt == "fp8_e4m3" and w.bits <= PACKED_BITS:
+        # int4 codes minus their zero point (|v| <= 15) are exact in e4m3: the FP8 GEMM
+        # unpacks them in registers (weights stay 4-bit in memory)
+        aligned = not (
+            layer.in_features % SCALED_MM_ALIGNMENT or layer.out_features % SCALED_MM_ALIGNMENT
+        )
+        row_scales = not isinstance(a.granularity, PerGroup)
+        return "fp8" if per_channel and aligned and row_scales else "reference"
     if a.enabled and a.fmt != "int":
         return "reference"
     grouped = isinstance(w.granularity, PerGroup) and w.granularity.group_size in INT_GROUP_SIZES
@@ -316,7 +326,7 @@ class RealQuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """``Q_w(W)`` (N, K) in fp32, from the prepared codes (the CPU path)."""
         N = self.out_features
-        if self.kind == "fp8":
+        if self.kind == "fp8" and not self.packed_int4:
             return self.weight.float() * self.w_scale.reshape(N, 1)
         codes = unpack_int4(self.weight).float() - NIBBLE_OFFSET if self.packed_int4 else None
         codes = self.weight.float() if codes is None else codes
@@ -435,6 +445,14 @@ class RealQuantLinear(nn.Module):
             return self.weight
         return unpack_int4(self.weight).to(torch.int8) - NIBBLE_OFFSET
 
+    def _e4m3_weight(self) -> torch.Tensor:
+        """Packed int4 weight codes as e4m3 (N, K): ``u - 8 - z`` (|v| <= 15, exact), for the
+        ``fp8`` kind's int4 weights."""
+        codes = unpack_int4(self.weight).float() - NIBBLE_OFFSET
+        if self.w_zero is not None:
+            codes = codes - self.w_zero.reshape(-1, 1)
+        return codes.to(torch.float8_e4m3fn)
+
     def _forward_cuda(self, rows: torch.Tensor) -> torch.Tensor:
         if self.kind not in ("int", "fp8"):
             return self._forward_dequantized(rows)
@@ -538,12 +556,16 @@ class RealQuantLinear(nn.Module):
         **epilogue,
     ) -> tuple[torch.Tensor, None]:
         """``triton_ops.fp8_gemm`` on input ``(codes, scale, ...)`` with this layer's e4m3
-        weight and ``epilogue`` options, shaped as :meth:`_int_gemm`'s result (no sums)."""
+        weight and ``epilogue`` options, shaped as :meth:`_int_gemm`'s result (no sums).
+        int4 weights: unpacked to e4m3 per call, as the ``int`` kind's to int8, or read
+        packed by the GEMM (:attr:`unpacks_in_kernel`)."""
         from ditq.kernels import triton_ops
 
+        packed = self.unpacks_in_kernel
+        weight = self._e4m3_weight() if self.packed_int4 and not packed else self.weight
         return triton_ops.fp8_gemm(
-            *activation[:2], self.weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
-            out_dtype, **epilogue,
+            *activation[:2], weight, self.w_scale, self.bias, lowrank_t, self.lowrank_up,
+            out_dtype, **epilogue, w_zero=self.w_zero if packed else None, packed_int4=packed,
         ), None  # fmt: skip
 
     def _static_row_qparams(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

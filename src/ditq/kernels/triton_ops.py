@@ -338,6 +338,10 @@ def _int_gemm_kernel(
         m_ok, n_ok = offs_m < M, offs_n < N
         if HAS_XZP and not X_GROUPED:
             xz = tl.load(xz_ptr + offs_m, mask=m_ok, other=0)
+        if FP8 and PACKED:  # int4 weights for e4m3 dots: u - 8 minus the channel's zero point
+            w_off = tl.full((BN,), 8.0, tl.float32)
+            if HAS_WZP:
+                w_off += tl.load(wz_ptr + offs_n, mask=n_ok, other=0.0)
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
         acc_f = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BK)):
@@ -347,22 +351,28 @@ def _int_gemm_kernel(
                 a_even = tl.load(
                     a_ptr + offs_m[:, None] * K + 2 * offs_j[None, :],
                     mask=m_ok[:, None] & j_ok[None, :],
-                    other=0,
+                    other=0.0 if FP8 else 0,
                 )
                 a_odd = tl.load(
                     a_ptr + offs_m[:, None] * K + 2 * offs_j[None, :] + 1,
                     mask=m_ok[:, None] & j_ok[None, :],
-                    other=0,
+                    other=0.0 if FP8 else 0,
                 )
                 nibbles = tl.load(
                     w_ptr + offs_n[None, :] * stride_wn + offs_j[:, None],
                     mask=j_ok[:, None] & n_ok[None, :],
                     other=0x88,  # codes 8 - 8 = 0 beyond K
                 ).to(tl.int32)
-                w_even = ((nibbles & 0xF) - 8).to(tl.int8)
-                w_odd = (((nibbles >> 4) & 0xF) - 8).to(tl.int8)
-                part = tl.dot(a_even, w_even, out_dtype=tl.int32)
-                part += tl.dot(a_odd, w_odd, out_dtype=tl.int32)
+                if FP8:  # |u - 8 - z| <= 15: exact in e4m3
+                    low = (nibbles & 0xF).to(tl.float32) - w_off[None, :]
+                    high = ((nibbles >> 4) & 0xF).to(tl.float32) - w_off[None, :]
+                    acc_f = tl.dot(a_even, low.to(tl.float8e4nv), acc_f)
+                    acc_f = tl.dot(a_odd, high.to(tl.float8e4nv), acc_f)
+                else:
+                    w_even = ((nibbles & 0xF) - 8).to(tl.int8)
+                    w_odd = (((nibbles >> 4) & 0xF) - 8).to(tl.int8)
+                    part = tl.dot(a_even, w_even, out_dtype=tl.int32)
+                    part += tl.dot(a_odd, w_odd, out_dtype=tl.int32)
             elif TMA:  # the copy engine; out-of-bounds rows and columns read as zeros
                 a = a_desc.load([pid_m * BM, kb * BK])
                 w = w_desc.load([pid_n * BN, kb * BK]).T
@@ -379,7 +389,8 @@ def _int_gemm_kernel(
                     other=0.0 if FP8 else 0,
                 )
             if FP8:  # e4m3 codes, fp32 accumulation; row and channel scales in the epilogue
-                acc_f = tl.dot(a, w, acc_f)
+                if not PACKED:
+                    acc_f = tl.dot(a, w, acc_f)
             else:
                 if not PACKED:
                     part = tl.dot(a, w, out_dtype=tl.int32)
@@ -1060,6 +1071,8 @@ def fp8_gemm(
     next_input_scale: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    packed_int4: bool = False,
 ) -> torch.Tensor:
     """``y = (a ⊙ x_scale) (w ⊙ w_scale)ᵀ + b (+ T Lᵀ)`` (M, N) in ``out_dtype`` from e4m3
     activation codes ``a`` (M, K), per-row scales (M,), e4m3 weight codes ``w`` (N, K) and
@@ -1067,13 +1080,16 @@ def fp8_gemm(
     :func:`int_gemm`: with ``next_scale`` (the next layer's static input [scale, ...]) GELU,
     the division by ``next_input_scale`` and that layer's e4m3 input codes (saturated at
     ±448, rounded to nearest even) instead of ``y``; with ``residual`` and ``gate`` the DiT
-    block's gated residual ``residual + gate ⊙ y``.
+    block's gated residual ``residual + gate ⊙ y``. With ``packed_int4`` the weight is
+    packed int4 bytes (N, K / 2) as :func:`int_gemm` reads them and ``w`` = ``u - 8 -
+    w_zero`` (fp32 zero points (N,), or None), exact in e4m3 (|w| <= 15): the Triton kernel
+    unpacks it in registers.
 
     Runs on the faster of the Triton kernel (epilogues fused) and ``torch._scaled_mm``
     (cuBLAS; the epilogues as torch ops after it) for the shape (M, N, K), measured once per
-    shape on the GPU (:data:`FP8_GEMM_CHOICE`); the Triton kernel in the interpreter,
-    ``torch._scaled_mm`` on other CPUs."""
-    if INTERPRETED:
+    shape on the GPU (:data:`FP8_GEMM_CHOICE`); the Triton kernel in the interpreter and for
+    packed int4 weights, ``torch._scaled_mm`` on other CPUs."""
+    if INTERPRETED or packed_int4:
         choice = "triton"
     elif codes.device.type != "cuda":
         choice = "cublas"
@@ -1083,8 +1099,12 @@ def fp8_gemm(
         key = (codes.shape[0], weight.shape[0], codes.shape[1], epilogue)
         runs = functools.partial(_fp8_gemm_runs, *key, codes.device)
         choice = _chosen(FP8_GEMM_CHOICE, key, runs, default="cublas")
-    run = _fp8_triton if choice == "triton" else _fp8_cublas
-    return run(
+    if choice == "triton":
+        return _fp8_triton(
+            codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale,
+            next_input_scale, residual, gate, w_zero, packed_int4,
+        )  # fmt: skip
+    return _fp8_cublas(
         codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale,
         next_input_scale, residual, gate,
     )  # fmt: skip
@@ -1118,12 +1138,12 @@ def _fp8_gemm_runs(M: int, N: int, K: int, epilogue: str, device: torch.device) 
 
 def _fp8_triton(
     codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale=None,
-    next_input_scale=None, residual=None, gate=None,
+    next_input_scale=None, residual=None, gate=None, w_zero=None, packed_int4=False,
 ) -> torch.Tensor:  # fmt: skip
     return int_gemm(
-        codes, x_scale, None, None, weight, w_scale, None, None, bias, lowrank_t, lowrank_up,
+        codes, x_scale, None, None, weight, w_scale, w_zero, None, bias, lowrank_t, lowrank_up,
         0, False, False, out_dtype, next_scale, next_input_scale, 0, 0, True, residual, gate,
-        False, fp8=True,
+        packed_int4, fp8=True,
     )[0]  # fmt: skip
 
 
@@ -1157,7 +1177,7 @@ def _fp8_cublas(
 
 @fp8_gemm.register_fake
 def _(codes, x_scale, weight, w_scale, bias, lowrank_t, lowrank_up, out_dtype, next_scale=None,
-      next_input_scale=None, residual=None, gate=None):  # fmt: skip
+      next_input_scale=None, residual=None, gate=None, w_zero=None, packed_int4=False):  # fmt: skip
     dtype = torch.float8_e4m3fn if next_scale is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight.shape[0]), dtype=dtype)
 
