@@ -244,6 +244,13 @@ def test_embedders_alone_quantize_the_patch_embedding_and_timestep_mlp(model_arg
     assert sorted(layers) == ["t_embedder.mlp.0", "t_embedder.mlp.2", "x_embedder.proj"]
 
 
+def test_the_summary_names_float_formats(model_args, tmp_path, capsys):
+    """int4 weights with FP8 activations: the one-line summary says so, not just W4A8."""
+    fmt = ["--wbits", "4", "--abits", "8", "--a-fmt", "fp8_e4m3"]
+    assert _quantize(model_args, tmp_path / "q", "--method", "rtn", *fmt) == 0
+    assert "rtn W4A8 (activations fp8_e4m3): " in capsys.readouterr().out
+
+
 def test_w16a16_ptq4dit_keeps_attention_in_float_and_reproduces_fp(model_args, tmp_path, capsys):
     out = tmp_path / "q"
     bits = ["--wbits", "16", "--abits", "16", "--recon-iters", "0"]

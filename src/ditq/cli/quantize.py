@@ -454,8 +454,14 @@ def run(args: argparse.Namespace) -> None:
         else f"weight SQNR n/a (rounding solved by {solver})"
     )
     attention = f"A{config.attn_bits}" if config.attn_bits < 16 else "float"
+    formats = [
+        f"{role} {fmt}"
+        for role, fmt in (("weights", config.w_fmt), ("activations", config.a_fmt))
+        if fmt != "int"
+    ]
+    bits = f"W{config.wbits}A{config.abits}" + (f" ({', '.join(formats)})" if formats else "")
     print(
-        f"{method.name} W{config.wbits}A{config.abits}: {len(quantized_layers(model))} layers, "
+        f"{method.name} {bits}: {len(quantized_layers(model))} layers, "
         f"attention matmuls {attention}, calibration {len(calib)} entries at "
         f"{len(calib.timesteps())} timesteps, {sqnr_text}, {total:.1f} s -> {args.out}"
     )
