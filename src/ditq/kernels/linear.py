@@ -138,21 +138,15 @@ def layer_kind(layer: QuantLinear) -> str:
     the module docstring)."""
     w, a = layer.weight_quantizer.spec, layer.act_quantizer.spec
     per_channel = isinstance(w.granularity, (PerTensor, PerChannel))
-    if w.fmt == "fp8_e4m3":
+    fp8_activations = a.enabled and a.fmt == "fp8_e4m3"
+    # int4 codes minus their zero point (|v| <= 15) are exact in e4m3: FP8 GEMM operands too
+    if w.fmt == "fp8_e4m3" or (fp8_activations and w.bits <= PACKED_BITS):
         aligned = not (
             layer.in_features % SCALED_MM_ALIGNMENT or layer.out_features % SCALED_MM_ALIGNMENT
         )
         row_scales = not isinstance(a.granularity, PerGroup)  # _scaled_mm: one per row
-        fast = a.enabled and a.fmt == "fp8_e4m3" and per_channel and aligned and row_scales
+        fast = fp8_activations and per_channel and aligned and row_scales
         return "fp8" if fast else "reference"
-    if a.enabled and a.fmt == "fp8_e4m3" and w.bits <= PACKED_BITS:
-        # int4 codes minus their zero point (|v| <= 15) are exact in e4m3: the FP8 GEMM
-        # unpacks them in registers (weights stay 4-bit in memory)
-        aligned = not (
-            layer.in_features % SCALED_MM_ALIGNMENT or layer.out_features % SCALED_MM_ALIGNMENT
-        )
-        row_scales = not isinstance(a.granularity, PerGroup)
-        return "fp8" if per_channel and aligned and row_scales else "reference"
     if a.enabled and a.fmt != "int":
         return "reference"
     grouped = isinstance(w.granularity, PerGroup) and w.granularity.group_size in INT_GROUP_SIZES

@@ -1269,7 +1269,7 @@ def quant_attention(
     mask_strides = (0, 0, 0, 0) if mask is None else mask.expand(B, H, Nq, Nk).stride()
     mask_ptr = _placeholder(q) if mask is None else mask
     meta = dict(DOT=_DOT_DTYPE, HAS_MASK=mask is not None, QMIN=qmin, QMAX=qmax)
-    meta |= dict(BLOCK_D=_head_block(D))
+    meta["BLOCK_D"] = _head_block(D)
 
     def codes_pass() -> list[torch.Tensor]:
         """q, k and v as codes (B, H, N, D), in the dot dtype."""
@@ -1280,7 +1280,7 @@ def quant_attention(
             c = torch.empty((B, H, N, D), device=q.device, dtype=code_dtype)
             _attention_codes_kernel[(triton.cdiv(N, CODE_ROWS), B * H)](
                 x, qkv_qparams[2 * i :], c, N, D, H, *x.stride(),
-                QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=triton.next_power_of_2(D),
+                QMIN=qmin, QMAX=qmax, BLOCK_N=CODE_ROWS, BLOCK_D=meta["BLOCK_D"],
             )  # fmt: skip
             codes.append(c)
         return codes
