@@ -545,7 +545,11 @@ def _autotuned(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
         )
         for bm, bn, bk, warps, stages, persistent, tma in tiles
     ]
-    return triton.autotune(configs, key=["M", "N", "K"])(_int_gemm_kernel)
+    # The autotuner times each configuration on the call's own arguments, many runs each:
+    # the code sums that fc1's epilogue adds up atomically are zeroed before every run.
+    return triton.autotune(configs, key=["M", "N", "K"], reset_to_zero=["nsum_ptr"])(
+        _int_gemm_kernel
+    )
 
 
 def _tuner_tiles(grouped: bool, tma: bool) -> tuple[tuple[int, ...], ...]:
@@ -781,10 +785,12 @@ _PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
 
 def _placeholder(like: torch.Tensor) -> torch.Tensor:
     """A pointer argument for an absent optional input on ``like``'s device (never read):
-    one tensor per device, instead of an allocation per argument and call (host time)."""
+    one empty tensor per device (a null pointer), not an allocation per argument and call
+    (host time). It owns no memory, so none of it can lie in a CUDA graph's pool, which
+    ``torch.compile``'s CUDA graphs refuse when it outlives the capture."""
     tensor = _PLACEHOLDERS.get(like.device)
     if tensor is None:
-        tensor = _PLACEHOLDERS[like.device] = torch.empty(1, device=like.device)
+        tensor = _PLACEHOLDERS[like.device] = torch.empty(0, device=like.device)
     return tensor
 
 
