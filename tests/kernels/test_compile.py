@@ -5,7 +5,7 @@ import torch
 
 from ditq.errors import DitqError
 from ditq.eval.speed import denoiser_inputs
-from ditq.kernels.compile import CUDA_GRAPH_MAX_BATCH, mark_cuda_graph_steps, use_cuda_graphs
+from ditq.kernels.compile import mark_cuda_graph_steps, use_cuda_graphs
 
 from conftest import tiny_dit
 
@@ -24,14 +24,12 @@ def test_cuda_graph_steps_begin_at_every_denoiser_call(monkeypatch):
     assert len(marks) == count + 1
 
 
-def test_cuda_graphs_by_default_for_small_compiled_batches_on_a_gpu():
-    small, large = CUDA_GRAPH_MAX_BATCH, CUDA_GRAPH_MAX_BATCH + 1
-    assert use_cuda_graphs(None, True, "cuda", small)
-    assert not use_cuda_graphs(None, True, "cuda", large)
-    assert not use_cuda_graphs(None, False, "cuda", small)  # not compiled
-    assert not use_cuda_graphs(None, True, "cpu", small)
-    assert use_cuda_graphs(True, True, "cuda:1", large)
-    assert not use_cuda_graphs(False, True, "cuda", small)
+def test_cuda_graphs_by_default_for_compiled_sampling_on_a_gpu():
+    assert use_cuda_graphs(None, True, "cuda")
+    assert use_cuda_graphs(None, True, "cuda:1")
+    assert not use_cuda_graphs(None, False, "cuda")  # not compiled
+    assert not use_cuda_graphs(None, True, "cpu")
+    assert not use_cuda_graphs(False, True, "cuda")
     for compiled, device in ((False, "cuda"), (True, "cpu")):
         with pytest.raises(DitqError, match="--cuda-graphs replays compiled blocks on a GPU"):
-            use_cuda_graphs(True, compiled, device, small)
+            use_cuda_graphs(True, compiled, device)

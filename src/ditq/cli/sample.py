@@ -17,7 +17,6 @@ from ditq.errors import DitqError
 from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
 from ditq.kernels import compile_blocks, use_cuda_graphs
-from ditq.kernels.compile import CUDA_GRAPH_MAX_BATCH
 from ditq.models.diffusers_pixart import pipeline_vae, set_prompts
 from ditq.models.vae import load_vae
 from ditq.pipeline.checkpoint import is_quantized_dir, read_manifest
@@ -76,8 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --compile on a GPU: compile each block to replay CUDA graphs (default: on "
-        f"for --batch-size up to {CUDA_GRAPH_MAX_BATCH}, whose calls are bound by launches)",
+        help="with --compile on a GPU: compile each block to replay CUDA graphs (default: on; "
+        "without them the quantized blocks' calls wait on the host's kernel launches)",
     )
     parser.add_argument(
         "--backend",
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     init_noise = load_init_noise(args.init_noise)
     ranks = init_from_env(args.device)
     args.device = ranks.device
-    graphs = use_cuda_graphs(args.cuda_graphs, args.compile, args.device, args.batch_size)
+    graphs = use_cuda_graphs(args.cuda_graphs, args.compile, args.device)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official sample.py: TF32 on
         torch.backends.cudnn.allow_tf32 = args.tf32

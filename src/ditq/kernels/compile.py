@@ -1,7 +1,7 @@
 """Compiled execution of a denoiser for sampling and timing: each block under
 ``torch.compile`` (Inductor fuses the code around the kernels' custom ops), optionally
 replaying CUDA graphs (``mode="reduce-overhead"``: one launch per block instead of one per
-kernel, which small batches need)."""
+kernel, which the quantized blocks need at every batch size)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ from torch import nn
 from ditq.errors import DitqError
 from ditq.models.adapter import adapter_for
 
-CUDA_GRAPH_MAX_BATCH = 16
-"""Batches (images, before guidance doubles them) up to this size replay CUDA graphs by
-default in ``ditq sample --compile`` on a GPU: their calls are bound by kernel launches."""
 
-
-def use_cuda_graphs(requested: bool | None, compiled: bool, device: str, batch: int) -> bool:
+def use_cuda_graphs(requested: bool | None, compiled: bool, device: str) -> bool:
     """Whether to replay CUDA graphs: ``requested`` (``--cuda-graphs``/``--no-cuda-graphs``)
     where given, which needs compiled blocks on a CUDA device; by default for compiled
-    sampling on a GPU at batch sizes up to :data:`CUDA_GRAPH_MAX_BATCH`."""
+    sampling on a GPU at every batch size (the quantized blocks' kernel launches bind their
+    calls to the host even at batch 64; ``benchmarks/RESULTS.md``)."""
     on_gpu = torch.device(device).type == "cuda"
     if requested and not (compiled and on_gpu):
         raise DitqError(
@@ -28,7 +25,7 @@ def use_cuda_graphs(requested: bool | None, compiled: bool, device: str, batch: 
         )
     if requested is not None:
         return requested
-    return compiled and on_gpu and batch <= CUDA_GRAPH_MAX_BATCH
+    return compiled and on_gpu
 
 
 def mark_cuda_graph_steps(model: nn.Module) -> None:
