@@ -14,7 +14,11 @@
 #   stage kcheck all of kernels_check.py (every format on DiT-XL/2-sized layers too)
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
-#   stage small  batch 1 and 16 with CUDA graphs (DiT-XL/2 256 px), and 512 px batch 16
+#   stage targets issue 19's batch-64 targets: RUNS (default 3) processes, each BF16 compiled,
+#                ditq's fastest W8A8 and W4A8 formats and torchao's FP8 row-wise and int8
+#                dynamic configurations, every variant with CUDA graphs (as ditq sample
+#                --compile runs on a GPU); carry .wheels
+#   stage small  batch 1 and 16 at 256 px and 512 px batch 16, with CUDA graphs
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
@@ -57,6 +61,11 @@ kernels_check() {  # OUT_NAME, the default bound (CHECK_S), then kernels_check.p
     > "$OUT/$name.log" 2>&1
   echo "kernels_check rc=$?"; tail -n 150 "$OUT/$name.log" | grep -v '^{'
 }
+torchao() {  # the carried torchao wheel, importable from /tmp/site
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .wheels/torchao-*.whl || return
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
 bench() {  # OUT_NAME, then ditq bench's options
   local name=$1; shift
   timeout "${BENCH_S:-400}" python -m ditq bench --steps 50 "$@" --out "$OUT/$name"
@@ -73,15 +82,19 @@ b64)
 kcheck)
   kernels_check kernels_check_all 540 ;;
 peers)
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .wheels/torchao-*.whl || exit
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  torchao || exit
   bench b64_peers --shapes $XL --batches 64 --iters 30 \
     --variants bf16-compile,torchao-fp8row,torchao-int8dyn,w8a8-fp8-static,w8a8-static-symw ;;
+targets)
+  torchao || exit
+  for run in $(seq "${RUNS:-3}"); do
+    bench "targets_run$run" --shapes $XL --batches 64 --iters 30 --cuda-graphs \
+      --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,torchao-fp8row,torchao-int8dyn
+  done ;;
 small)
   bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
-  bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 \
+  bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 --cuda-graphs \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8 ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
@@ -134,5 +147,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, b64, kcheck, peers, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: check, b64, kcheck, peers, targets, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
