@@ -18,7 +18,8 @@
 #                ditq's fastest W8A8 and W4A8 formats and torchao's FP8 row-wise and int8
 #                dynamic configurations, every variant with CUDA graphs (as ditq sample
 #                --compile runs on a GPU); carry .wheels
-#   stage small  batch 1 and 16 at 256 px and 512 px batch 16, with CUDA graphs
+#   stage small  batch 1 and 16 at 256 px and 512 px batch 16, with CUDA graphs, then batch
+#                1 and 16 again with the whole call as one graph (--compile-scope model)
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
@@ -95,7 +96,9 @@ small)
   bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
   bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 --cuda-graphs \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8 ;;
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
+  bench graphs_whole_call --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
+    --compile-scope model --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-fp8 ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;

@@ -76,6 +76,7 @@ def test_init_noise_file(checkpoint, tmp_path):
         (["--out", "x.npz", "--init-noise", "missing.npy"], "does not exist"),
         (["--out", "x.npz", "--steps", "0"], "--steps must be between 1 and 1000"),
         (["--out", "x.npz", "--cuda-graphs"], "--cuda-graphs replays compiled blocks on a GPU"),
+        (["--out", "x.npz", "--compile-scope", "model"], "add --compile or drop it"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(

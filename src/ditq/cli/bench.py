@@ -29,6 +29,7 @@ from ditq.eval.speed import (
     torchao_available,
 )
 from ditq.io import OutputKind, atomic_path, check_output
+from ditq.kernels import COMPILE_SCOPES
 from ditq.models.dit import DiT
 from ditq.pipeline.checkpoint import is_quantized_dir
 
@@ -78,6 +79,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="compile the blocks with mode='reduce-overhead' (CUDA graphs: no per-kernel "
         "launch cost, which dominates at batch 1), baseline included",
+    )
+    parser.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        default="blocks",
+        help="what one compiled graph (and CUDA graph) covers: each block (default) or the "
+        "whole denoiser call (one CUDA-graph replay per call instead of one per block)",
     )
     parser.add_argument(
         "--fuse-mlp",
@@ -175,6 +183,7 @@ def run(args: argparse.Namespace) -> None:
         fuse_mlp=args.fuse_mlp,
         cuda_graphs=args.cuda_graphs,
         int4_in_kernel=args.int4_in_kernel,
+        compile_scope=args.compile_scope,
     )
     rows = []
     float_variants = any(v != AS_QUANTIZED for v in variants)

@@ -16,7 +16,7 @@ from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
 from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
-from ditq.kernels import compile_blocks, use_cuda_graphs
+from ditq.kernels import COMPILE_SCOPES, compile_denoiser, use_cuda_graphs
 from ditq.models.diffusers_pixart import pipeline_vae, set_prompts
 from ditq.models.vae import load_vae
 from ditq.pipeline.checkpoint import is_quantized_dir, read_manifest
@@ -75,8 +75,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --compile on a GPU: compile each block to replay CUDA graphs (default: on; "
-        "without them the quantized blocks' calls wait on the host's kernel launches)",
+        help="with --compile on a GPU: replay CUDA graphs (default: on; without them the "
+        "quantized blocks' calls wait on the host's kernel launches)",
+    )
+    group.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        help="with --compile, what one graph covers: each block (default with CUDA graphs) or "
+        "the whole denoiser call (default without; with graphs one replay per call, copied "
+        "out of the graph's buffers)",
     )
     parser.add_argument(
         "--backend",
@@ -126,6 +133,8 @@ def run(args: argparse.Namespace) -> None:
     ranks = init_from_env(args.device)
     args.device = ranks.device
     graphs = use_cuda_graphs(args.cuda_graphs, args.compile, args.device)
+    if args.compile_scope and not args.compile:
+        raise DitqError("--compile-scope says what --compile compiles: add --compile or drop it")
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # official sample.py: TF32 on
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -134,10 +143,9 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.prompt:
         set_prompts(model, args.prompt)
-    if graphs:
-        compile_blocks(model, cuda_graphs=True)
-    elif args.compile:
-        model.compile()
+    if args.compile:
+        scope = args.compile_scope or ("blocks" if graphs else "model")
+        compile_denoiser(model, cuda_graphs=graphs, scope=scope)
     classes = parse_classes(args.classes, model.num_classes)
     pixels = model.config.in_channels == 3
     if args.vae == "auto":

@@ -28,7 +28,13 @@ from ditq.api import quantize
 from ditq.calib.dataset import CalibrationSet
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
-from ditq.kernels import FusedQuantMlp, RealQuantLinear, compile_blocks, convert_model, triton_ops
+from ditq.kernels import (
+    FusedQuantMlp,
+    RealQuantLinear,
+    compile_denoiser,
+    convert_model,
+    triton_ops,
+)
 from ditq.kernels.attention import FusedQuantAttention
 from ditq.methods.rtn import RTNConfig
 from ditq.models.adapter import adapter_for
@@ -238,11 +244,12 @@ def build_variant(
     fuse_mlp: bool = True,
     cuda_graphs: bool = False,
     int4_in_kernel: bool = False,
+    compile_scope: str = "blocks",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``variant`` (from a copy of the fp32 ``base``: a model written by ``ditq
     quantize`` for :data:`AS_QUANTIZED`, a float one, e.g. its :func:`float_architecture`,
-    for the others) and facts about it; compiled blocks replay CUDA graphs with
-    ``cuda_graphs``."""
+    for the others) and facts about it; compiled per ``compile_scope`` (each block or the
+    whole call), replaying CUDA graphs with ``cuda_graphs``."""
     # Every variant compiles its blocks afresh: they share DiTBlock.forward, whose compiled
     # graphs would otherwise pile up to Dynamo's cache limit and leave later variants eager.
     torch._dynamo.reset()
@@ -276,7 +283,8 @@ def build_variant(
         if variant in TORCHAO:
             _torchao_apply(model, variant)
     if info["compiled"]:
-        compile_blocks(model, cuda_graphs)
+        compile_denoiser(model, cuda_graphs, compile_scope)
+        info["compile_scope"] = compile_scope
         if cuda_graphs:
             info["cuda_graphs"] = True
     info["memory_bytes"] = state_bytes(model)
@@ -438,8 +446,9 @@ def time_sampling(model: DiT, batch: int, steps: int, device: str) -> float:
 class BenchSettings:
     """How each variant is timed: ``iters`` timed calls after warm-up rounds of ``warmup``
     calls, ``steps`` sampling steps end to end (0: none), a ``profile`` of where the time
-    goes; models built with ``compile``d blocks, ``fuse_mlp`` kernels, ``cuda_graphs``,
-    packed int4 weights read by the GEMM (``int4_in_kernel``)."""
+    goes; models ``compile``d per ``compile_scope`` (each block or the whole call),
+    ``fuse_mlp`` kernels, ``cuda_graphs``, packed int4 weights read by the GEMM
+    (``int4_in_kernel``)."""
 
     device: str = "cpu"
     iters: int = 20
@@ -450,6 +459,7 @@ class BenchSettings:
     fuse_mlp: bool = True
     cuda_graphs: bool = False
     int4_in_kernel: bool = False
+    compile_scope: str = "blocks"
 
 
 def bench_variant(
@@ -467,6 +477,7 @@ def bench_variant(
             args.fuse_mlp,
             args.cuda_graphs,
             args.int4_in_kernel,
+            args.compile_scope,
         )
     except Exception as err:  # noqa: BLE001 - recorded for the report, the run goes on
         return [
@@ -543,7 +554,9 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
             continue
         kernels = ", ".join(f"{k}×{n}" for k, n in r.get("kernels", {}).items()) or "torch"
         if r.get("compiled"):
-            kernels += " (compiled, CUDA graphs)" if r.get("cuda_graphs") else " (compiled)"
+            scope = ", whole call" if r.get("compile_scope") == "model" else ""
+            graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
+            kernels += f" (compiled{scope}{graphs})"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {kernels} | "
             f"{num(r, 'latency_ms', '.2f')} ({num(r, 'latency_p10_ms', '.1f')}–"

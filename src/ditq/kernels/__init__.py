@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ditq.errors import DitqError
-from ditq.kernels.compile import compile_blocks, use_cuda_graphs
+from ditq.kernels.compile import COMPILE_SCOPES, compile_denoiser, use_cuda_graphs
 from ditq.kernels.linear import (
     FusedQuantMlp,
     RealQuantLinear,
@@ -53,10 +53,11 @@ def apply_backend(model: nn.Module, backend: str) -> nn.Module:
 
 __all__ = [
     "BACKENDS",
+    "COMPILE_SCOPES",
     "FusedQuantMlp",
     "RealQuantLinear",
     "apply_backend",
-    "compile_blocks",
+    "compile_denoiser",
     "convert_model",
     "layer_kind",
     "quantize_activation",

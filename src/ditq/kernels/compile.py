@@ -1,12 +1,13 @@
-"""Compiled execution of a denoiser for sampling and timing: each block under
-``torch.compile`` (Inductor fuses the code around the kernels' custom ops), optionally
-replaying CUDA graphs (``mode="reduce-overhead"``: one launch per block instead of one per
-kernel, which the quantized blocks need at every batch size)."""
+"""Compiled execution of a denoiser for sampling and timing: each block, or the whole
+call, under ``torch.compile`` (Inductor fuses the code around the kernels' custom ops),
+optionally replaying CUDA graphs (``mode="reduce-overhead"``: one launch per block or per
+call instead of one per kernel, which the quantized blocks need at every batch size)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from ditq.errors import DitqError
 from ditq.models.adapter import adapter_for
@@ -42,14 +43,36 @@ def mark_cuda_graph_steps(model: nn.Module) -> None:
         setattr(model, name, marked)
 
 
-def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> nn.Module:
-    """Compile each of ``model``'s blocks in place (with ``cuda_graphs``, to replay CUDA
-    graphs, each denoiser call a new step); returns ``model``. The layers outside the
-    blocks run eagerly, so the denoiser's output is never a graph's reused buffer."""
-    adapter = adapter_for(model)
-    for index in range(adapter.num_blocks()):
-        block = model.get_submodule(adapter.block_name(index))
-        block.compile(mode="reduce-overhead" if cuda_graphs else None)
+COMPILE_SCOPES = ("blocks", "model")
+"""What one compiled graph covers: each block, or the whole denoiser call."""
+
+
+def compile_denoiser(
+    model: nn.Module, cuda_graphs: bool = False, scope: str = "blocks"
+) -> nn.Module:
+    """Compile ``model`` in place for sampling and timing; returns ``model``.
+
+    ``scope="blocks"``: each block is compiled (with ``cuda_graphs``, one CUDA graph per
+    block). The layers outside the blocks run eagerly, so the denoiser's output is never a
+    graph's reused buffer. ``scope="model"``: the whole ``forward`` is one graph (with
+    ``cuda_graphs``, one replay per call instead of 28 on the host, which bounds small
+    batches), and its outputs are copied out of the graph's buffers. With ``cuda_graphs``
+    every denoiser call begins a new step."""
+    if scope not in COMPILE_SCOPES:
+        raise DitqError(f"compile scope {scope!r}: use one of {', '.join(COMPILE_SCOPES)}")
+    mode = "reduce-overhead" if cuda_graphs else None
+    if scope == "blocks":
+        adapter = adapter_for(model)
+        for index in range(adapter.num_blocks()):
+            model.get_submodule(adapter.block_name(index)).compile(mode=mode)
+    else:
+        compiled = torch.compile(model.forward, mode=mode)
+
+        def forward(*args, **kwargs):
+            out = compiled(*args, **kwargs)
+            return tree_map_only(torch.Tensor, torch.clone, out) if cuda_graphs else out
+
+        model.forward = forward
     if cuda_graphs:
         mark_cuda_graph_steps(model)
     return model
