@@ -8,7 +8,8 @@
 #                configuration of each), then in a second process its whole-model rows (the
 #                real kernels against the simulated model; a fault in one part cannot end
 #                the other)
-#   stage b64    ditq bench of DiT-XL/2 256 px batch 64: BF16 compiled against the 8-bit
+#   stage b64    ditq bench of DiT-XL/2 256 px batch 64 without CUDA graphs (the host's share
+#                of each call; the kernel profile): BF16 compiled against the 8-bit
 #                formats, the fused quantized attention and PTQ4DiT's W4A8 layout, 50-step
 #                sampling and the kernel profile
 #   stage kcheck all of kernels_check.py (every format on DiT-XL/2-sized layers too)
@@ -78,7 +79,7 @@ check)
   kernels_check kernels_check_attention 300 --only attention
   kernels_check kernels_check_model 240 --only model ;;
 b64)
-  bench b64 --shapes $XL --batches 64 --iters 30 --profile \
+  bench b64 --shapes $XL --batches 64 --iters 30 --profile --no-cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w8a8-attn8,w4a8-channel,w8a8-static,w4a8-fp8 ;;
 kcheck)
   kernels_check kernels_check_all 540 ;;

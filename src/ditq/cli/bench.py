@@ -29,7 +29,7 @@ from ditq.eval.speed import (
     torchao_available,
 )
 from ditq.io import OutputKind, atomic_path, check_output
-from ditq.kernels import COMPILE_SCOPES
+from ditq.kernels import COMPILE_SCOPES, use_cuda_graphs
 from ditq.models.dit import DiT
 from ditq.pipeline.checkpoint import is_quantized_dir
 
@@ -76,9 +76,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="compile the blocks with mode='reduce-overhead' (CUDA graphs: no per-kernel "
-        "launch cost, which dominates at batch 1), baseline included",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay the compiled graphs as CUDA graphs (mode='reduce-overhead'), baseline "
+        "included: no per-kernel launch cost on the host, which binds the quantized calls "
+        "(default: on where compiling on a GPU, as ditq sample --compile)",
     )
     parser.add_argument(
         "--compile-scope",
@@ -150,9 +152,7 @@ def run(args: argparse.Namespace) -> None:
     if cuda and not torch.cuda.is_available():
         raise DitqError(f"--device {args.device} needs a CUDA GPU; none is available")
     compile_models = cuda if args.compile is None else args.compile
-    if args.cuda_graphs and not (cuda and compile_models):
-        raise DitqError("--cuda-graphs replays compiled blocks on a GPU: use --device cuda "
-                        "(and leave --no-compile out)")  # fmt: skip
+    cuda_graphs = use_cuda_graphs(args.cuda_graphs, compile_models, args.device)
     if not torchao_available():
         variants = [v for v in variants if v not in TORCHAO]
     shapes = args.shapes if args.shapes is not None else ("" if args.model else DEFAULT_SHAPES)
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
         profile=args.profile,
         compile=compile_models,
         fuse_mlp=args.fuse_mlp,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=cuda_graphs,
         int4_in_kernel=args.int4_in_kernel,
         compile_scope=args.compile_scope,
     )
