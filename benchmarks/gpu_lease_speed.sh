@@ -19,6 +19,7 @@
 #                ditq's fastest W8A8 and W4A8 formats and torchao's FP8 row-wise and int8
 #                dynamic configurations, every variant with CUDA graphs (as ditq sample
 #                --compile runs on a GPU); carry .wheels
+#   stage targets512 the same at 512 px batch 16
 #   stage small  batch 1 and 16 at 256 px and 512 px batch 16, with CUDA graphs, then batch
 #                1 and 16 again with the whole call as one graph (--compile-scope model)
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
@@ -87,10 +88,12 @@ peers)
   torchao || exit
   bench b64_peers --shapes $XL --batches 64 --iters 30 \
     --variants bf16-compile,torchao-fp8row,torchao-int8dyn,w8a8-fp8-static,w8a8-static-symw ;;
-targets)
+targets|targets512)
   torchao || exit
+  shape=(--shapes $XL --batches 64 --iters 30)
+  [ "$stage" = targets512 ] && shape=(--shapes DiT-XL/2@512 --batches 16 --iters 20)
   for run in $(seq "${RUNS:-3}"); do
-    bench "targets_run$run" --shapes $XL --batches 64 --iters 30 --cuda-graphs \
+    bench "${stage}_run$run" "${shape[@]}" --cuda-graphs \
       --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
@@ -151,5 +154,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, b64, kcheck, peers, targets, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
