@@ -26,7 +26,8 @@ asymmetric activation groups),
 block-only W8A8 percentile row at DDPM 50, simulated like its DDPM 50 neighbours),
 ``official-keep-patch`` (the official coverage with the patch embedding in float, DDPM
 50), ``official-20k`` (PTQ4DiT W4A8 with no flag but the bits: 20,000 iterations per unit;
-DDPM 50 simulated, DDPM 250 on the real kernels).
+DDPM 50 simulated, DDPM 250 on the real kernels), ``fast-formats`` (issue 19: the fastest
+formats' FID, DDPM 250 on the real kernels).
 ``--gpus 0,0,0`` runs three workers on one GPU.
 """
 
@@ -120,6 +121,18 @@ lowest output errors of the CPU diagnostic (RESULTS.md, issue 18), both at DDPM 
 real kernels (the W4A4 target), then at DDPM 50: the published rank and groups first, then
 rank 64 with groups of 32 (whose 16-bit branch outweighs the testbed's 4-bit weights)."""
 GROUPS64_RTN = f"--w-granularity group {GROUPS64}"  # rtn's weights are per channel by default
+FAST_FORMATS = {
+    "rtn-fp8-w8a8": (
+        "--method rtn --wbits 8 --abits 8 --w-fmt fp8_e4m3 --w-granularity channel --a-fmt fp8_e4m3"
+    ),
+    "rtn-w4-fp8a": "--method rtn --wbits 4 --abits 8 --a-fmt fp8_e4m3",
+    "gptq-w4-fp8a": "--method gptq --wbits 4 --abits 8 --a-fmt fp8_e4m3 --w-granularity channel",
+    "rtn-w8a8": "--method rtn --wbits 8 --abits 8",
+}
+"""``--plan fast-formats`` (issue 19): the formats that reach its speed targets (FP8
+activations; W8A8 in FP8, W4A8 as int4 weights per channel by RTN and by GPTQ) next to
+RTN's int8 W8A8, DDPM 250 on the real kernels. On the CPU their output error was about twice
+int8's (RESULTS.md): FID says what that costs."""
 W4A4_MORE = [
     (1, "svdquant-gptq-rotate-w4a4", 250, W4A4["svdquant-gptq-rotate-w4a4"]),
     (1, "rotate-w4a4", 50, f"--method rtn --wbits 4 --abits 4 --rotate {GROUPS64_RTN}"),
@@ -194,6 +207,11 @@ def plan(names: list[str]) -> list[Job]:
         jobs.append(Job(2, "ptq4dit-blocks-pct-w8a8", 50, OFFICIAL["ptq4dit-blocks-pct-w8a8"]))
     if "w4a4-250" in names:
         jobs += [Job(p, r, steps, W4A4[r], backend="cuda") for p, r, steps in W4A4_250]
+    if "fast-formats" in names:
+        jobs += [
+            Job(priority, r, 250, f, backend="cuda")
+            for priority, (r, f) in enumerate(FAST_FORMATS.items(), start=1)
+        ]
     if "headline" in names:
         jobs += [Job(4, r, 100, f) for r, f in HEADLINE.items()]
     return sorted(jobs)
