@@ -69,9 +69,10 @@ torchao() {  # the carried torchao wheel, importable from /tmp/site
     --target /tmp/site .wheels/torchao-*.whl || return
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 }
-bench() {  # OUT_NAME, then ditq bench's options
+bench() {  # OUT_NAME, then ditq bench's options (why a graph skips CUDA graphs: its log)
   local name=$1; shift
-  timeout "${BENCH_S:-400}" python -m ditq bench --steps 50 "$@" --out "$OUT/$name"
+  TORCH_LOGS=cudagraphs timeout "${BENCH_S:-400}" python -m ditq bench --steps 50 "$@" \
+    --out "$OUT/$name" 2> "$OUT/$name.stderr.log"
   cat "$OUT/$name/bench.md" 2> /dev/null
 }
 case $stage in

@@ -286,3 +286,17 @@ def test_a_pixart_shape_benches_through_its_adapter(tmp_path, monkeypatch):
     assert rows[1]["kernels"]  # real low-bit layers in place of the block linears
     model = speed.pixart_shape_model(64)
     assert model.transformer.caption_projection.linear_1.in_features == 4096
+
+
+def test_rows_count_graphs_compiled_without_cuda_graphs():
+    """A graph that Inductor compiles without CUDA graphs (here every block's: the CPU has
+    none) is counted in its row, so that a variant which silently pays every kernel launch
+    shows in the report."""
+    settings = speed.BenchSettings(iters=1, warmup=0, compile=True, cuda_graphs=True)
+    model = tiny_dit(depth=1)
+    (row,) = speed.bench_variant(model, speed.BASELINE, [1], settings)
+    assert "error" not in row and row["cuda_graphs"]
+    assert row["cuda_graph_skips"] == 1
+    assert "(compiled, CUDA graphs (1 skipped))" in speed.markdown(
+        [{"shape": "tiny", **row}], "cpu"
+    )

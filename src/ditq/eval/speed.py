@@ -487,12 +487,15 @@ def bench_variant(
     rows = []
     for batch in batches:
         row: dict[str, Any] = {"variant": variant, "batch": batch, **info}
+        skips = _cuda_graph_skips()
         try:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(args.device)
             inputs = denoiser_inputs(model, batch, args.device)
             row.update(time_calls(model, inputs, args.device, args.iters, args.warmup))
+            if info.get("cuda_graphs"):
+                row["cuda_graph_skips"] = _cuda_graph_skips() - skips
             if args.steps:
                 row["e2e_s"] = time_sampling(model, batch, args.steps, args.device)
             if cuda:
@@ -508,6 +511,12 @@ def bench_variant(
     if cuda:
         torch.cuda.empty_cache()
     return rows
+
+
+def _cuda_graph_skips() -> int:
+    """Graphs Inductor compiled without CUDA graphs so far in this process (for a reason it
+    logs only with ``TORCH_LOGS=cudagraphs``: its calls then pay every kernel launch)."""
+    return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
 
 
 def _kernel_choices() -> dict[str, dict[str, float]]:
@@ -556,6 +565,7 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
         if r.get("compiled"):
             scope = ", whole call" if r.get("compile_scope") == "model" else ""
             graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
+            graphs += f" ({r['cuda_graph_skips']} skipped)" if r.get("cuda_graph_skips") else ""
             kernels += f" (compiled{scope}{graphs})"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {kernels} | "
