@@ -65,14 +65,15 @@ def compile_denoiser(
         adapter = adapter_for(model)
         for index in range(adapter.num_blocks()):
             model.get_submodule(adapter.block_name(index)).compile(mode=mode)
-    else:
+    elif cuda_graphs:
         compiled = torch.compile(model.forward, mode=mode)
 
-        def forward(*args, **kwargs):
-            out = compiled(*args, **kwargs)
-            return tree_map_only(torch.Tensor, torch.clone, out) if cuda_graphs else out
+        def forward(*args, **kwargs):  # outputs out of the graph's reused buffers
+            return tree_map_only(torch.Tensor, torch.clone, compiled(*args, **kwargs))
 
         model.forward = forward
+    else:
+        model.forward = torch.compile(model.forward)
     if cuda_graphs:
         mark_cuda_graph_steps(model)
     return model

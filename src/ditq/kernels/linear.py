@@ -322,10 +322,14 @@ class RealQuantLinear(nn.Module):
         N = self.out_features
         if self.kind == "fp8" and not self.packed_int4:
             return self.weight.float() * self.w_scale.reshape(N, 1)
-        codes = unpack_int4(self.weight).float() - NIBBLE_OFFSET if self.packed_int4 else None
-        codes = self.weight.float() if codes is None else codes
         zero = 0.0 if self.w_zero is None else self._expand(self.w_zero.float())
-        return (codes - zero) * self._expand(self.w_scale)
+        return (self._float_codes() - zero) * self._expand(self.w_scale)
+
+    def _float_codes(self) -> torch.Tensor:
+        """Weight codes ``q'`` (N, K) in fp32: packed int4 nibbles ``u`` unpacked to ``u - 8``."""
+        if not self.packed_int4:
+            return self.weight.float()
+        return unpack_int4(self.weight).float() - NIBBLE_OFFSET
 
     def _expand(self, table: torch.Tensor) -> torch.Tensor:
         """A scale / zero-point table to (N, K) through ``scale_index``."""
@@ -442,7 +446,7 @@ class RealQuantLinear(nn.Module):
     def _e4m3_weight(self) -> torch.Tensor:
         """Packed int4 weight codes as e4m3 (N, K): ``u - 8 - z`` (|v| <= 15, exact), for the
         ``fp8`` kind's int4 weights."""
-        codes = unpack_int4(self.weight).float() - NIBBLE_OFFSET
+        codes = self._float_codes()
         if self.w_zero is not None:
             codes = codes - self.w_zero.reshape(-1, 1)
         return codes.to(torch.float8_e4m3fn)
