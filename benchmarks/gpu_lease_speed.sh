@@ -44,6 +44,12 @@
 #   stage solvers issue 18's comparison on one machine: gptq (W4A8) and PTQ4DiT W4A8 with
 #                2,000 reconstruction iterations per unit on a random testbed-shaped model,
 #                the GPU alone (calibration time does not depend on the weights' values)
+#   stage detach runs the stages of STAGES (e.g. "targets small check") one after another in
+#                a process that outlives the call (each stage's $OUT is /tmp/lease/STAGE, its
+#                log /tmp/lease/STAGE.log), then collects like `collect`
+#   stage collect waits until the detached stages end or the call has run CALL_S seconds
+#                (default 540), then packs /tmp/lease into $OUT/lease.tar.gz and prints
+#                each stage's log's end (call it again and again until they end)
 # BENCH_S bounds each ditq bench (seconds); a bench rewrites its bench.json after every row,
 # so a bench stopped by the bound keeps the rows it measured.
 set -uo pipefail
@@ -75,7 +81,23 @@ bench() {  # OUT_NAME, then ditq bench's options (why a graph skips CUDA graphs:
     --out "$OUT/$name" 2> "$OUT/$name.stderr.log"
   cat "$OUT/$name/bench.md" 2> /dev/null
 }
+collect() {  # until the detached queue ends or the call has run CALL_S seconds
+  while kill -0 "$(cat /tmp/lease/queue.pid)" 2> /dev/null && [ $SECONDS -lt "${CALL_S:-540}" ]; do
+    sleep 5
+  done
+  for log in /tmp/lease/*.log; do echo "== $log"; tail -c 2500 "$log"; done
+  tar czf "$OUT/lease.tar.gz" -C /tmp lease
+}
 case $stage in
+detach)
+  mkdir -p /tmp/lease
+  setsid nohup bash -c 'for s in $STAGES; do
+      mkdir -p /tmp/lease/$s; echo "$s started after $SECONDS s" >> /tmp/lease/queue.log
+      OUT=/tmp/lease/$s bash benchmarks/gpu_lease_speed.sh $s > /tmp/lease/$s.log 2>&1
+    done; echo "queue ended after $SECONDS s" >> /tmp/lease/queue.log' > /dev/null 2>&1 < /dev/null &
+  echo $! > /tmp/lease/queue.pid; collect ;;
+collect)
+  collect ;;
 check)
   python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
   kernels_check kernels_check_attention 300 --only attention
@@ -98,12 +120,13 @@ targets|targets512)
       --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
-  bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
+  bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile \
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8,w8a8-static
   bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 --cuda-graphs \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
   bench graphs_whole_call --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
-    --compile-scope model --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-fp8 ;;
+    --compile-scope model --profile \
+    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8,w8a8-static ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;
@@ -155,5 +178,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: detach, collect, check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
