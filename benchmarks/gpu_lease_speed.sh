@@ -16,12 +16,12 @@
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
 #   stage targets issue 19's batch-64 targets: RUNS (default 3) processes, each BF16 compiled,
-#                ditq's fastest W8A8 and W4A8 formats and torchao's FP8 row-wise and int8
+#                ditq's fastest W8A8 and W4A8 formats (FP8 activations) and torchao's FP8 row-wise and int8
 #                dynamic configurations, every variant with CUDA graphs (as ditq sample
 #                --compile runs on a GPU); carry .wheels
 #   stage targets512 the same at 512 px batch 16
-#   stage small  batch 1 and 16 at 256 px and 512 px batch 16, with CUDA graphs, then batch
-#                1 and 16 again with the whole call as one graph (--compile-scope model)
+#   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, each block
+#                a graph and then the whole call as one graph (--compile-scope model)
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
@@ -117,13 +117,11 @@ targets|targets512)
   [ "$stage" = targets512 ] && shape=(--shapes DiT-XL/2@512 --batches 16 --iters 20)
   for run in $(seq "${RUNS:-3}"); do
     bench "${stage}_run$run" "${shape[@]}" --cuda-graphs \
-      --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,torchao-fp8row,torchao-int8dyn
+      --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
   bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8,w8a8-static
-  bench b16_512 --shapes DiT-XL/2@512 --batches 16 --iters 20 --cuda-graphs \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8
   bench graphs_whole_call --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
     --compile-scope model --profile \
     --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8,w8a8-static ;;
