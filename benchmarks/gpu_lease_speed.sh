@@ -20,8 +20,8 @@
 #                dynamic configurations, every variant with CUDA graphs (as ditq sample
 #                --compile runs on a GPU); carry .wheels
 #   stage targets512 the same at 512 px batch 16
-#   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, each block
-#                a graph and then the whole call as one graph (--compile-scope model)
+#   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, the whole
+#                call as one graph (--compile-scope model), then each block a graph
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
@@ -120,11 +120,11 @@ targets|targets512)
       --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
-  bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8,w8a8-static
   bench graphs_whole_call --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
     --compile-scope model --profile \
-    --variants bf16-compile,w8a8-fp8-static,w8a8-static-symw,w4a8-channel,w4a8-fp8,w8a8-static ;;
+    --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,w4a8-channel,w8a8-static
+  bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile \
+    --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,w4a8-channel,w8a8-static ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;
