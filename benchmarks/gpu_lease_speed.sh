@@ -49,7 +49,9 @@
 #                log /tmp/lease/STAGE.log), then collects like `collect`
 #   stage collect waits until the detached stages end or the call has run CALL_S seconds
 #                (default 540), then packs /tmp/lease into $OUT/lease.tar.gz and prints
-#                each stage's log's end (call it again and again until they end)
+#                each stage's log's end (call it again and again until they end); a whole
+#                lease: STAGES="small targets check targets512" BENCH_S=240 CHECK_S=280
+#                bash benchmarks/gpu_lease_speed.sh detach, then collect (carry .wheels)
 # BENCH_S bounds each ditq bench (seconds); a bench rewrites its bench.json after every row,
 # so a bench stopped by the bound keeps the rows it measured.
 set -uo pipefail
