@@ -16,9 +16,9 @@
 #   stage peers  the same shape: torchao's FP8 row-wise and int8 dynamic configurations next
 #                to BF16 compiled and ditq's two fastest W8A8 formats, in one process
 #   stage targets issue 19's batch-64 targets: RUNS (default 3) processes, each BF16 compiled,
-#                ditq's fastest W8A8 and W4A8 formats (FP8 activations) and torchao's FP8 row-wise and int8
-#                dynamic configurations, every variant with CUDA graphs (as ditq sample
-#                --compile runs on a GPU); carry .wheels
+#                ditq's fastest W8A8 and W4A8 formats (FP8 activations) and torchao's FP8
+#                row-wise and int8 dynamic configurations, every variant with CUDA graphs
+#                (as ditq sample --compile runs on a GPU); carry .wheels
 #   stage targets512 the same at 512 px batch 16
 #   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, the whole
 #                call as one graph (--compile-scope model), then each block a graph
@@ -46,7 +46,8 @@
 #                the GPU alone (calibration time does not depend on the weights' values)
 #   stage detach runs the stages of STAGES (e.g. "targets small check") one after another in
 #                a process that outlives the call (each stage's $OUT is /tmp/lease/STAGE, its
-#                log /tmp/lease/STAGE.log), then collects like `collect`
+#                log /tmp/lease/STAGE.log; stage queue is that process), then collects
+#                like `collect`
 #   stage collect waits until the detached stages end or the call has run CALL_S seconds
 #                (default 540), then packs /tmp/lease into $OUT/lease.tar.gz and prints
 #                each stage's log's end (call it again and again until they end); a whole
@@ -58,10 +59,14 @@ set -uo pipefail
 stage=$1
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 XL=DiT-XL/2@256
-gptq_wait() {  # until the detached gptq timing ends or the call has run CALL_S seconds
-  while kill -0 "$(cat /tmp/gptq_xl.pid)" 2> /dev/null && [ $SECONDS -lt "${CALL_S:-560}" ]; do
+wait_for() {  # PID_FILE, the default bound: until that process ends or the call has run
+  # CALL_S seconds
+  while kill -0 "$(cat "$1")" 2> /dev/null && [ $SECONDS -lt "${CALL_S:-$2}" ]; do
     sleep 5
   done
+}
+gptq_wait() {  # the detached gptq timing
+  wait_for /tmp/gptq_xl.pid 560
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
   tail -c 600 /tmp/gptq_xl.log | tr '\r' '\n' | grep . | tail -n 4
   cp /tmp/gptq_xl.json /tmp/gptq_xl.log "$OUT/" 2> /dev/null
@@ -83,21 +88,22 @@ bench() {  # OUT_NAME, then ditq bench's options (why a graph skips CUDA graphs:
     --out "$OUT/$name" 2> "$OUT/$name.stderr.log"
   cat "$OUT/$name/bench.md" 2> /dev/null
 }
-collect() {  # until the detached queue ends or the call has run CALL_S seconds
-  while kill -0 "$(cat /tmp/lease/queue.pid)" 2> /dev/null && [ $SECONDS -lt "${CALL_S:-540}" ]; do
-    sleep 5
-  done
+collect() {  # the detached queue of stages
+  wait_for /tmp/lease/queue.pid 540
   for log in /tmp/lease/*.log; do echo "== $log"; tail -c 2500 "$log"; done
   tar czf "$OUT/lease.tar.gz" -C /tmp lease
 }
 case $stage in
 detach)
   mkdir -p /tmp/lease
-  setsid nohup bash -c 'for s in $STAGES; do
-      mkdir -p /tmp/lease/$s; echo "$s started after $SECONDS s" >> /tmp/lease/queue.log
-      OUT=/tmp/lease/$s bash benchmarks/gpu_lease_speed.sh $s > /tmp/lease/$s.log 2>&1
-    done; echo "queue ended after $SECONDS s" >> /tmp/lease/queue.log' > /dev/null 2>&1 < /dev/null &
+  setsid nohup bash "$0" queue > /dev/null 2>&1 < /dev/null &
   echo $! > /tmp/lease/queue.pid; collect ;;
+queue)  # detach's process
+  for s in $STAGES; do
+    mkdir -p "/tmp/lease/$s"; echo "$s started after $SECONDS s" >> /tmp/lease/queue.log
+    OUT=/tmp/lease/$s bash "$0" "$s" > "/tmp/lease/$s.log" 2>&1
+  done
+  echo "queue ended after $SECONDS s" >> /tmp/lease/queue.log ;;
 collect)
   collect ;;
 check)
@@ -122,11 +128,10 @@ targets|targets512)
       --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
-  bench graphs_whole_call --shapes $XL --batches 1,16 --iters 30 --cuda-graphs \
-    --compile-scope model --profile \
-    --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,w4a8-channel,w8a8-static
-  bench graphs --shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile \
-    --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,w4a8-channel,w8a8-static ;;
+  small=(--shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile
+    --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,w4a8-channel,w8a8-static)
+  bench graphs_whole_call "${small[@]}" --compile-scope model
+  bench graphs "${small[@]}" ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;
@@ -178,5 +183,5 @@ solvers)
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
 *)
-  echo "unknown stage $stage: detach, collect, check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: detach, collect, queue, check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
 esac
