@@ -20,8 +20,9 @@
 #                row-wise and int8 dynamic configurations, every variant with CUDA graphs
 #                (as ditq sample --compile runs on a GPU); carry .wheels
 #   stage targets512 the same at 512 px batch 16
-#   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, the whole
-#                call as one graph (--compile-scope model), then each block a graph
+#   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, for each
+#                --compile-scope of SCOPES (default "model blocks": the whole call as one
+#                graph, then each block a graph)
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
@@ -130,8 +131,9 @@ targets|targets512)
 small)
   small=(--shapes $XL --batches 1,16 --iters 30 --cuda-graphs --profile
     --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw,w4a8-channel,w8a8-static)
-  bench graphs_whole_call "${small[@]}" --compile-scope model
-  bench graphs "${small[@]}" ;;
+  for scope in ${SCOPES:-model blocks}; do
+    bench "graphs_$scope" "${small[@]}" --compile-scope "$scope"
+  done ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;
