@@ -289,17 +289,17 @@ def test_fp8_choice_times_each_path_with_the_calls_epilogue(epilogue):
 
 def test_a_measured_choice_keeps_the_fastest_path_and_its_times(monkeypatch):
     """``_chosen`` times every path once per key (here with a stand-in for the GPU's
-    ``do_bench``), keeps the fastest for the later calls and records the times it saw."""
+    ``_gpu_ms``), keeps the fastest for the later calls and records the times it saw."""
     table, timed = {}, []
     runs = {"cublas": lambda: "cublas", "triton": lambda: "triton"}
     fake_ms = {"cublas": 0.30, "triton": 0.20}
 
-    def do_bench(fn, return_mode):
+    def gpu_ms(fn):
         timed.append(fn())
         return fake_ms[fn()]
 
     monkeypatch.setattr(triton_ops, "INTERPRETED", False)
-    monkeypatch.setattr(triton_ops.triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(triton_ops, "_gpu_ms", gpu_ms)
     monkeypatch.setattr(triton_ops, "CHOICE_TIMES", {})
     key = (32, 16, 8, "residual")
     assert triton_ops._chosen(table, key, lambda: runs, default="cublas") == "triton"
@@ -307,6 +307,82 @@ def test_a_measured_choice_keeps_the_fastest_path_and_its_times(monkeypatch):
     assert timed == ["cublas", "triton"]  # measured once
     recorded = triton_ops.CHOICE_TIMES
     assert recorded == {key: fake_ms}
+
+
+class QueuedGpu:
+    """The CUDA calls of ``_gpu_ms``, simulated: the GPU reaches the first timed run before
+    the host has issued them all unless the sleep before them has ``needed`` cycles; a
+    run's events then span the host's launch time (``host_ms``), otherwise its GPU time
+    (``gpu_ms``, one value per run)."""
+
+    def __init__(self, needed: int, host_ms: float, gpu_ms: list[float]):
+        self.needed, self.host_ms, self.gpu_ms = needed, host_ms, gpu_ms
+        self.sleeps, self.recorded, self.flushes, self.runs = [], [], 0, 0
+        self.active = self  # as triton.runtime.driver, whose .active is the driver
+
+    def sleep(self, cycles: int) -> None:
+        self.sleeps.append(cycles)
+        self.recorded = []
+
+    def too_short(self) -> bool:
+        return self.sleeps[-1] < self.needed
+
+    def get_empty_cache_for_benchmark(self) -> str:
+        return "L2"
+
+    def clear_cache(self, cache: str) -> None:
+        assert cache == "L2"
+        self.flushes += 1
+
+    def run(self) -> None:
+        self.runs += 1
+
+    def event(self, enable_timing: bool):
+        gpu = self
+
+        class Event:  # recorded as start, end, start, end, ... after each sleep
+            def record(self) -> None:
+                gpu.recorded.append(self)
+
+            def query(self) -> bool:  # reached by the GPU
+                return gpu.too_short()
+
+            def elapsed_time(self, end) -> float:
+                assert gpu.recorded.index(end) == gpu.recorded.index(self) + 1
+                return gpu.host_ms if gpu.too_short() else gpu.gpu_ms[gpu.recorded.index(self) // 2]
+
+        return Event()
+
+
+def test_gpu_time_queues_the_runs_behind_a_sleep_that_outlasts_their_issuing(monkeypatch):
+    """``_gpu_ms`` (the kernel choices' timer) reports the GPU's time of a run, not its
+    launch time on the host: a sleep too short for the host to issue every timed run is
+    made 4× longer and the runs timed again; the median of the runs behind a long enough
+    sleep is returned, each run after an L2 flush, one untimed run first."""
+    reps = 5
+    gpu = QueuedGpu(needed=1 << 27, host_ms=0.15, gpu_ms=[0.013, 0.011, 0.012, 0.020, 0.010])
+    monkeypatch.setattr(triton_ops.triton.runtime, "driver", gpu)
+    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert triton_ops._gpu_ms(gpu.run, reps=reps) == pytest.approx(0.012)
+    first, longest = triton_ops.SLEEP_CYCLES
+    assert gpu.sleeps == [first, first * 4, first * 16] and first * 16 >= gpu.needed
+    assert gpu.runs == 1 + 3 * reps and gpu.flushes == 3 * reps
+
+
+def test_gpu_time_stops_at_the_longest_sleep(monkeypatch):
+    """A host that never finishes issuing in time (a run that waits for the GPU) ends the
+    retries at the longest sleep, with that try's times."""
+    gpu = QueuedGpu(needed=1 << 40, host_ms=0.15, gpu_ms=[])
+    monkeypatch.setattr(triton_ops.triton.runtime, "driver", gpu)
+    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert triton_ops._gpu_ms(gpu.run, reps=3) == pytest.approx(0.15)
+    first, longest = triton_ops.SLEEP_CYCLES
+    assert gpu.sleeps == [first * 4**i for i in range(len(gpu.sleeps))]
+    assert gpu.sleeps[-1] == longest
 
 
 def test_convert_model_fuses_only_fusable_mlps():

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import statistics
 from collections.abc import Callable, Iterator
 
 import torch
@@ -1175,9 +1176,11 @@ def _fp8_cublas(
             h = h * (1.0 / next_input_scale.to(out_dtype))
         v = h.float() * (1.0 / next_scale[0])
         return v.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    if residual is not None:
-        rows_per_gate = len(y) // len(gate)
-        return residual + gate.repeat_interleave(rows_per_gate, dim=0) * y
+    if residual is not None:  # one kernel: the gate broadcast over its sample's rows
+        per_sample = (len(gate), len(y) // len(gate), y.shape[1])
+        return torch.addcmul(
+            residual.reshape(per_sample), gate.unsqueeze(1), y.view(per_sample)
+        ).view_as(y)
     return y
 
 
@@ -1351,15 +1354,13 @@ def quant_attention(
 def _chosen(
     table: dict, key: tuple, runs: Callable[[], dict[str, Callable[[], object]]], default: str
 ) -> str:
-    """``table[key]``: on a shape's first call on the GPU the fastest of ``runs()`` by the
-    median time of ``triton.testing.do_bench`` (after its warm-up, which includes the Triton
-    autotuning), kept for the later calls; ``default`` in the interpreter and while a CUDA
-    graph is being captured (untimed, until a call outside one)."""
+    """``table[key]``: on a shape's first call on the GPU the fastest of ``runs()`` by
+    :func:`_gpu_ms` (the GPU's time, which is what a call costs in a CUDA graph and wherever
+    the GPU is the bottleneck), kept for the later calls; ``default`` in the interpreter and
+    while a CUDA graph is being captured (untimed, until a call outside one)."""
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if key not in table and not INTERPRETED and not capturing:
-        times = {
-            name: triton.testing.do_bench(run, return_mode="median") for name, run in runs().items()
-        }
+        times = {name: _gpu_ms(run) for name, run in runs().items()}
         table[key] = min(times, key=times.get)
         CHOICE_TIMES[key] = times
     return table.get(key, default)
@@ -1367,7 +1368,45 @@ def _chosen(
 
 CHOICE_TIMES: dict[tuple, dict[str, float]] = {}
 """What :func:`_chosen` measured, per key of :data:`FP8_GEMM_CHOICE` and
-:data:`ATTENTION_CHOICE`: milliseconds per path (``ditq bench`` reports them)."""
+:data:`ATTENTION_CHOICE`: GPU milliseconds per path (``ditq bench`` reports them)."""
+
+GPU_MS_REPS = 25
+"""Timed runs of :func:`_gpu_ms` (their median)."""
+SLEEP_CYCLES = (1 << 24, 1 << 32)
+"""The first and the longest GPU sleep of :func:`_gpu_ms`, in clock cycles (about 10 ms
+and 2.5 s on an H100)."""
+
+
+def _gpu_ms(run: Callable[[], object], reps: int = GPU_MS_REPS) -> float:
+    """The median GPU time of ``run()`` in milliseconds, without the host's: the ``reps``
+    timed runs, each after an L2 flush as in ``triton.testing.do_bench``, are queued behind
+    a GPU sleep, so the host has issued them all before the GPU reaches them. Where the
+    first run had started before the host was done, the sleep is 4× longer next time (up
+    to :data:`SLEEP_CYCLES`, whose last try is kept as it is). One untimed run first (the
+    Triton autotuning). ``do_bench`` times each run from its launch on the host, which for
+    a short kernel behind a slow launch path (a custom op, the autotuner's dispatch) is
+    the host's time."""
+    run()
+    torch.cuda.synchronize()
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    cycles, longest = SLEEP_CYCLES
+    while True:
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(reps)
+        ]
+        torch.cuda._sleep(cycles)
+        for start, end in events:
+            driver.clear_cache(cache)
+            start.record()
+            run()
+            end.record()
+        queued = not events[0][0].query()
+        torch.cuda.synchronize()
+        if queued or cycles >= longest:
+            return statistics.median(start.elapsed_time(end) for start, end in events)
+        cycles *= 4
 
 
 @quant_attention.register_fake
