@@ -53,7 +53,8 @@
 #                (default 540), then packs /tmp/lease into $OUT/lease.tar.gz and prints
 #                each stage's log's end (call it again and again until they end); a whole
 #                lease: STAGES="small targets check targets512" BENCH_S=240 CHECK_S=280
-#                bash benchmarks/gpu_lease_speed.sh detach, then collect (carry .wheels)
+#                bash benchmarks/gpu_lease_speed.sh detach, then collect (carry .wheels on
+#                every call: a call without it removes it from the device's checkout)
 # BENCH_S bounds each ditq bench (seconds); a bench rewrites its bench.json after every row,
 # so a bench stopped by the bound keeps the rows it measured.
 set -uo pipefail
@@ -78,9 +79,10 @@ kernels_check() {  # OUT_NAME, the default bound (CHECK_S), then kernels_check.p
     > "$OUT/$name.log" 2>&1
   echo "kernels_check rc=$?"; tail -n 150 "$OUT/$name.log" | grep -v '^{'
 }
-torchao() {  # the carried torchao wheel, importable from /tmp/site
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .wheels/torchao-*.whl || return
+torchao() {  # the carried torchao wheel, importable from /tmp/site (installed once: a later
+  # call of the lease that does not carry .wheels finds it removed from the checkout)
+  [ -d /tmp/site/torchao ] || python -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/site .wheels/torchao-*.whl || return
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 }
 bench() {  # OUT_NAME, then ditq bench's options (why a graph skips CUDA graphs: its log)
