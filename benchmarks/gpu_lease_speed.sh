@@ -28,8 +28,9 @@
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
 #                garbage collector on and off) and a cProfile of the host's work
 #   stage sample ditq sample --compile of the bundled model (RTN W8A8 static, real kernels)
-#                at batch 16 with the CUDA graphs (its default there) and without: wall
-#                times (compilation included) and the two runs' images against each other
+#                at batch 16 with a CUDA graph per block (its default there), one per call
+#                (--compile-scope model) and without graphs: wall times (compilation
+#                included) and each run's images against the first's
 #   stage gemm   gemm_sweep.py at 32,768 tokens: the int8 GEMM in each tile configuration
 #                of its sweep (BF16 beside it), then each layer's GEMM per format and kernel,
 #                the quantize kernels and the block's norm + quantize (Triton norm_quantize
@@ -145,18 +146,23 @@ host)
 sample)
   python -m ditq quantize --model src/ditq/assets/dit_demo_cifar10.safetensors --method rtn \
     --wbits 8 --abits 8 --device cuda --out /tmp/demo_w8a8 --quiet --overwrite || exit
-  for graphs in cuda-graphs no-cuda-graphs; do
-    python -m ditq sample --model /tmp/demo_w8a8 --device cuda --backend cuda --compile --$graphs \
+  for run in "graphs-blocks --cuda-graphs --compile-scope blocks" \
+      "graphs-model --cuda-graphs --compile-scope model" "no-graphs --no-cuda-graphs"; do
+    set -- $run; name=$1; shift; start=$SECONDS
+    python -m ditq sample --model /tmp/demo_w8a8 --device cuda --backend cuda --compile "$@" \
       --batch-size 16 --num-samples 256 --sampler ddim --steps 50 --seed 0 --dtype bf16 \
-      --out "$OUT/sample_$graphs.npz" --quiet --overwrite
+      --out "$OUT/sample_$name.npz" --quiet --overwrite
+    echo "ditq sample $name: rc=$?, $((SECONDS - start)) s with the process's start"
   done
   python - "$OUT" <<'PY'
 import sys, numpy as np
-a, b = (np.load(f"{sys.argv[1]}/sample_{g}.npz")["arr_0"].astype(float)
-        for g in ("cuda-graphs", "no-cuda-graphs"))
-mse = ((a - b) ** 2).mean()
-print(f"graphs vs no graphs: max |diff| {np.abs(a - b).max():.0f} levels, "
-      f"PSNR {10 * np.log10(255 ** 2 / mse) if mse else float('inf'):.1f} dB")
+runs = {g: np.load(f"{sys.argv[1]}/sample_{g}.npz")["arr_0"].astype(float)
+        for g in ("graphs-blocks", "graphs-model", "no-graphs")}
+for name in ("graphs-model", "no-graphs"):
+    a, b = runs["graphs-blocks"], runs[name]
+    mse = ((a - b) ** 2).mean()
+    print(f"graphs-blocks vs {name}: max |diff| {np.abs(a - b).max():.0f} levels, "
+          f"PSNR {10 * np.log10(255 ** 2 / mse) if mse else float('inf'):.1f} dB")
 PY
   ;;
 gemm)  # the logs keep the rows of a run cut short
