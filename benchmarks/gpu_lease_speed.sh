@@ -19,7 +19,8 @@
 #                ditq's fastest W8A8 and W4A8 formats (FP8 activations) and torchao's FP8
 #                row-wise and int8 dynamic configurations, every variant with CUDA graphs
 #                (as ditq sample --compile runs on a GPU); carry .wheels
-#   stage targets512 the same at 512 px batch 16
+#   stage targets512 the same at 512 px batch 16 (either with PROFILE=1: each variant's
+#                kernel profile too, taken after its timed calls)
 #   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, for each
 #                --compile-scope of SCOPES (default "model blocks": the whole call as one
 #                graph, then each block a graph)
@@ -128,7 +129,7 @@ targets|targets512)
   shape=(--shapes $XL --batches 64 --iters 30)
   [ "$stage" = targets512 ] && shape=(--shapes DiT-XL/2@512 --batches 16 --iters 20)
   for run in $(seq "${RUNS:-3}"); do
-    bench "${stage}_run$run" "${shape[@]}" --cuda-graphs \
+    bench "${stage}_run$run" "${shape[@]}" --cuda-graphs ${PROFILE:+--profile} \
       --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
