@@ -168,7 +168,22 @@ def test_compiled_step_equals_the_eager_step(calib, graphs):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
 
 
-def test_cuda_graphs_mode_runs_the_compiled_steps(calib):
+@pytest.fixture
+def traced_objectives(monkeypatch) -> list[bool]:
+    """The solver's compiled objectives traced by dynamo and AOT autograd without Inductor's
+    code generation (the tests below are about the solver's loop around them; Inductor's
+    numerics are the test above's), and the ``graphs`` argument of each."""
+    modes = []
+
+    def traced(graphs):
+        modes.append(graphs)
+        return torch.compile(unit_objective, backend="aot_eager")
+
+    monkeypatch.setattr("ditq.pipeline.adaround_solver.compiled_objective", traced)
+    return modes
+
+
+def test_cuda_graphs_mode_runs_the_compiled_steps(calib, traced_objectives):
     """``compile="graphs"`` goes through the solver's loop (gradients cleared before each
     step, step begins marked): on the CPU, where no graph is recorded, it learns exactly
     what ``compile="on"`` does, and the learning moved the block's loss."""
@@ -178,13 +193,14 @@ def test_cuda_graphs_mode_runs_the_compiled_steps(calib):
         settings = ReconSettings(iters=12, batch_size=8, weight_lr=1e-2, warmup=0.5, compile=mode)
         models.append(_rtn(calib, depth=1))
         reports.append(reconstruct_model(models[-1], fp, calib, settings, progress=False))
+    assert False in traced_objectives and True in traced_objectives
     on, graphs = (r["units"]["blocks.0"] for r in reports)
     assert graphs["final_loss"] == on["final_loss"] != on["initial_loss"]
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_cuda_graphs_mode_compiles_the_layerwise_units_too(calib):
+def test_cuda_graphs_mode_compiles_the_layerwise_units_too(calib, traced_objectives):
     """With ``graphs`` the final layer's lone linears learn through the compiled objective
     too, to what the eager steps learn up to float rounding."""
     fp, selection = tiny_dit(depth=1), {"layers": LayerSelection(final_layer=True)}
@@ -193,6 +209,7 @@ def test_cuda_graphs_mode_compiles_the_layerwise_units_too(calib):
         settings = ReconSettings(iters=8, batch_size=8, weight_lr=1e-2, warmup=0.5, compile=mode)
         model = _rtn(calib, depth=1, **selection)
         reports.append(reconstruct_model(model, fp, calib, settings, progress=False)["units"])
+    assert traced_objectives and all(traced_objectives)  # the graphs run's units only
     eager, graphs = reports
     assert list(graphs) == ["blocks.0", "final_layer.linear"]
     for name, unit in graphs.items():
