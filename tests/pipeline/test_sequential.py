@@ -136,7 +136,11 @@ def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib
     assert list(report["units"]) == ["blocks.0", "blocks.1"]
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["compiled", "cuda-graphs-mode"])
+@pytest.mark.parametrize(
+    "graphs",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # slow: Inductor's code again
+    ids=["compiled", "cuda-graphs-mode"],
+)
 def test_compiled_step_equals_the_eager_step(calib, graphs):
     """The reconstruction step through torch.compile (on by default on a GPU; on the CPU
     the CUDA graphs mode compiles without graphs) computes the eager loss and the same
