@@ -16,21 +16,67 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 import ditq
 from ditq.eval.speed import shape_model
 from ditq.methods import METHODS
+from ditq.pipeline import gptq_solver, sequential
 from ditq.pipeline.run import record_of
+
+TIMED = [
+    (sequential, "_capture"),
+    (sequential, "_outputs"),
+    (sequential.UnitData, "__init__"),
+    (gptq_solver.GPTQSolver, "_next_stage"),
+    (gptq_solver.GPTQSolver, "_hessian_pass"),
+    (gptq_solver, "gptq_quantize"),
+    (gptq_solver, "_relative_error"),
+]
+"""The steps ``--breakdown`` times: ``(owner, attribute)``."""
 
 
 def parse_method(text: str) -> tuple[str, dict]:
     name, _, overrides = text.partition(":")
     return name, json.loads(overrides) if overrides else {}
+
+
+@contextmanager
+def timed_steps(device: str):
+    """Wrap the ``TIMED`` steps so each call's wall time, between device synchronizations,
+    is added to the yielded ``{name: [seconds, calls]}``; the originals come back after."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    originals = [(owner, name, getattr(owner, name)) for owner, name in TIMED]
+
+    def wrap(function, label):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sync()
+                totals[label][0] += time.perf_counter() - start
+                totals[label][1] += 1
+
+        return timed
+
+    for owner, name, function in originals:
+        setattr(owner, name, wrap(function, f"{getattr(owner, '__name__', owner)}.{name}"))
+    try:
+        yield totals
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
 
 
 def main() -> None:
@@ -43,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", required=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--breakdown", action="store_true", help="time the steps (docstring)")
     args = parser.parse_args()
 
     base = shape_model(args.shape) if args.shape else ditq.load_model(args.model)
@@ -55,11 +102,12 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        ditq.quantize(model, config, batch_size=args.batch_size, progress=not args.quiet)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        with timed_steps(args.device) if args.breakdown else nullcontext({}) as steps:
+            start = time.perf_counter()
+            ditq.quantize(model, config, batch_size=args.batch_size, progress=not args.quiet)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
         report = record_of(model).report
         units = report["method"].get("reconstruction", {}).get("units", {})
         row = {
@@ -75,6 +123,8 @@ def main() -> None:
             if args.device.startswith("cuda")
             else None,
         }
+        if args.breakdown:
+            row["breakdown_s"] = {k: [round(t, 2), calls] for k, (t, calls) in steps.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model

@@ -47,6 +47,10 @@
 #   stage solvers issue 18's comparison on one machine: gptq (W4A8) and PTQ4DiT W4A8 with
 #                2,000 reconstruction iterations per unit on a random testbed-shaped model,
 #                the GPU alone (calibration time does not depend on the weights' values)
+#   stage gptqprof gptq alone on the same model, its steps timed (calibration_time.py
+#                --breakdown: the driver's captures and forwards, GPTQ's Hessian passes,
+#                stage discovery, column solves and error reports), then gptq_columns.py
+#                (GPTQ's inner loop: the torch loop against the Triton kernel per layer shape)
 #   stage detach runs the stages of STAGES (e.g. "targets small check") one after another in
 #                a process that outlives the call (each stage's $OUT is /tmp/lease/STAGE, its
 #                log /tmp/lease/STAGE.log; stage queue is that process), then collects
@@ -193,6 +197,11 @@ solvers)
     --method gptq --method 'ptq4dit:{"wbits": 4, "recon_iters": 2000}' \
     --out "$OUT/solvers.json"
   echo "solvers rc=$?"; head -c 3000 "$OUT/solvers.json" 2> /dev/null ;;
+gptqprof)
+  timeout "${CALIB_S:-300}" python benchmarks/calibration_time.py --shape testbed --quiet \
+    --method gptq --breakdown --out "$OUT/gptq_breakdown.json"
+  echo "gptqprof rc=$?"
+  timeout 200 python benchmarks/gptq_columns.py "$OUT/gptq_columns.json"; echo "columns rc=$?" ;;
 *)
-  echo "unknown stage $stage: detach, collect, queue, check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll or solvers"; exit 2 ;;
+  echo "unknown stage $stage: detach, collect, queue, check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll, solvers or gptqprof"; exit 2 ;;
 esac

@@ -638,3 +638,67 @@ def test_autotuners_zero_what_the_kernels_accumulate_before_every_trial():
         sums = torch.arange(1, 6, dtype=torch.int32)
         tuner.pre_hook({"nsum_ptr": sums}, reset_only=True)
         assert not sums.any()
+
+
+def _gptq_lazy_batch(rows: int, width: int, spec: QuantSpec, seed: int):
+    """A lazy batch's operands: weights, the upper factor of a damped inverse Hessian,
+    per-row steps (zero points on the grid) of column groups of 8."""
+    generator = torch.Generator().manual_seed(seed)
+    block = torch.randn(rows, width, generator=generator)
+    mix = torch.randn(3 * width, width, generator=generator)
+    hessian = mix.T @ mix / len(mix) + 0.01 * torch.eye(width)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    groups = torch.arange(width) // 8
+    step = 0.05 + 0.3 * torch.rand(rows, int(groups[-1]) + 1, generator=generator)
+    zero = torch.randint(0, 2**spec.bits, step.shape, generator=generator).float()
+    if spec.symmetric or spec.fmt == "fp8_e4m3":
+        zero.zero_()
+    return block, hinv.contiguous(), step[:, groups].contiguous(), zero[:, groups].contiguous()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, granularity=PerGroup(8)),
+        QuantSpec(bits=3, symmetric=True, granularity=PerChannel()),
+        QuantSpec(bits=8, fmt="fp8_e4m3", symmetric=True, granularity=PerChannel()),
+    ],
+    ids=["int4-asymmetric", "int3-symmetric", "fp8"],
+)
+@pytest.mark.parametrize("first,last", [(0, 20), (3, 11)])
+def test_gptq_columns_kernel_equals_the_torch_loop(spec, first, last):
+    """The kernel runs ``solve_columns``'s arithmetic: the same codes, errors and block
+    (17 rows: a partial program; 20 columns: a padded tile; a run inside the batch)."""
+    from ditq.quant.gptq import solve_columns
+
+    block, hinv, scale, zero = _gptq_lazy_batch(17, 20, spec, seed=first)
+    expected = [block.clone(), torch.zeros_like(block), torch.zeros_like(block)]
+    solve_columns(expected[0], hinv, scale, zero, spec, first, last, expected[1], expected[2])
+    wide = torch.zeros(17, 25)  # the quantized columns as a view of a wider matrix
+    got = [block.clone(), wide[:, 2:22], torch.zeros_like(block)]
+    triton_ops.gptq_columns(got[0], hinv, scale, zero, spec, first, last, got[1], got[2])
+    for name, g, e in zip(("block", "quantized", "errors"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6, msg=name)
+    assert torch.equal(got[1], expected[1])  # the same grid values
+    assert not wide[:, :2].any() and not wide[:, 22:].any()
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["groups-as-they-come", "act-order"])
+def test_gptq_with_the_kernel_equals_gptq_with_the_torch_loop(act_order):
+    """Whole GPTQ solves (lazy batches of 16 over 40 columns, groups of 8 fixed as the
+    columns come or before the loop) give the same grid values with either inner loop."""
+    from ditq.quant.gptq import GPTQSettings, gptq_quantize
+    from ditq.quant.quantizer import Quantizer
+
+    generator = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 40, generator=generator)
+    x = torch.randn(200, 40, generator=generator) @ torch.randn(40, 40, generator=generator)
+    hessian = 2 * x.T @ x / len(x)
+    settings = GPTQSettings(block_size=16, act_order=act_order)
+    solved = {}
+    for name, solve in (("torch", None), ("kernel", triton_ops.gptq_columns)):
+        quantizer = Quantizer(QuantSpec(bits=4, granularity=PerGroup(8)))
+        quantizer.find_params(w)
+        extra = () if solve is None else (solve,)
+        solved[name] = gptq_quantize(w, hessian, quantizer, settings, *extra)
+    assert torch.equal(solved["kernel"], solved["torch"])

@@ -8,13 +8,14 @@ import torch
 
 from ditq.calib.hooks import capture_block_io
 from ditq.methods import METHODS, RTNConfig
-from ditq.pipeline.gptq_solver import PASS_BATCH, GPTQSolver
+from ditq.pipeline.gptq_solver import GPTQSolver
 from ditq.pipeline.sequential import run_sequential
 from ditq.quant.gptq import GPTQSettings, HessianAccumulator, gptq_quantize
 
 from conftest import run_unpacked, tiny_dit
 
 STAGES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+BATCH = 8  # the driver's calibration batch in the test below
 
 
 def _solve_by_hand(model, calib, settings):
@@ -29,7 +30,7 @@ def _solve_by_hand(model, calib, settings):
                 lambda _m, args, hessian=hessian: hessian.update(args[0])
             )
             with torch.no_grad():
-                for rows in torch.arange(len(calib)).split(PASS_BATCH):
+                for rows in torch.arange(len(calib)).split(BATCH):
                     block(*(arg[rows] for arg in captured.args))
             handle.remove()
             layer.weight.data = gptq_quantize(
@@ -42,7 +43,9 @@ def test_solver_equals_stage_by_stage_gptq_on_full_forwards(calib):
     run_unpacked(METHODS["rtn"], model, RTNConfig(wbits=4, abits=8), calib)
     by_hand, original = copy.deepcopy(model), copy.deepcopy(model)
     settings = GPTQSettings()
-    report = run_sequential(model, None, calib, GPTQSolver(settings), progress=False)
+    report = run_sequential(
+        model, None, calib, GPTQSolver(settings), batch_size=BATCH, progress=False
+    )
     _solve_by_hand(by_hand, calib, settings)
     assert [unit["stages"] for unit in report["units"].values()] == [4, 4, 4]
     expected = dict(by_hand.named_parameters())

@@ -56,7 +56,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ditq.quant.quantizer import FP8_E4M3_MAX, compute_qparams
-from ditq.quant.spec import integer_range
+from ditq.quant.spec import QuantSpec, integer_range
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1413,3 +1413,95 @@ def _gpu_ms(run: Callable[[], object], reps: int = GPU_MS_REPS) -> float:
 def _(q, k, v, qkv_qparams, p_qparams, softmax_scale, bits, symmetric, mask=None):
     B, H, Nq, D = q.shape
     return q.new_empty((B, Nq, H, D)).transpose(1, 2)
+
+
+@triton.jit
+def _gptq_columns_kernel(
+    block_ptr,
+    hinv_ptr,
+    scale_ptr,
+    zero_ptr,
+    q_ptr,
+    err_ptr,
+    rows,
+    B,
+    first,
+    last,
+    q_stride,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    FP8: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """GPTQ's inner loop (``ditq.quant.gptq.solve_columns``) for BLOCK_R rows of a lazy
+    batch of B columns, the rows' block held in registers through the columns
+    ``first`` to ``last - 1``; IEEE divisions as torch's."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_B)
+    live = r < rows
+    tile = live[:, None] & (c < B)[None, :]
+    block = tl.load(block_ptr + r[:, None] * B + c[None, :], mask=tile, other=0.0)
+    for i in range(first, last):
+        value = tl.sum(tl.where((c == i)[None, :], block, 0.0), axis=1)
+        scale = tl.load(scale_ptr + r * B + i, mask=live, other=1.0)
+        scaled = tl.math.div_rn(value, scale)
+        if FP8:
+            scaled = tl.minimum(tl.maximum(scaled, -FP8_MAX), FP8_MAX)
+            quantized = _e4m3_codes(scaled).to(tl.float32) * scale
+        else:
+            zero = tl.load(zero_ptr + r * B + i, mask=live, other=0.0)
+            codes = tl.minimum(tl.maximum(_round_half_even(scaled) + zero, QMIN), QMAX)
+            quantized = (codes - zero) * scale
+        error = tl.math.div_rn(value - quantized, tl.load(hinv_ptr + i * B + i))
+        row = tl.load(hinv_ptr + i * B + c, mask=(c >= i) & (c < B), other=0.0)
+        block -= error[:, None] * row[None, :]
+        tl.store(q_ptr + r * q_stride + i, quantized, mask=live)
+        tl.store(err_ptr + r * B + i, error, mask=live)
+    tl.store(block_ptr + r[:, None] * B + c[None, :], block, mask=tile)
+
+
+GPTQ_ROWS = 16
+"""Rows of a lazy batch per program of the GPTQ kernel."""
+
+
+def gptq_columns(
+    block: torch.Tensor,
+    hinv_block: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: QuantSpec,
+    first: int,
+    last: int,
+    quantized: torch.Tensor,
+    errors: torch.Tensor,
+) -> None:
+    """``ditq.quant.gptq.solve_columns`` in one kernel launch (fp32): every row of the
+    lazy batch is independent, so each program keeps BLOCK_R rows' columns in registers
+    for the whole loop instead of a dozen launches per column."""
+    rows, width = block.shape
+    for tensor in (block, hinv_block, scale, zero, errors):
+        if not tensor.is_contiguous() or tensor.dtype != torch.float32:
+            raise ValueError("gptq_columns takes contiguous fp32 tensors")
+    if quantized.stride(1) != 1:
+        raise ValueError("gptq_columns needs the quantized columns' rows contiguous")
+    fp8 = spec.fmt == "fp8_e4m3"
+    qmin, qmax = (0, 0) if fp8 else integer_range(spec.bits, spec.symmetric)
+    _gptq_columns_kernel[(triton.cdiv(rows, GPTQ_ROWS),)](
+        block,
+        hinv_block,
+        scale,
+        zero,
+        quantized,
+        errors,
+        rows,
+        width,
+        first,
+        last,
+        quantized.stride(0),
+        QMIN=qmin,
+        QMAX=qmax,
+        FP8=fp8,
+        BLOCK_R=GPTQ_ROWS,
+        BLOCK_B=triton.next_power_of_2(width),
+    )

@@ -5,7 +5,8 @@ of a unit are solved in forward order, stage by stage. A stage is the first unso
 linear and every other unsolved one that reads the same input (a fused qkv alone, or
 separate q, k and v together, found from one batch); its Hessians, and only its, come
 from one pass of the cached inputs through the unit with the stages before it solved,
-each forward stopped once the stage's layers have their inputs (a layer is assumed to be
+at the driver's calibration batch, each forward stopped once the stage's layers have
+their inputs (a layer is assumed to be
 called once per forward of its unit, as in every supported family).
 
 A layer's Hessian is taken on what its weight multiplies: the input after its online
@@ -23,16 +24,33 @@ import torch
 from torch import nn
 
 from ditq.pipeline.sequential import UnitCall, UnitData
-from ditq.quant.gptq import GPTQSettings, HessianAccumulator, gptq_quantize, supports_gptq
+from ditq.quant.gptq import (
+    ColumnSolver,
+    GPTQSettings,
+    HessianAccumulator,
+    gptq_quantize,
+    solve_columns,
+    supports_gptq,
+)
 from ditq.quant.layers import QuantLinear
-
-PASS_BATCH = 16
-"""Calibration entries per forward of a Hessian pass."""
+from ditq.quant.quantizer import range_dtype
 
 
 def _solvable(module: nn.Module) -> dict[str, QuantLinear]:
     layers = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
     return {n: m for n, m in layers.items() if not m.packed and supports_gptq(m.weight_quantizer)}
+
+
+def _column_solver(weight: torch.Tensor) -> ColumnSolver:
+    """GPTQ's inner loop as one Triton kernel per lazy batch for fp32 work on a GPU
+    (``ditq.kernels.triton_ops.gptq_columns``), else the torch loop."""
+    if weight.is_cuda and range_dtype(weight.dtype) == torch.float32:
+        try:
+            from ditq.kernels.triton_ops import gptq_columns
+        except ImportError:  # a CUDA build without Triton
+            return solve_columns
+        return gptq_columns
+    return solve_columns
 
 
 def _relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -69,7 +87,9 @@ class GPTQSolver:
                 hessian = hessians[name].result()
                 weight = layer.weight.data
                 rtn = layer.weight_quantizer(weight)
-                solved = gptq_quantize(weight, hessian, layer.weight_quantizer, self.settings)
+                solved = gptq_quantize(
+                    weight, hessian, layer.weight_quantizer, self.settings, _column_solver(weight)
+                )
                 report["layers"][unit.name + (f".{name}" if name else "")] = {
                     "relative_sq_error": _relative_error(weight, solved, hessian),
                     "rtn_relative_sq_error": _relative_error(weight, rtn, hessian),
@@ -99,7 +119,7 @@ class GPTQSolver:
             for name, layer in pending.items()
         ]
         try:
-            _forward_until_reached(unit, data.batch(torch.arange(min(PASS_BATCH, len(data)))))
+            _forward_until_reached(unit, next(data.batches()))
         finally:
             for handle in handles:
                 handle.remove()
@@ -127,9 +147,9 @@ class GPTQSolver:
             for name, layer in layers.items()
         ]
         try:
-            for index in torch.arange(len(data)).split(PASS_BATCH):
+            for batch in data.batches():
                 fed.clear()
-                _forward_until_reached(unit, data.batch(index))
+                _forward_until_reached(unit, batch)
         finally:
             for handle in handles:
                 handle.remove()

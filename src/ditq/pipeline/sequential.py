@@ -29,6 +29,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,7 +118,8 @@ class Solver(Protocol):
 
 class UnitData:
     """A unit's cached inputs and FP targets, indexed by calibration entry, kept on the
-    device, in host memory or in ``.npy`` files read through memory maps."""
+    device, in host memory or in ``.npy`` files read through memory maps; ``batch_size``:
+    entries per forward of the unit (the driver's calibration batch)."""
 
     def __init__(
         self,
@@ -125,8 +127,10 @@ class UnitData:
         device: torch.device,
         settings: SequentialSettings,
         spill_dir: Path | None,
+        batch_size: int = 64,
     ) -> None:
         self.device = device
+        self.batch_size = batch_size
         self.spill_dir = None
         self.arrays: dict[str, np.ndarray] = {}
         self.tensors: dict[str, torch.Tensor] = {}
@@ -161,6 +165,11 @@ class UnitData:
         if self.place == "device":
             index = index.to(self.device)
         return {k: t[index].to(self.device) for k, t in self.tensors.items()}
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every entry in order, ``batch_size`` at a time, on the device."""
+        for index in torch.arange(self.length).split(self.batch_size):
+            yield self.batch(index)
 
     def close(self) -> None:
         self.arrays, self.tensors = {}, {}
@@ -303,7 +312,7 @@ def _solve_unit(
         tensors, fp_inputs = _capture(unit, qmodel, fp_model, calib, batch_size, device)
     del carried
     spill_dir = cache_dir / f"tmp_{unit.name}" if cache_dir is not None else None
-    data = UnitData(tensors, device, settings, spill_dir)
+    data = UnitData(tensors, device, settings, spill_dir, batch_size)
     unchanged = {k: v for k, v in tensors.items() if k not in ("arg0", "target")}
     target = tensors.get("target")
     del tensors
@@ -340,16 +349,14 @@ def _outputs(
 ) -> torch.Tensor:
     """The unit's outputs on every entry of ``data`` (cached data or CPU tensors), on the
     CPU."""
-    if isinstance(data, dict):
-        device = next(unit.module.parameters()).device
-        length = len(data["arg0"])
-
-        def batch(index: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {k: v[index].to(device) for k, v in data.items()}
-    else:
-        length, batch = len(data), data.batch
+    if isinstance(data, UnitData):
+        return torch.cat([unit.forward(batch).cpu() for batch in data.batches()])
+    device = next(unit.module.parameters()).device
     return torch.cat(
-        [unit.forward(batch(index)).cpu() for index in torch.arange(length).split(batch_size)]
+        [
+            unit.forward({k: v[index].to(device) for k, v in data.items()}).cpu()
+            for index in torch.arange(len(data["arg0"])).split(batch_size)
+        ]
     )
 
 

@@ -27,6 +27,7 @@ the damping grows tenfold up to three times before giving up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from ditq.quant.quantizer import (
     qparams_from_range,
     range_dtype,
 )
-from ditq.quant.spec import PerChannel, PerGroup, PerTensor
+from ditq.quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 DAMP_RETRIES = 3
 
@@ -123,33 +124,92 @@ class _ColumnGrid:
         self.quantizer.scale[:, group] = scale[:, 0].to(self.quantizer.scale.dtype)
         self.quantizer.zero_point[:, group] = zero[:, 0].to(self.quantizer.zero_point.dtype)
 
-    def quantize(self, column: torch.Tensor, index: int) -> torch.Tensor:
-        """``Q(w)`` of the original input column ``index``."""
+    def columns(
+        self, indices: torch.Tensor, rows: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point (rows, len(indices)) of the original input columns
+        ``indices``, as the ranges are now."""
         granularity = self.spec.granularity
         scale, zero = self.quantizer.scale, self.quantizer.zero_point
         if isinstance(granularity, PerTensor):
-            scale, zero = scale.reshape(1), zero.reshape(1)
+            scale, zero = scale.reshape(1, 1), zero.reshape(1, 1)
         elif isinstance(granularity, PerChannel):
-            scale, zero = scale[:, 0], zero[:, 0]
+            scale, zero = scale[:, :1], zero[:, :1]
         else:
-            group = index // granularity.group_size
-            scale, zero = scale[:, group, 0], zero[:, group, 0]
-        scale = scale.to(column.dtype).clamp(min=MIN_SCALE)
-        if self.spec.fmt == "fp8_e4m3":
-            return fake_quantize_fp8(column, scale)
-        return fake_quantize(
-            column, scale, zero.to(column.dtype), self.spec.bits, self.spec.symmetric
-        )
+            groups = indices // granularity.group_size
+            scale, zero = scale[:, groups, 0], zero[:, groups, 0]
+        shape = (rows, len(indices))
+        scale = scale.to(dtype).clamp(min=MIN_SCALE).expand(shape).contiguous()
+        return scale, zero.to(dtype).expand(shape).contiguous()
+
+
+ColumnSolver = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        QuantSpec,
+        int,
+        int,
+        torch.Tensor,
+        torch.Tensor,
+    ],
+    None,
+]
+"""``solve(block, hinv_block, scale, zero, spec, first, last, quantized, errors)``: the
+columns ``first`` to ``last - 1`` of a lazy batch (:func:`solve_columns`)."""
+
+
+def solve_columns(
+    block: torch.Tensor,
+    hinv_block: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: QuantSpec,
+    first: int,
+    last: int,
+    quantized: torch.Tensor,
+    errors: torch.Tensor,
+) -> None:
+    """GPTQ's inner loop over columns ``first`` to ``last - 1`` of a lazy batch (rows, B),
+    in place: ``q_j = Q(w_j)`` with column j's ``scale`` and ``zero`` (rows, B), into
+    ``quantized``; ``e = (w_j − q_j) / [H⁻¹]_jj`` into ``errors``; the block's columns
+    from j on absorb ``e [H⁻¹]_{j,k≥j}`` (module docstring). Rows are independent, which
+    the fused kernel of the CUDA backend uses (``ditq.kernels``)."""
+    for i in range(first, last):
+        value = block[:, i]
+        if spec.fmt == "fp8_e4m3":
+            q = fake_quantize_fp8(value, scale[:, i])
+        else:
+            q = fake_quantize(value, scale[:, i], zero[:, i], spec.bits, spec.symmetric)
+        quantized[:, i] = q
+        error = (value - q) / hinv_block[i, i]
+        block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
+        errors[:, i] = error
+
+
+def _segments(start: int, stop: int, group_size: int | None) -> list[tuple[int, int]]:
+    """The runs of columns of the lazy batch ``[start, stop)`` (relative to it) between
+    group starts (one run without ``group_size``)."""
+    cuts = [0, stop - start]
+    if group_size is not None:
+        cuts[1:1] = [c - start for c in range(start + 1, stop) if c % group_size == 0]
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 @torch.no_grad()
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, quantizer: Quantizer, settings: GPTQSettings
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantizer: Quantizer,
+    settings: GPTQSettings,
+    solve: ColumnSolver = solve_columns,
 ) -> torch.Tensor:
     """GPTQ's ``Q(W)`` for ``weight`` (C_out, C_in) with input Hessian ``hessian``
     (C_in, C_in) and the calibrated weight ``quantizer``, whose group ranges it fixes
-    (module docstring). Returns grid values in the weight's dtype, computed in float64 for
-    float64 weights, else float32."""
+    (module docstring); ``solve`` runs the columns of each lazy batch. Returns grid values
+    in the weight's dtype, computed in float64 for float64 weights, else float32."""
     if not supports_gptq(quantizer) or not quantizer.calibrated:
         raise DitqError(
             f"GPTQ solves calibrated static weights per tensor, channel or group of input "
@@ -158,7 +218,7 @@ def gptq_quantize(
     dtype = range_dtype(weight.dtype)
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype=dtype, device=w.device).clone()
-    columns = w.shape[1]
+    rows, columns = w.shape
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     order = (
@@ -170,27 +230,33 @@ def gptq_quantize(
     hinv = _upper_inverse_cholesky(h, settings.damp)
     grid = _ColumnGrid(quantizer)
     granularity = quantizer.spec.granularity
-    dynamic_groups = isinstance(granularity, PerGroup) and not settings.act_order
-    original = order.tolist()
+    dynamic = isinstance(granularity, PerGroup) and not settings.act_order
+    size = granularity.group_size if dynamic else None
+    original = order.to(quantizer.scale.device)
     q = torch.zeros_like(w)
     for start in range(0, columns, settings.block_size):
         stop = min(start + settings.block_size, columns)
         block, errors = w[:, start:stop].clone(), torch.zeros_like(w[:, start:stop])
-        hinv_block = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = start + i
-            if dynamic_groups and column % granularity.group_size == 0:
-                size = granularity.group_size
+        hinv_block = hinv[start:stop, start:stop].contiguous()
+        for first, last in _segments(start, stop, size):
+            column = start + first
+            if dynamic and column % size == 0:
                 beyond = slice(stop, stop + max(0, size - (stop - column)))
-                later = w[:, beyond] - errors[:, :i] @ hinv[start:column, beyond]
+                later = w[:, beyond] - errors[:, :first] @ hinv[start:column, beyond]
                 grid.set_group_range(
-                    column // size, torch.cat([block[:, i:], later], dim=1)[:, :size]
+                    column // size, torch.cat([block[:, first:], later], dim=1)[:, :size]
                 )
-            value = block[:, i]
-            quantized = grid.quantize(value, original[column])
-            q[:, column] = quantized
-            error = (value - quantized) / hinv_block[i, i]
-            block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
-            errors[:, i] = error
+            scale, zero = grid.columns(original[start:stop], rows, dtype)
+            solve(
+                block,
+                hinv_block,
+                scale.to(w.device),
+                zero.to(w.device),
+                quantizer.spec,
+                first,
+                last,
+                q[:, start:stop],
+                errors,
+            )
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
     return q[:, torch.argsort(order)].to(weight.dtype)
