@@ -136,11 +136,8 @@ def test_learned_scales_can_be_switched_off_and_units_follow_forward_order(calib
     assert list(report["units"]) == ["blocks.0", "blocks.1"]
 
 
-@pytest.mark.parametrize(
-    "graphs",
-    [False, pytest.param(True, marks=pytest.mark.slow)],  # slow: Inductor's code again
-    ids=["compiled", "cuda-graphs-mode"],
-)
+@pytest.mark.slow  # Inductor's code generation of a whole block's step, twice
+@pytest.mark.parametrize("graphs", [False, True], ids=["compiled", "cuda-graphs-mode"])
 def test_compiled_step_equals_the_eager_step(calib, graphs):
     """The reconstruction step through torch.compile (on by default on a GPU; on the CPU
     the CUDA graphs mode compiles without graphs) computes the eager loss and the same
@@ -176,7 +173,7 @@ def test_compiled_step_equals_the_eager_step(calib, graphs):
 def traced_objectives(monkeypatch) -> list[bool]:
     """The solver's compiled objectives traced by dynamo and AOT autograd without Inductor's
     code generation (the tests below are about the solver's loop around them; Inductor's
-    numerics are the test above's), and the ``graphs`` argument of each."""
+    numerics are the test above's, a slow one), and the ``graphs`` argument of each."""
     modes = []
 
     def traced(graphs):
