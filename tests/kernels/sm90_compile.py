@@ -147,7 +147,18 @@ def gemm() -> None:
         compile_kernel(ops._int_gemm_kernel, types, flags, name, num_warps=8, num_stages=3)
 
 
+def gptq() -> None:
+    types = dict(
+        block_ptr="*fp32", hinv_ptr="*fp32", scale_ptr="*fp32", zero_ptr="*fp32",
+        q_ptr="*fp32", err_ptr="*fp32",
+    )  # fmt: skip
+    for fp8 in (False, True):
+        flags = dict(QMIN=0, QMAX=15, FP8=fp8, BLOCK_R=ops.GPTQ_ROWS, BLOCK_B=128)
+        compile_kernel(ops._gptq_columns_kernel, types, flags)
+
+
 if __name__ == "__main__":
     attention()
     activations()
     gemm()
+    gptq()
