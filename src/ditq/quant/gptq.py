@@ -17,6 +17,11 @@ with ``act_order`` the calibrated ranges of the
 original weight instead (the reference's ``static_groups``), so that groups stay runs of
 consecutive input channels, the format the kernels read.
 
+The inner loop over a lazy batch's columns is a :data:`ColumnSolver`: the torch loop of
+:func:`solve_columns`, or on a GPU one Triton kernel per lazy batch
+(``ditq.kernels.triton_ops.gptq_columns``, passed in by the pipeline's GPTQ solver, so that
+this module needs nothing above ``quant/``).
+
 Deviations from the reference implementation (IST-DASLab/gptq): the range of a group is
 found on its columns with every update so far (the reference reads columns whose
 in-batch updates are still pending when a group starts inside a lazy batch); input
