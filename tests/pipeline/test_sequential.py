@@ -371,10 +371,22 @@ def test_official_data_schedule_visits_each_chunk_in_turn():
     assert len({tuple(index.tolist()) for index in indices}) > 20  # drawn anew each step
 
 
-def test_chained_blocks_get_the_inputs_a_capture_would(calib, monkeypatch):
+class _DeviceCache(UnitData):
+    """A unit's cache as the driver keeps it on an accelerator (outputs carried to the next
+    block without a host copy), here on the CPU."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.place = "device"
+
+
+@pytest.mark.parametrize("cache", ["host", "device"])
+def test_chained_blocks_get_the_inputs_a_capture_would(calib, monkeypatch, cache):
     """Block inputs computed from the block before (the driver's chain) equal a capture
     from the model run up to the block, with quantized embedders (so the FP and quantized
-    conditionings differ) and solved blocks in between."""
+    conditionings differ) and solved blocks in between, wherever the cache is kept."""
+    if cache == "device":
+        monkeypatch.setattr("ditq.pipeline.sequential.UnitData", _DeviceCache)
     fp = tiny_dit(depth=3)
     model = _rtn(calib, depth=3, layers=LayerSelection(embedders=True, adaln=True))
     check_block_inputs_match_capture(model, fp, calib, monkeypatch)

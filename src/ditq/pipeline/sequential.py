@@ -145,11 +145,11 @@ class UnitData:
             spill_dir.mkdir(parents=True, exist_ok=True)
             for key, tensor in tensors.items():
                 path = spill_dir / f"{key}.npy"
-                np.save(path, tensor.numpy())
+                np.save(path, tensor.cpu().numpy())
                 self.arrays[key] = np.load(path, mmap_mode="r")
         else:
             self.place = "host"
-            self.tensors = tensors
+            self.tensors = {k: t.cpu() for k, t in tensors.items()}
 
     def __len__(self) -> int:
         return self.length
@@ -272,7 +272,9 @@ def _chained_pairs(qmodel: nn.Module, units: list[UnitCall]) -> dict[str, UnitCa
 @dataclass
 class Carried:
     """The next block's inputs (and, with targets, its FP inputs), computed from the block
-    just solved, on the CPU, per entry."""
+    just solved, per entry: on the device where the solved block's cache was there (no
+    copy through the host; the device then holds a block's inputs twice while the outputs
+    are computed), else on the CPU."""
 
     unit: str
     inputs: dict[str, torch.Tensor]
@@ -313,7 +315,8 @@ def _solve_unit(
     del carried
     spill_dir = cache_dir / f"tmp_{unit.name}" if cache_dir is not None else None
     data = UnitData(tensors, device, settings, spill_dir, batch_size)
-    unchanged = {k: v for k, v in tensors.items() if k not in ("arg0", "target")}
+    kept = data.tensors if data.place == "device" else tensors
+    unchanged = {k: v for k, v in kept.items() if k not in ("arg0", "target")}
     target = tensors.get("target")
     del tensors
     try:
@@ -347,10 +350,18 @@ def _solve_unit(
 def _outputs(
     unit: UnitCall, data: UnitData | dict[str, torch.Tensor], batch_size: int
 ) -> torch.Tensor:
-    """The unit's outputs on every entry of ``data`` (cached data or CPU tensors), on the
-    CPU."""
+    """The unit's outputs on every entry of ``data`` (cached data or CPU tensors): on the
+    device for cached data kept there, else on the CPU."""
     if isinstance(data, UnitData):
-        return torch.cat([unit.forward(batch).cpu() for batch in data.batches()])
+        result, start = None, 0
+        for batch in data.batches():
+            out = unit.forward(batch)
+            out = out if data.place == "device" else out.cpu()
+            if result is None:  # filled in place: no second copy of every output
+                result = out.new_empty((len(data), *out.shape[1:]))
+            result[start : start + len(out)] = out
+            start += len(out)
+        return result
     device = next(unit.module.parameters()).device
     return torch.cat(
         [
