@@ -669,17 +669,20 @@ def _gptq_lazy_batch(rows: int, width: int, spec: QuantSpec, seed: int):
 def test_gptq_columns_kernel_equals_the_torch_loop(spec, first, last):
     """The kernel runs ``solve_columns``'s arithmetic: the same codes, errors and block
     (17 rows: a partial program; 20 columns: a padded tile; a run inside the batch)."""
-    from ditq.quant.gptq import solve_columns
+    from ditq.quant.gptq import LazyBatch, solve_columns
 
     block, hinv, scale, zero = _gptq_lazy_batch(17, 20, spec, seed=first)
-    expected = [block.clone(), torch.zeros_like(block), torch.zeros_like(block)]
-    solve_columns(expected[0], hinv, scale, zero, spec, first, last, expected[1], expected[2])
+    zeros = torch.zeros_like(block)
+    expected = LazyBatch(block.clone(), hinv, scale, zero, zeros.clone(), zeros.clone())
+    solve_columns(expected, spec, first, last)
     wide = torch.zeros(17, 25)  # the quantized columns as a view of a wider matrix
-    got = [block.clone(), wide[:, 2:22], torch.zeros_like(block)]
-    triton_ops.gptq_columns(got[0], hinv, scale, zero, spec, first, last, got[1], got[2])
-    for name, g, e in zip(("block", "quantized", "errors"), got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6, msg=name)
-    assert torch.equal(got[1], expected[1])  # the same grid values
+    got = LazyBatch(block.clone(), hinv, scale, zero, wide[:, 2:22], zeros.clone())
+    triton_ops.gptq_columns(got, spec, first, last)
+    for name in ("block", "quantized", "errors"):
+        torch.testing.assert_close(
+            getattr(got, name), getattr(expected, name), rtol=1e-6, atol=1e-6, msg=name
+        )
+    assert torch.equal(got.quantized, expected.quantized)  # the same grid values
     assert not wide[:, :2].any() and not wide[:, 22:].any()
 
 

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ditq.quant.gptq import LazyBatch
 from ditq.quant.quantizer import FP8_E4M3_MAX, compute_qparams
 from ditq.quant.spec import QuantSpec, integer_range
 
@@ -1465,40 +1466,30 @@ GPTQ_ROWS = 16
 """Rows of a lazy batch per program of the GPTQ kernel."""
 
 
-def gptq_columns(
-    block: torch.Tensor,
-    hinv_block: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    spec: QuantSpec,
-    first: int,
-    last: int,
-    quantized: torch.Tensor,
-    errors: torch.Tensor,
-) -> None:
+def gptq_columns(batch: LazyBatch, spec: QuantSpec, first: int, last: int) -> None:
     """``ditq.quant.gptq.solve_columns`` in one kernel launch (fp32): every row of the
     lazy batch is independent, so each program keeps BLOCK_R rows' columns in registers
     for the whole loop instead of a dozen launches per column."""
-    rows, width = block.shape
-    for tensor in (block, hinv_block, scale, zero, errors):
+    rows, width = batch.block.shape
+    for tensor in (batch.block, batch.hinv, batch.scale, batch.zero, batch.errors):
         if not tensor.is_contiguous() or tensor.dtype != torch.float32:
             raise ValueError("gptq_columns takes contiguous fp32 tensors")
-    if quantized.stride(1) != 1:
+    if batch.quantized.stride(1) != 1:
         raise ValueError("gptq_columns needs the quantized columns' rows contiguous")
     fp8 = spec.fmt == "fp8_e4m3"
     qmin, qmax = (0, 0) if fp8 else integer_range(spec.bits, spec.symmetric)
     _gptq_columns_kernel[(triton.cdiv(rows, GPTQ_ROWS),)](
-        block,
-        hinv_block,
-        scale,
-        zero,
-        quantized,
-        errors,
+        batch.block,
+        batch.hinv,
+        batch.scale,
+        batch.zero,
+        batch.quantized,
+        batch.errors,
         rows,
         width,
         first,
         last,
-        quantized.stride(0),
+        batch.quantized.stride(0),
         QMIN=qmin,
         QMAX=qmax,
         FP8=fp8,

@@ -148,50 +148,43 @@ class _ColumnGrid:
         return scale, zero.to(dtype).expand(shape).contiguous()
 
 
-ColumnSolver = Callable[
-    [
-        torch.Tensor,
-        torch.Tensor,
-        torch.Tensor,
-        torch.Tensor,
-        QuantSpec,
-        int,
-        int,
-        torch.Tensor,
-        torch.Tensor,
-    ],
-    None,
-]
-"""``solve(block, hinv_block, scale, zero, spec, first, last, quantized, errors)``: the
-columns ``first`` to ``last - 1`` of a lazy batch (:func:`solve_columns`)."""
+@dataclass
+class LazyBatch:
+    """One lazy batch of B columns of GPTQ's loop, solved in place: ``block`` (rows, B),
+    the columns as updated so far; ``hinv`` (B, B), the batch's part of the upper factor of
+    ``H⁻¹``; ``scale`` and ``zero`` (rows, B), each element's step and zero point;
+    ``quantized`` and ``errors`` (rows, B), what the solve writes."""
+
+    block: torch.Tensor
+    hinv: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    quantized: torch.Tensor
+    errors: torch.Tensor
 
 
-def solve_columns(
-    block: torch.Tensor,
-    hinv_block: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    spec: QuantSpec,
-    first: int,
-    last: int,
-    quantized: torch.Tensor,
-    errors: torch.Tensor,
-) -> None:
-    """GPTQ's inner loop over columns ``first`` to ``last - 1`` of a lazy batch (rows, B),
-    in place: ``q_j = Q(w_j)`` with column j's ``scale`` and ``zero`` (rows, B), into
-    ``quantized``; ``e = (w_j − q_j) / [H⁻¹]_jj`` into ``errors``; the block's columns
-    from j on absorb ``e [H⁻¹]_{j,k≥j}`` (module docstring). Rows are independent, which
-    the fused kernel of the CUDA backend uses (``ditq.kernels``)."""
+ColumnSolver = Callable[[LazyBatch, QuantSpec, int, int], None]
+"""``solve(batch, spec, first, last)``: the columns ``first`` to ``last - 1`` of a lazy
+batch (:func:`solve_columns`)."""
+
+
+def solve_columns(batch: LazyBatch, spec: QuantSpec, first: int, last: int) -> None:
+    """GPTQ's inner loop over columns ``first`` to ``last - 1`` of a lazy batch, in place:
+    ``q_j = Q(w_j)`` with column j's steps and zero points, into ``quantized``;
+    ``e = (w_j − q_j) / [H⁻¹]_jj`` into ``errors``; the block's columns from j on absorb
+    ``e [H⁻¹]_{j,k≥j}`` (module docstring). Rows are independent, which the fused kernel of
+    the CUDA backend uses (``ditq.kernels``)."""
+    block, hinv = batch.block, batch.hinv
     for i in range(first, last):
         value = block[:, i]
         if spec.fmt == "fp8_e4m3":
-            q = fake_quantize_fp8(value, scale[:, i])
+            q = fake_quantize_fp8(value, batch.scale[:, i])
         else:
-            q = fake_quantize(value, scale[:, i], zero[:, i], spec.bits, spec.symmetric)
-        quantized[:, i] = q
-        error = (value - q) / hinv_block[i, i]
-        block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
-        errors[:, i] = error
+            q = fake_quantize(value, batch.scale[:, i], batch.zero[:, i], spec.bits, spec.symmetric)
+        batch.quantized[:, i] = q
+        error = (value - q) / hinv[i, i]
+        block[:, i:] -= error[:, None] * hinv[i, i:][None, :]
+        batch.errors[:, i] = error
 
 
 def _segments(start: int, stop: int, group_size: int | None) -> list[tuple[int, int]]:
@@ -252,16 +245,7 @@ def gptq_quantize(
                     column // size, torch.cat([block[:, first:], later], dim=1)[:, :size]
                 )
             scale, zero = grid.columns(original[start:stop], rows, dtype)
-            solve(
-                block,
-                hinv_block,
-                scale.to(w.device),
-                zero.to(w.device),
-                quantizer.spec,
-                first,
-                last,
-                q[:, start:stop],
-                errors,
-            )
+            batch = LazyBatch(block, hinv_block, scale, zero, q[:, start:stop], errors)
+            solve(batch, quantizer.spec, first, last)
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
     return q[:, torch.argsort(order)].to(weight.dtype)
