@@ -6,8 +6,8 @@ linear and every other unsolved one that reads the same input (a fused qkv alone
 separate q, k and v together, found from one batch); its Hessians, and only its, come
 from one pass of the cached inputs through the unit with the stages before it solved,
 at the driver's calibration batch, each forward stopped once the stage's layers have
-their inputs (a layer is assumed to be
-called once per forward of its unit, as in every supported family).
+their inputs (a layer is assumed to be called once per forward of its unit, as in every
+supported family).
 
 A layer's Hessian is taken on what its weight multiplies: the input after its online
 scale and rotation, before activation quantization (``QuantLinear.transformed_input``,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -193,7 +194,7 @@ def _segments(start: int, stop: int, group_size: int | None) -> list[tuple[int, 
     cuts = [0, stop - start]
     if group_size is not None:
         cuts[1:1] = [c - start for c in range(start + 1, stop) if c % group_size == 0]
-    return list(zip(cuts, cuts[1:], strict=False))
+    return list(pairwise(cuts))
 
 
 @torch.no_grad()
