@@ -56,7 +56,9 @@
 #                log /tmp/lease/STAGE.log; stage queue is that process), then collects
 #                like `collect`
 #   stage collect waits until the detached stages end or the call has run CALL_S seconds
-#                (default 540), then packs /tmp/lease into $OUT/lease.tar.gz and prints
+#                (default 540), packing /tmp/lease into $OUT/lease.tar.gz every minute
+#                meanwhile (a call cut short by the device's time limit still returns
+#                what had run) and once more at the end, and prints
 #                each stage's log's end (call it again and again until they end); a whole
 #                lease: STAGES="small targets check targets512" BENCH_S=240 CHECK_S=280
 #                bash benchmarks/gpu_lease_speed.sh detach, then collect (carry .wheels on
@@ -67,9 +69,11 @@ set -uo pipefail
 stage=$1
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 XL=DiT-XL/2@256
-wait_for() {  # PID_FILE, the default bound: until that process ends or the call has run
-  # CALL_S seconds
+wait_for() {  # PID_FILE, the default bound[, a command run every minute meanwhile]: until
+  # that process ends or the call has run CALL_S seconds
+  local next=0
   while kill -0 "$(cat "$1")" 2> /dev/null && [ $SECONDS -lt "${CALL_S:-$2}" ]; do
+    if [ -n "${3:-}" ] && [ $SECONDS -ge $next ]; then "$3"; next=$((SECONDS + 60)); fi
     sleep 5
   done
 }
@@ -97,10 +101,12 @@ bench() {  # OUT_NAME, then ditq bench's options (why a graph skips CUDA graphs:
     --out "$OUT/$name" 2> "$OUT/$name.stderr.log"
   cat "$OUT/$name/bench.md" 2> /dev/null
 }
-collect() {  # the detached queue of stages
-  wait_for /tmp/lease/queue.pid 540
+pack() { tar czf "$OUT/lease.tar.gz" -C /tmp lease; }
+collect() {  # the detached queue of stages, packed into $OUT every minute while it runs, so
+  # that a call stopped by the device's time limit before CALL_S still brings back what ran
+  wait_for /tmp/lease/queue.pid 540 pack
   for log in /tmp/lease/*.log; do echo "== $log"; tail -c 2500 "$log"; done
-  tar czf "$OUT/lease.tar.gz" -C /tmp lease
+  pack
 }
 case $stage in
 detach)
