@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,9 +25,20 @@ from ditq.pipeline.method import Method, RunContext
 from ditq.pipeline.run import run_method
 from ditq.quant.layers import QuantLinear
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED = REPOSITORY.parent / "shared"
 TESTBED = SHARED / "models" / "dit_s2_cifar10.pt"
 CIFAR_TEST = SHARED / "data" / "cifar_test.npz"
+
+
+def load_script(path: str) -> ModuleType:
+    """The repository's script at ``path`` (e.g. ``benchmarks/gemm_sweep.py``), imported as
+    a module (scripts are not in the package)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPOSITORY / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = DiTConfig(
     depth=2, hidden_size=32, patch_size=2, num_heads=2, input_size=8, in_channels=3, num_classes=4

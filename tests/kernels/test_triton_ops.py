@@ -320,6 +320,13 @@ class QueuedGpu:
         self.sleeps, self.recorded, self.flushes, self.runs = [], [], 0, 0
         self.active = self  # as triton.runtime.driver, whose .active is the driver
 
+    def install(self, monkeypatch) -> None:
+        """Stand in for the driver and the CUDA calls ``_gpu_ms`` makes."""
+        monkeypatch.setattr(triton_ops.triton.runtime, "driver", self)
+        monkeypatch.setattr(torch.cuda, "_sleep", self.sleep)
+        monkeypatch.setattr(torch.cuda, "Event", self.event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
     def sleep(self, cycles: int) -> None:
         self.sleeps.append(cycles)
         self.recorded = []
@@ -361,10 +368,7 @@ def test_gpu_time_queues_the_runs_behind_a_sleep_that_outlasts_their_issuing(mon
     sleep is returned, each run after an L2 flush, one untimed run first."""
     reps = 5
     gpu = QueuedGpu(needed=1 << 27, host_ms=0.15, gpu_ms=[0.013, 0.011, 0.012, 0.020, 0.010])
-    monkeypatch.setattr(triton_ops.triton.runtime, "driver", gpu)
-    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
-    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    gpu.install(monkeypatch)
     assert triton_ops._gpu_ms(gpu.run, reps=reps) == pytest.approx(0.012)
     first, longest = triton_ops.SLEEP_CYCLES
     assert gpu.sleeps == [first, first * 4, first * 16] and first * 16 >= gpu.needed
@@ -375,10 +379,7 @@ def test_gpu_time_stops_at_the_longest_sleep(monkeypatch):
     """A host that never finishes issuing in time (a run that waits for the GPU) ends the
     retries at the longest sleep, with that try's times."""
     gpu = QueuedGpu(needed=1 << 40, host_ms=0.15, gpu_ms=[])
-    monkeypatch.setattr(triton_ops.triton.runtime, "driver", gpu)
-    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
-    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    gpu.install(monkeypatch)
     assert triton_ops._gpu_ms(gpu.run, reps=3) == pytest.approx(0.15)
     first, longest = triton_ops.SLEEP_CYCLES
     assert gpu.sleeps == [first * 4**i for i in range(len(gpu.sleeps))]

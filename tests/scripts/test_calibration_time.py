@@ -4,27 +4,15 @@ as they were."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from ditq.methods import METHODS, RTNConfig
 from ditq.pipeline import sequential
 from ditq.pipeline.gptq_solver import GPTQSolver
 
-from conftest import run_unpacked, tiny_dit
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_time.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("calibration_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script, run_unpacked, tiny_dit
 
 
 def test_breakdown_times_every_step_of_a_gptq_run(calib):
-    script = _script()
+    script = load_script("benchmarks/calibration_time.py")
     model = tiny_dit(depth=2)
     run_unpacked(METHODS["rtn"], model, RTNConfig(wbits=4, abits=8), calib)
     originals = [getattr(owner, name) for owner, name in script.TIMED]

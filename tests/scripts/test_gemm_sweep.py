@@ -3,25 +3,16 @@ interpreter at a small size): a lease's ``gemm`` stage once found them stale."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gemm_sweep.py"
+from conftest import load_script
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter"
 )
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("gemm_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _first(result):
@@ -30,7 +21,7 @@ def _first(result):
 
 def test_ditq_gemm_cases_run_and_give_the_layer_output_shape():
     M, K, N = 32, 128, 64
-    cases = _script().layer_cases(M, K, N, "cpu")
+    cases = load_script("benchmarks/gemm_sweep.py").layer_cases(M, K, N, "cpu")
     ditq_cases = {name: fn for name, fn in cases.items() if name.startswith("ditq")}
     assert len(ditq_cases) == 7
     for name, fn in ditq_cases.items():
@@ -40,7 +31,7 @@ def test_ditq_gemm_cases_run_and_give_the_layer_output_shape():
 
 
 def test_quantize_cases_run_and_norm_quantize_sums_its_codes():
-    script = _script()
+    script = load_script("benchmarks/gemm_sweep.py")
     cases = script.quantize_cases(256, 64, "cpu")
     codes, *_ = cases["triton quantize_act static"]()
     norm_codes, norm_sums = cases["triton norm_quantize static"]()

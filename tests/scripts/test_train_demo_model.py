@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ditq import load_model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_training_writes_a_loadable_bf16_model(tmp_path, cifar_test_path):
-    script = _script()
+    script = load_script("scripts/train_demo_model.py")
     out = tmp_path / "demo.safetensors"
     args = script.parse_args(
         [

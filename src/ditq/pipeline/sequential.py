@@ -272,9 +272,9 @@ def _chained_pairs(qmodel: nn.Module, units: list[UnitCall]) -> dict[str, UnitCa
 @dataclass
 class Carried:
     """The next block's inputs (and, with targets, its FP inputs), computed from the block
-    just solved, per entry: on the device where the solved block's cache was there (no
-    copy through the host; the device then holds a block's inputs twice while the outputs
-    are computed), else on the CPU."""
+    just solved, per entry: on the device where the solved block's cache was kept there
+    (no copy through the host; the device then holds a block's inputs twice while the
+    outputs are computed), else on the CPU."""
 
     unit: str
     inputs: dict[str, torch.Tensor]
@@ -353,22 +353,23 @@ def _outputs(
     """The unit's outputs on every entry of ``data`` (cached data or CPU tensors): on the
     device for cached data kept there, else on the CPU."""
     if isinstance(data, UnitData):
-        result, start = None, 0
-        for batch in data.batches():
-            out = unit.forward(batch)
-            out = out if data.place == "device" else out.cpu()
-            if result is None:  # filled in place: no second copy of every output
-                result = out.new_empty((len(data), *out.shape[1:]))
-            result[start : start + len(out)] = out
-            start += len(out)
-        return result
-    device = next(unit.module.parameters()).device
-    return torch.cat(
-        [
-            unit.forward({k: v[index].to(device) for k, v in data.items()}).cpu()
-            for index in torch.arange(len(data["arg0"])).split(batch_size)
-        ]
-    )
+        length, batches, keep = len(data), data.batches(), data.place == "device"
+    else:
+        device = next(unit.module.parameters()).device
+        length, keep = len(data["arg0"]), False
+        batches = (
+            {k: v[index].to(device) for k, v in data.items()}
+            for index in torch.arange(length).split(batch_size)
+        )
+    result, start = None, 0
+    for batch in batches:
+        out = unit.forward(batch)
+        out = out if keep else out.cpu()
+        if result is None:  # filled in place: no second copy of every output
+            result = out.new_empty((length, *out.shape[1:]))
+        result[start : start + len(out)] = out
+        start += len(out)
+    return result
 
 
 def _check_models(
