@@ -19,7 +19,7 @@
 #                ditq's fastest W8A8 and W4A8 formats (FP8 activations) and torchao's FP8
 #                row-wise and int8 dynamic configurations, every variant with CUDA graphs
 #                (as ditq sample --compile runs on a GPU); carry .wheels
-#   stage targets512 the same at 512 px batch 16 (either with PROFILE=1: each variant's
+#   stage targets512 the same at 512 px batch 16 (either of them with PROFILE=1: each variant's
 #                kernel profile too, taken after its timed calls)
 #   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, for each
 #                --compile-scope of SCOPES (default "model blocks": the whole call as one
