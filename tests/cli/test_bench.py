@@ -288,15 +288,18 @@ def test_a_pixart_shape_benches_through_its_adapter(tmp_path, monkeypatch):
     assert model.transformer.caption_projection.linear_1.in_features == 4096
 
 
-def test_rows_count_graphs_compiled_without_cuda_graphs():
-    """A graph that Inductor compiles without CUDA graphs (here every block's: the CPU has
-    none) is counted in its row, so that a variant which silently pays every kernel launch
-    shows in the report."""
-    settings = speed.BenchSettings(iters=1, warmup=0, compile=True, cuda_graphs=True)
+@pytest.mark.parametrize("scope, label", [("model", "whole call"), ("blocks", "each block")])
+def test_rows_count_graphs_compiled_without_cuda_graphs(scope, label):
+    """A graph that Inductor compiles without CUDA graphs (here the call's, or its one
+    block's: the CPU has none) is counted in its row, so that a variant which silently pays
+    every kernel launch shows in the report, with the scope it was compiled in."""
+    settings = speed.BenchSettings(
+        iters=1, warmup=0, compile=True, cuda_graphs=True, compile_scope=scope
+    )
     model = tiny_dit(depth=1)
     (row,) = speed.bench_variant(model, speed.BASELINE, [1], settings)
-    assert "error" not in row and row["cuda_graphs"]
+    assert "error" not in row and row["cuda_graphs"] and row["compile_scope"] == scope
     assert row["cuda_graph_skips"] == 1
-    assert "(compiled, CUDA graphs (1 skipped))" in speed.markdown(
+    assert f"(compiled, {label}, CUDA graphs (1 skipped))" in speed.markdown(
         [{"shape": "tiny", **row}], "cpu"
     )

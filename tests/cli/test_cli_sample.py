@@ -89,6 +89,37 @@ def test_bad_input_is_one_line_without_traceback(
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["no-graphs", "cuda-graphs"])
+@pytest.mark.parametrize("scope", [None, "blocks"])
+def test_compile_covers_the_whole_call_unless_told(
+    checkpoint, tmp_path, monkeypatch, scope, graphs
+):
+    """``--compile`` compiles one graph per denoiser call by default, with CUDA graphs (as
+    on a GPU) too, each block with ``--compile-scope blocks``; the samples are those of the
+    uncompiled model (the stand-in compiler runs the code as is)."""
+    import ditq.cli.sample as sample_cli
+
+    scopes = []
+    compile_denoiser = sample_cli.compile_denoiser
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: fn)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: None)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    monkeypatch.setattr(sample_cli, "use_cuda_graphs", lambda *a: graphs)
+
+    def recorded(model, cuda_graphs, scope):
+        scopes.append((cuda_graphs, scope))
+        return compile_denoiser(model, cuda_graphs=cuda_graphs, scope=scope)
+
+    monkeypatch.setattr(sample_cli, "compile_denoiser", recorded)
+    args = ["--num-samples", "2", "--classes", "1", "--seed", "3"]
+    assert _sample(checkpoint, *args, "--out", str(tmp_path / "eager.npz")) == 0
+    flags = ["--compile"] + (["--compile-scope", scope] if scope else [])
+    assert _sample(checkpoint, *args, *flags, "--out", str(tmp_path / "compiled.npz")) == 0
+    assert scopes == [(graphs, scope or "model")]
+    eager, compiled = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in ("eager", "compiled"))
+    np.testing.assert_array_equal(compiled, eager)
+
+
 def test_pixel_model_with_a_vae_is_refused(checkpoint, capsys):
     args = [
         "sample",

@@ -82,7 +82,7 @@ def test_block_scope_compiles_each_block(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: compiled.append(mode))
     model = tiny_dit()
-    compile_denoiser(model, cuda_graphs=False)
+    compile_denoiser(model, cuda_graphs=False, scope="blocks")
     assert compiled == [None] * len(model.blocks)
     with pytest.raises(DitqError, match="compile scope 'layers'"):
         compile_denoiser(model, scope="layers")

@@ -29,7 +29,7 @@ from ditq.eval.speed import (
     torchao_available,
 )
 from ditq.io import OutputKind, atomic_path, check_output
-from ditq.kernels import COMPILE_SCOPES, use_cuda_graphs
+from ditq.kernels import COMPILE_SCOPES, DEFAULT_COMPILE_SCOPE, use_cuda_graphs
 from ditq.models.dit import DiT
 from ditq.pipeline.checkpoint import is_quantized_dir
 
@@ -85,9 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile-scope",
         choices=COMPILE_SCOPES,
-        default="blocks",
-        help="what one compiled graph (and CUDA graph) covers: each block (default) or the "
-        "whole denoiser call (one CUDA-graph replay per call instead of one per block)",
+        default=DEFAULT_COMPILE_SCOPE,
+        help="what one compiled graph (and CUDA graph) covers: the whole denoiser call "
+        "(default, as ditq sample --compile: one CUDA-graph replay per call) or each block",
     )
     parser.add_argument(
         "--fuse-mlp",

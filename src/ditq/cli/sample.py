@@ -16,7 +16,12 @@ from ditq.distributed import gather, init_from_env, scratch_dir, shard
 from ditq.errors import DitqError
 from ditq.eval.grid import GRID_FILE, save_grid
 from ditq.io import SAMPLES_FILE, check_output, save_samples_npz
-from ditq.kernels import COMPILE_SCOPES, compile_denoiser, use_cuda_graphs
+from ditq.kernels import (
+    COMPILE_SCOPES,
+    DEFAULT_COMPILE_SCOPE,
+    compile_denoiser,
+    use_cuda_graphs,
+)
 from ditq.models.diffusers_pixart import pipeline_vae, set_prompts
 from ditq.models.vae import load_vae
 from ditq.pipeline.checkpoint import is_quantized_dir, read_manifest
@@ -81,9 +86,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--compile-scope",
         choices=COMPILE_SCOPES,
-        help="with --compile, what one graph covers: each block (default with CUDA graphs) or "
-        "the whole denoiser call (default without; with graphs one replay per call, copied "
-        "out of the graph's buffers)",
+        help="with --compile, what one graph covers: the whole denoiser call (default; with "
+        "CUDA graphs one replay per call, copied out of the graph's buffers) or each block",
     )
     parser.add_argument(
         "--backend",
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
     if args.prompt:
         set_prompts(model, args.prompt)
     if args.compile:
-        scope = args.compile_scope or ("blocks" if graphs else "model")
+        scope = args.compile_scope or DEFAULT_COMPILE_SCOPE
         compile_denoiser(model, cuda_graphs=graphs, scope=scope)
     classes = parse_classes(args.classes, model.num_classes)
     pixels = model.config.in_channels == 3

@@ -29,6 +29,7 @@ from ditq.calib.dataset import CalibrationSet
 from ditq.diffusion.pipeline import SamplingSettings, generate
 from ditq.errors import DitqError
 from ditq.kernels import (
+    DEFAULT_COMPILE_SCOPE,
     FusedQuantMlp,
     RealQuantLinear,
     compile_denoiser,
@@ -244,7 +245,7 @@ def build_variant(
     fuse_mlp: bool = True,
     cuda_graphs: bool = False,
     int4_in_kernel: bool = False,
-    compile_scope: str = "blocks",
+    compile_scope: str = DEFAULT_COMPILE_SCOPE,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``variant`` (from a copy of the fp32 ``base``: a model written by ``ditq
     quantize`` for :data:`AS_QUANTIZED`, a float one, e.g. its :func:`float_architecture`,
@@ -289,6 +290,10 @@ def build_variant(
             info["cuda_graphs"] = True
     info["memory_bytes"] = state_bytes(model)
     return model, info
+
+
+SCOPE_LABELS = {"model": ", whole call", "blocks": ", each block"}
+"""How a report names a compiled row's scope (:data:`ditq.kernels.COMPILE_SCOPES`)."""
 
 
 def _synchronize(device: str) -> None:
@@ -459,7 +464,7 @@ class BenchSettings:
     fuse_mlp: bool = True
     cuda_graphs: bool = False
     int4_in_kernel: bool = False
-    compile_scope: str = "blocks"
+    compile_scope: str = DEFAULT_COMPILE_SCOPE
 
 
 def bench_variant(
@@ -563,7 +568,7 @@ def markdown(rows: list[dict[str, Any]], device_name: str) -> str:
             continue
         kernels = ", ".join(f"{k}×{n}" for k, n in r.get("kernels", {}).items()) or "torch"
         if r.get("compiled"):
-            scope = ", whole call" if r.get("compile_scope") == "model" else ""
+            scope = SCOPE_LABELS.get(r.get("compile_scope"), "")
             graphs = ", CUDA graphs" if r.get("cuda_graphs") else ""
             graphs += f" ({r['cuda_graph_skips']} skipped)" if r.get("cuda_graph_skips") else ""
             kernels += f" (compiled{scope}{graphs})"

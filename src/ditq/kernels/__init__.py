@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from ditq.errors import DitqError
-from ditq.kernels.compile import COMPILE_SCOPES, compile_denoiser, use_cuda_graphs
+from ditq.kernels.compile import (
+    COMPILE_SCOPES,
+    DEFAULT_COMPILE_SCOPE,
+    compile_denoiser,
+    use_cuda_graphs,
+)
 from ditq.kernels.linear import (
     FusedQuantMlp,
     RealQuantLinear,
@@ -54,6 +59,7 @@ def apply_backend(model: nn.Module, backend: str) -> nn.Module:
 __all__ = [
     "BACKENDS",
     "COMPILE_SCOPES",
+    "DEFAULT_COMPILE_SCOPE",
     "FusedQuantMlp",
     "RealQuantLinear",
     "apply_backend",

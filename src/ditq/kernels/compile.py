@@ -43,12 +43,16 @@ def mark_cuda_graph_steps(model: nn.Module) -> None:
         setattr(model, name, marked)
 
 
-COMPILE_SCOPES = ("blocks", "model")
-"""What one compiled graph covers: each block, or the whole denoiser call."""
+COMPILE_SCOPES = ("model", "blocks")
+"""What one compiled graph covers: the whole denoiser call, or each block."""
+DEFAULT_COMPILE_SCOPE = "model"
+"""``ditq sample --compile``'s and ``ditq bench``'s scope: one graph (and with CUDA graphs one
+replay) per call, the faster scope in sampling and at small batches on an H100
+(``benchmarks/RESULTS.md``, "Tenth lease")."""
 
 
 def compile_denoiser(
-    model: nn.Module, cuda_graphs: bool = False, scope: str = "blocks"
+    model: nn.Module, cuda_graphs: bool = False, scope: str = DEFAULT_COMPILE_SCOPE
 ) -> nn.Module:
     """Compile ``model`` in place for sampling and timing; returns ``model``.
 
