@@ -8,7 +8,8 @@ in its epilogue).
 Tokens 32768 is one call at batch 64 with guidance at 256 px (2 x 64 x 256). Each entry is
 the median of ``triton.testing.do_bench``; the activation quantization kernels (Triton
 ``quantize_act`` and the ``torch.compile``d torch twin; a DiT block's LayerNorm, modulation
-and quantization as ``norm_quantize`` and compiled torch) are timed on the same inputs. W4
+and quantization as ``norm_quantize``, autotuned over both row layouts and in each alone,
+and as compiled torch) are timed on the same inputs. W4
 rows include the per-call unpacking of the int4 codes to int8. ``--sweep`` also times each
 configuration of ``TILES`` alone (a one-configuration autotuner in place of the tuned one)
 for per-channel weights: that sweep chose ``triton_ops.TUNED_TILES``.
@@ -138,13 +139,17 @@ def quantize_cases(M: int, K: int, device: str) -> dict[str, Callable[[], object
         h = h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
         return quantize_activation(h.reshape(-1, K), act, None, qp)
 
+    def norm_quantize(layouts: tuple[bool, ...]) -> tuple:
+        with triton_ops.row_layouts(*layouts):
+            return triton_ops.norm_quantize(x, shift, scale, 1e-6, None, qp, 0, 255, False, False)
+
     norm_twin = torch.compile(block_input)
     return {
         "triton quantize_act static": lambda: triton_ops.quantize_act(x, None, qp, 0, 255, False),
         "compiled torch twin static": lambda: twin(x),
-        "triton norm_quantize static": lambda: triton_ops.norm_quantize(
-            x, shift, scale, 1e-6, None, qp, 0, 255, False, False
-        ),
+        "triton norm_quantize static": lambda: norm_quantize(triton_ops.ROW_LAYOUTS),
+        "triton norm_quantize static, row in one piece": lambda: norm_quantize((False,)),
+        "triton norm_quantize static, row split": lambda: norm_quantize((True,)),
         "compiled torch norm + quantize static": lambda: norm_twin(x),
         "bf16 copy (memory floor)": lambda: x.clone(),
     }

@@ -5,6 +5,7 @@ a constexpr branch that does not type-check) fail here instead of on a leased GP
 a script (the kernels must not be the interpreter's: no ``TRITON_INTERPRET``); prints one
 line per compiled kernel and exits non-zero on the first failure."""
 
+import itertools
 import os
 import sys
 
@@ -92,11 +93,11 @@ def activations() -> None:
         sum_ptr="*i32", eps="fp32",
     )  # fmt: skip
     for fp8, sums in ((False, True), (False, False), (True, False)):
-        for rows, warps in ops.NORM_QUANTIZE_TILES:
+        for (rows, warps), split in itertools.product(ops.NORM_QUANTIZE_TILES, (False, True)):
             compile_kernel(
                 ops._norm_quantize_kernel, norm | dict(q_ptr="*fp8e4nv" if fp8 else "*i8"),
                 dict(QMIN=0, QMAX=255, SHIFT=128, HAS_S=True, FP8=fp8, SUMS=sums, ROWS=rows,
-                     BLOCK_K=2048),
+                     **ops._row_pieces(1152, split)),
                 num_warps=warps,
             )  # fmt: skip
 

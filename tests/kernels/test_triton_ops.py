@@ -431,11 +431,19 @@ def modulated_norm_case(B: int = 3, T: int = 10, K: int = 48, seed: int = 2):
     "fmt", ["int8 sym", "uint8 asym", "int4 asym", "e4m3"], ids=lambda name: name.replace(" ", "-")
 )
 @pytest.mark.parametrize("online_scale", [False, True], ids=["plain", "input-scale"])
-def test_norm_quantize_matches_float64(fmt, online_scale):
+@pytest.mark.parametrize(
+    "K, split",
+    [(48, False), (48, True), (44, True), (64, True)],
+    ids=["48", "32+16", "32+12", "64"],
+)
+def test_norm_quantize_matches_float64(fmt, online_scale, K, split, monkeypatch):
     """A DiT block's modulated LayerNorm and its quantization in one kernel, against the
     float64 formulas: ``h = (x - μ) / sqrt(σ² + ε) ⊙ (1 + scale_b) + shift_b``, divided by
-    the online scale, then ``clamp(round(h / Δ) + z) - shift`` (or the e4m3 cast)."""
-    x, shift, scale = modulated_norm_case()
+    the online scale, then ``clamp(round(h / Δ) + z) - shift`` (or the e4m3 cast); each row
+    in registers in one piece, or split in two (the second piece masked where K is not a sum
+    of two powers of two, absent where K is one)."""
+    monkeypatch.setattr(triton_ops, "ROW_LAYOUTS", (split,))
+    x, shift, scale = modulated_norm_case(K=K)
     B, K = shift.shape
     s = torch.rand(K) + 0.5 if online_scale else None
     qmin, qmax, symmetric = {

@@ -37,3 +37,6 @@ def test_quantize_cases_run_and_norm_quantize_sums_its_codes():
     norm_codes, norm_sums = cases["triton norm_quantize static"]()
     assert codes.shape == norm_codes.shape == (256, 64)
     assert torch.equal(norm_sums, norm_codes.int().sum(1))
+    for layout in ("row in one piece", "row split"):  # the same codes in either layout
+        codes, sums = cases[f"triton norm_quantize static, {layout}"]()
+        assert torch.equal(codes, norm_codes) and torch.equal(sums, norm_sums), layout

@@ -187,26 +187,22 @@ def _quantize_act_kernel(
 
 
 @triton.jit
-def _norm_quantize_kernel(
-    x_ptr, shift_ptr, mscale_ptr, s_ptr, static_ptr, q_ptr, sum_ptr, M, K, rows_per_batch,
-    stride_xm, stride_shift, stride_mscale, eps,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, HAS_S: tl.constexpr,
-    FP8: tl.constexpr, SUMS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """ROWS rows of ``h = LayerNorm(x) ⊙ (1 + scale_b) + shift_b`` (no affine; b = row //
-    rows_per_batch), divided by the online scale s, quantized with the static range
-    [Δ, z]: int codes (and with ``SUMS`` their row sums), or e4m3 codes. The whole row in
-    registers, its statistics and ``h`` in fp32."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
+def _row_piece(x_ptr, rows, row_ok, offs, K, stride_xm):
+    """A piece of ROWS rows (fp32; 0 outside the row) and its mask."""
     mask = row_ok[:, None] & (offs < K)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / K
-    centered = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / K + eps)
-    batch = (rows // rows_per_batch)[:, None]
+    return x.to(tl.float32), mask
+
+
+@triton.jit
+def _modulated_codes(
+    centered, rstd, mask, offs, batch, shift_ptr, mscale_ptr, s_ptr, static_ptr, q_ptr, rows,
+    K, stride_shift, stride_mscale,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, HAS_S: tl.constexpr,
+    FP8: tl.constexpr,
+):  # fmt: skip
+    """A piece's ``h = centered ⊙ rstd ⊙ (1 + scale_b) + shift_b`` (divided by s), stored as
+    codes; returns the piece's row sums of the int codes (0 for e4m3)."""
     shift = tl.load(shift_ptr + batch * stride_shift + offs[None, :], mask=mask, other=0.0)
     mscale = tl.load(mscale_ptr + batch * stride_mscale + offs[None, :], mask=mask, other=0.0)
     h = centered * rstd[:, None] * (1.0 + mscale.to(tl.float32)) + shift.to(tl.float32)
@@ -215,23 +211,100 @@ def _norm_quantize_kernel(
     out = q_ptr + rows[:, None] * K + offs[None, :]
     if FP8:
         tl.store(out, _e4m3_codes(h / tl.load(static_ptr)), mask=mask)
+        sums = tl.zeros_like(rstd).to(tl.int32)  # e4m3 codes have no sums
     else:
-        zero = tl.load(static_ptr + 1)
-        codes = _codes(h, tl.load(static_ptr), zero, QMIN, QMAX, SHIFT)
+        codes = _codes(h, tl.load(static_ptr), tl.load(static_ptr + 1), QMIN, QMAX, SHIFT)
         codes = tl.where(mask, codes, 0.0).to(tl.int32)
         tl.store(out, codes.to(tl.int8), mask=mask)
-        if SUMS:
-            tl.store(sum_ptr + rows, tl.sum(codes, axis=1), mask=row_ok)
+        sums = tl.sum(codes, axis=1)
+    return sums
 
 
+@triton.jit
+def _norm_quantize_kernel(
+    x_ptr, shift_ptr, mscale_ptr, s_ptr, static_ptr, q_ptr, sum_ptr, M, K, rows_per_batch,
+    stride_xm, stride_shift, stride_mscale, eps,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, HAS_S: tl.constexpr,
+    FP8: tl.constexpr, SUMS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr,
+    TAIL: tl.constexpr,
+):  # fmt: skip
+    """ROWS rows of ``h = LayerNorm(x) ⊙ (1 + scale_b) + shift_b`` (no affine; b = row //
+    rows_per_batch), divided by the online scale s, quantized with the static range
+    [Δ, z]: int codes (and with ``SUMS`` their row sums), or e4m3 codes. The whole row in
+    registers as two pieces, channels [0, HEAD) and [HEAD, HEAD + TAIL) (TAIL 0: one
+    piece), its statistics and ``h`` in fp32."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    head = tl.arange(0, HEAD)
+    x, mask = _row_piece(x_ptr, rows, row_ok, head, K, stride_xm)
+    total = tl.sum(x, axis=1)
+    if TAIL:
+        tail = HEAD + tl.arange(0, TAIL)
+        x_tail, mask_tail = _row_piece(x_ptr, rows, row_ok, tail, K, stride_xm)
+        total += tl.sum(x_tail, axis=1)
+    mean = total / K
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    squares = tl.sum(centered * centered, axis=1)
+    if TAIL:
+        centered_tail = tl.where(mask_tail, x_tail - mean[:, None], 0.0)
+        squares += tl.sum(centered_tail * centered_tail, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    batch = (rows // rows_per_batch)[:, None]
+    sums = _modulated_codes(
+        centered, rstd, mask, head, batch, shift_ptr, mscale_ptr, s_ptr, static_ptr, q_ptr,
+        rows, K, stride_shift, stride_mscale, QMIN, QMAX, SHIFT, HAS_S, FP8,
+    )  # fmt: skip
+    if TAIL:
+        sums += _modulated_codes(
+            centered_tail, rstd, mask_tail, tail, batch, shift_ptr, mscale_ptr, s_ptr,
+            static_ptr, q_ptr, rows, K, stride_shift, stride_mscale, QMIN, QMAX, SHIFT, HAS_S,
+            FP8,
+        )  # fmt: skip
+    if SUMS:
+        tl.store(sum_ptr + rows, sums, mask=row_ok)
+
+
+def _row_pieces(K: int, split: bool) -> dict[str, int]:
+    """``_norm_quantize_kernel``'s pieces of a row of K channels: one of the next power of
+    two (masked beyond K), or with ``split`` the largest power of two within K and the
+    rest's next power of two (K = 1,152: 1,024 + 128, nothing masked)."""
+    if not split:
+        return {"HEAD": triton.next_power_of_2(K), "TAIL": 0}
+    head = 1 << (K.bit_length() - 1)
+    return {"HEAD": head, "TAIL": triton.next_power_of_2(K - head) if head < K else 0}
+
+
+ROW_LAYOUTS: tuple[bool, ...] = (False, True)
+"""The row layouts :func:`norm_quantize` tries: in one piece (False), split in two (True;
+:func:`_row_pieces`); the autotuner times each, the interpreter runs the last."""
 NORM_QUANTIZE_TILES = ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (4, 8))
-"""``(ROWS, num_warps)`` the autotuner tries for :func:`norm_quantize`, per K: on an H100
-at 32,768 × 1,152 the int codes ran fastest with one row per program and one or two warps,
-e4m3 with four rows and four warps (benchmarks/RESULTS.md)."""
-_TUNED_NORM_QUANTIZE = triton.autotune(
-    [triton.Config({"ROWS": rows}, num_warps=warps) for rows, warps in NORM_QUANTIZE_TILES],
-    key=["K"],
-)(_norm_quantize_kernel)
+"""``(ROWS, num_warps)`` the autotuner tries for :func:`norm_quantize`, per K, in each of
+:data:`ROW_LAYOUTS`: on an H100 at 32,768 × 1,152 the one-piece int codes ran fastest with
+one row per program and one or two warps, e4m3 with four rows and four warps
+(benchmarks/RESULTS.md); the split rows are not yet timed."""
+
+
+@functools.cache
+def _tuned_norm_quantize(K: int, layouts: tuple[bool, ...]) -> triton.runtime.Autotuner:
+    """The autotuned :func:`_norm_quantize_kernel` for rows of K channels in ``layouts``."""
+    configs = [
+        triton.Config({"ROWS": rows, **_row_pieces(K, split)}, num_warps=warps)
+        for split in layouts
+        for rows, warps in NORM_QUANTIZE_TILES
+    ]
+    return triton.autotune(configs, key=["K"])(_norm_quantize_kernel)
+
+
+@contextlib.contextmanager
+def row_layouts(*layouts: bool) -> Iterator[None]:
+    """:func:`norm_quantize` with only these :data:`ROW_LAYOUTS` (e.g. to time each alone,
+    ``benchmarks/gemm_sweep.py``)."""
+    global ROW_LAYOUTS
+    saved, ROW_LAYOUTS = ROW_LAYOUTS, layouts
+    try:
+        yield
+    finally:
+        ROW_LAYOUTS = saved
 
 
 @triton.jit
@@ -872,15 +945,16 @@ def norm_quantize(
     sums = torch.empty(M if summed else 0, device=x.device, dtype=torch.int32)
     if not M:
         return codes, sums
-    kernel, tiles = _TUNED_NORM_QUANTIZE, {}
     if INTERPRETED:  # no autotuning without a GPU
-        kernel, tiles = _norm_quantize_kernel, dict(ROWS=2)
+        pieces = _row_pieces(K, ROW_LAYOUTS[-1])
+        kernel, tiles = _norm_quantize_kernel, dict(ROWS=2, **pieces)
+    else:
+        kernel, tiles = _tuned_norm_quantize(K, ROW_LAYOUTS), {}
     kernel[lambda meta: (triton.cdiv(M, meta["ROWS"]),)](
         x, shift, scale, input_scale if input_scale is not None else _placeholder(x),
         static_qparams, codes, sums, M, K, M // len(shift), x.stride(0), shift.stride(0),
         scale.stride(0), eps, QMIN=qmin, QMAX=qmax, SHIFT=0 if symmetric else _SHIFT,
-        HAS_S=input_scale is not None, FP8=fp8, SUMS=summed, BLOCK_K=triton.next_power_of_2(K),
-        **tiles,
+        HAS_S=input_scale is not None, FP8=fp8, SUMS=summed, **tiles,
     )  # fmt: skip
     return codes, sums
 
