@@ -18,20 +18,26 @@
 #   stage targets issue 19's batch-64 targets: RUNS (default 3) processes, each BF16 compiled,
 #                ditq's fastest W8A8 and W4A8 formats (FP8 activations) and torchao's FP8
 #                row-wise and int8 dynamic configurations, every variant with CUDA graphs
-#                (as ditq sample --compile runs on a GPU); carry .wheels
+#                and the compile scope of ditq sample --compile on a GPU (the whole call;
+#                SCOPE=blocks for a graph per block); carry .wheels
 #   stage targets512 the same at 512 px batch 16 (either of them with PROFILE=1: each variant's
 #                kernel profile too, taken after its timed calls)
 #   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, for each
 #                --compile-scope of SCOPES (default "model blocks": the whole call as one
 #                graph, then each block a graph)
+#   stage int4   the int4-weight formats at batch 1, 16 and 64 with CUDA graphs, their int4
+#                weights unpacked per call (the default), then in a second process read
+#                packed by the GEMM (--int4-in-kernel), each next to BF16 compiled
+#   stage host1  host_profile.py at batch 1 with CUDA graphs, the whole call one graph: what
+#                the host does per call before the replay (latency - kernel time at batch 1)
 #   stage graphs64 the b64 stage's variants with CUDA graphs (no host time in the call: is
 #                a format's gap between kernel time and latency the CPU's?)
 #   stage host   host_profile.py at batch 64: host against wall time per call (with the
 #                garbage collector on and off) and a cProfile of the host's work
 #   stage sample ditq sample --compile of the bundled model (RTN W8A8 static, real kernels)
-#                at batch 16 with a CUDA graph per block (its default there), one per call
-#                (--compile-scope model) and without graphs: wall times (compilation
-#                included) and each run's images against the first's
+#                at batch 16 with a CUDA graph per block (--compile-scope blocks), one per
+#                call (the default) and without graphs: wall times (compilation included)
+#                and each run's images against the first's
 #   stage gemm   gemm_sweep.py at 32,768 tokens: the int8 GEMM in each tile configuration
 #                of its sweep (BF16 beside it), then each layer's GEMM per format and kernel,
 #                the quantize kernels and the block's norm + quantize (Triton norm_quantize
@@ -140,6 +146,7 @@ targets|targets512)
   [ "$stage" = targets512 ] && shape=(--shapes DiT-XL/2@512 --batches 16 --iters 20)
   for run in $(seq "${RUNS:-3}"); do
     bench "${stage}_run$run" "${shape[@]}" --cuda-graphs ${PROFILE:+--profile} \
+      ${SCOPE:+--compile-scope "$SCOPE"} \
       --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,torchao-fp8row,torchao-int8dyn
   done ;;
 small)
@@ -148,6 +155,15 @@ small)
   for scope in ${SCOPES:-model blocks}; do
     bench "graphs_$scope" "${small[@]}" --compile-scope "$scope"
   done ;;
+int4)
+  int4=(--shapes $XL --batches 1,16,64 --iters 30 --cuda-graphs --profile
+    --variants bf16-compile,w4a8-fp8,w4a8-channel)
+  bench int4_unpacked "${int4[@]}"
+  bench int4_in_kernel "${int4[@]}" --int4-in-kernel ;;
+host1)
+  timeout "${HOST_S:-400}" python benchmarks/host_profile.py "$OUT/host1.json" --batch 1 \
+    --cuda-graphs --variants bf16-compile,w8a8-fp8-static,w4a8-fp8,w8a8-static-symw \
+    | tee "$OUT/host1.log" ;;
 graphs64)
   bench b64_graphs --shapes $XL --batches 64 --iters 30 --cuda-graphs \
     --variants bf16-compile,w8a8-static-symw,w8a8-fp8-static,w4a8-channel,w8a8-static,w4a8-fp8 ;;
@@ -209,5 +225,5 @@ gptqprof)
   echo "gptqprof rc=$?"
   timeout 200 python benchmarks/gptq_columns.py "$OUT/gptq_columns.json"; echo "columns rc=$?" ;;
 *)
-  echo "unknown stage $stage: detach, collect, queue, check, b64, kcheck, peers, targets, targets512, small, graphs64, host, sample, gemm, calib, poll, solvers or gptqprof"; exit 2 ;;
+  echo "unknown stage $stage: detach, collect, queue, check, b64, kcheck, peers, targets, targets512, small, int4, host1, graphs64, host, sample, gemm, calib, poll, solvers or gptqprof"; exit 2 ;;
 esac

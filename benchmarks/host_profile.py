@@ -2,10 +2,12 @@
 
     python benchmarks/host_profile.py OUT.json [--shape DiT-XL/2@256] [--batch 64]
         [--variants bf16-compile,w8a8-static-symw,w8a8-fp8-static] [--calls 20] [--top 25]
-        [--device cuda]
+        [--device cuda] [--compile-scope model|blocks] [--cuda-graphs]
 
-For each variant of ``ditq bench`` (random weights, blocks compiled, no CUDA graphs),
-after warm-up: the host time per call with the calls queued back to back (no
+For each variant of ``ditq bench`` (random weights, compiled as ``ditq bench`` compiles
+them: the whole call, or each block with ``--compile-scope blocks``; without CUDA graphs
+unless ``--cuda-graphs``: what the host still does per call when it replays them), after
+warm-up: the host time per call with the calls queued back to back (no
 synchronization between them) against the wall time per call once the GPU has finished
 them, the same with Python's garbage collector off, and a cProfile of the queued calls
 (the functions with the most own time, and the most cumulative time). A call is bound by
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ditq.eval.speed import _synchronize, build_variant, denoiser_inputs, shape_model, warm_up
+from ditq.kernels import COMPILE_SCOPES, DEFAULT_COMPILE_SCOPE
 
 
 def queued(call: Callable[[], object], calls: int, device: str) -> tuple[float, float]:
@@ -58,8 +61,12 @@ def profile_rows(profile: cProfile.Profile, key: str, top: int, calls: int) -> l
 
 
 @torch.no_grad()
-def profile_variant(base, variant: str, batch: int, calls: int, top: int, device: str) -> dict:
-    model, info = build_variant(base, variant, device, compile_models=True)
+def profile_variant(
+    base, variant: str, batch: int, calls: int, top: int, device: str, **compiled
+) -> dict:
+    """One variant's row; ``compiled``: ``build_variant``'s ``cuda_graphs`` and
+    ``compile_scope``."""
+    model, info = build_variant(base, variant, device, compile_models=True, **compiled)
     inputs = denoiser_inputs(model, batch, device)
     call = lambda: model.forward_with_cfg(*inputs, cfg_scale=1.5)  # noqa: E731
     call()
@@ -80,6 +87,8 @@ def profile_variant(base, variant: str, batch: int, calls: int, top: int, device
     return {
         "variant": variant,
         "batch": batch,
+        "compile_scope": info.get("compile_scope"),
+        "cuda_graphs": info.get("cuda_graphs", False),
         "kernels": info.get("kernels", {}),
         "host_ms": host,
         "wall_ms": wall,
@@ -99,11 +108,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=DEFAULT_COMPILE_SCOPE)
+    parser.add_argument("--cuda-graphs", action="store_true")
     args = parser.parse_args()
     base = shape_model(args.shape).eval()
     rows = []
     for variant in args.variants.split(","):
-        row = profile_variant(base, variant, args.batch, args.calls, args.top, args.device)
+        row = profile_variant(
+            base, variant, args.batch, args.calls, args.top, args.device,
+            cuda_graphs=args.cuda_graphs, compile_scope=args.compile_scope,
+        )  # fmt: skip
         rows.append(row)
         Path(args.out).write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
         print(
