@@ -25,7 +25,7 @@
 #   stage small  batch 1 and 16 at 256 px with CUDA graphs, every format profiled, for each
 #                --compile-scope of SCOPES (default "model blocks": the whole call as one
 #                graph, then each block a graph)
-#   stage int4   the int4-weight formats at batch 1, 16 and 64 with CUDA graphs, their int4
+#   stage int4   the int4-weight formats at batch 1 and 64 with CUDA graphs, their int4
 #                weights unpacked per call (the default), then in a second process read
 #                packed by the GEMM (--int4-in-kernel), each next to BF16 compiled
 #   stage host1  host_profile.py at batch 1 with CUDA graphs, the whole call one graph: what
@@ -156,7 +156,7 @@ small)
     bench "graphs_$scope" "${small[@]}" --compile-scope "$scope"
   done ;;
 int4)
-  int4=(--shapes $XL --batches 1,16,64 --iters 30 --cuda-graphs --profile
+  int4=(--shapes $XL --batches 1,64 --iters 30 --cuda-graphs --profile
     --variants bf16-compile,w4a8-fp8,w4a8-channel)
   bench int4_unpacked "${int4[@]}"
   bench int4_in_kernel "${int4[@]}" --int4-in-kernel ;;
