@@ -522,6 +522,23 @@ def test_blocks_quantize_their_inputs_in_the_norm_kernel():
                 assert error < 2e-3, (name, type(module).__name__, error)
 
 
+def test_norm_quantize_autotuner_tries_each_row_layout_with_each_tile():
+    """The GPU's autotuner (not run here) gets every (ROWS, warps) tile in each row layout
+    of :data:`ROW_LAYOUTS`, with the kernel's own constexpr names; ``row_layouts`` narrows
+    the layouts and restores them."""
+    tuner = triton_ops._tuned_norm_quantize(1152, triton_ops.ROW_LAYOUTS)
+    tried = {
+        (c.kwargs["ROWS"], c.num_warps, c.kwargs["HEAD"], c.kwargs["TAIL"]) for c in tuner.configs
+    }
+    tiles = triton_ops.NORM_QUANTIZE_TILES
+    assert tried == {(r, w, 2048, 0) for r, w in tiles} | {(r, w, 1024, 128) for r, w in tiles}
+    kernel_args = set(triton_ops._norm_quantize_kernel.arg_names)
+    assert all(set(c.kwargs) <= kernel_args for c in tuner.configs)
+    with triton_ops.row_layouts(True):
+        assert triton_ops.ROW_LAYOUTS == (True,)
+    assert triton_ops.ROW_LAYOUTS == (False, True)
+
+
 def test_norm_quantize_takes_modulations_of_any_layout():
     """shift and scale whose channels are not contiguous (a transposed table) give the
     codes of their contiguous copies."""
