@@ -134,7 +134,7 @@ class _ColumnGrid:
         self, indices: torch.Tensor, rows: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step and zero point (rows, len(indices)) of the original input columns
-        ``indices``, as the ranges are now."""
+        ``indices``, as the ranges are now (broadcast views)."""
         granularity = self.spec.granularity
         scale, zero = self.quantizer.scale, self.quantizer.zero_point
         if isinstance(granularity, PerTensor):
@@ -145,8 +145,7 @@ class _ColumnGrid:
             groups = indices // granularity.group_size
             scale, zero = scale[:, groups, 0], zero[:, groups, 0]
         shape = (rows, len(indices))
-        scale = scale.to(dtype).clamp(min=MIN_SCALE).expand(shape).contiguous()
-        return scale, zero.to(dtype).expand(shape).contiguous()
+        return scale.to(dtype).clamp(min=MIN_SCALE).expand(shape), zero.to(dtype).expand(shape)
 
 
 @dataclass
@@ -235,18 +234,26 @@ def gptq_quantize(
     q = torch.zeros_like(w)
     for start in range(0, columns, settings.block_size):
         stop = min(start + settings.block_size, columns)
-        block, errors = w[:, start:stop].clone(), torch.zeros_like(w[:, start:stop])
-        hinv_block = hinv[start:stop, start:stop].contiguous()
+        block = w[:, start:stop].clone()
+        batch = LazyBatch(
+            block,
+            hinv[start:stop, start:stop].contiguous(),
+            torch.empty_like(block),
+            torch.empty_like(block),
+            q[:, start:stop],
+            torch.zeros_like(block),
+        )
         for first, last in _segments(start, stop, size):
             column = start + first
             if dynamic and column % size == 0:
                 beyond = slice(stop, stop + max(0, size - (stop - column)))
-                later = w[:, beyond] - errors[:, :first] @ hinv[start:column, beyond]
+                later = w[:, beyond] - batch.errors[:, :first] @ hinv[start:column, beyond]
                 grid.set_group_range(
                     column // size, torch.cat([block[:, first:], later], dim=1)[:, :size]
                 )
-            scale, zero = grid.columns(original[start:stop], rows, dtype)
-            batch = LazyBatch(block, hinv_block, scale, zero, q[:, start:stop], errors)
+            # the run's steps and zero points, from the ranges as fixed by now
+            run = original[column : start + last]
+            batch.scale[:, first:last], batch.zero[:, first:last] = grid.columns(run, rows, dtype)
             solve(batch, quantizer.spec, first, last)
-        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+        w[:, stop:] -= batch.errors @ hinv[start:stop, stop:]
     return q[:, torch.argsort(order)].to(weight.dtype)
