@@ -7,6 +7,7 @@ line per compiled kernel and exits non-zero on the first failure."""
 
 import itertools
 import os
+import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET"):
@@ -24,8 +25,12 @@ SHARED_MEMORY = 232_448
 """Bytes of shared memory one program may use on an H100/H200 (227 KiB)."""
 
 
-def compile_kernel(fn, types: dict[str, str], constexprs: dict, label: str = "", **options) -> None:
-    """Compile ``fn`` with pointer/scalar ``types`` (others: i32) and ``constexprs``."""
+def compile_kernel(
+    fn, types: dict[str, str], constexprs: dict, label: str = "", aligned: tuple = (), **options
+):
+    """Compile ``fn`` with pointer/scalar ``types`` (others: i32) and ``constexprs``;
+    ``aligned`` arguments are multiples of 16 (pointers: 16-byte aligned), as Triton's JIT
+    specializes them at run time on DiT-sized tensors. Returns the compiled kernel."""
     signature = {
         name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
     }
@@ -33,6 +38,7 @@ def compile_kernel(fn, types: dict[str, str], constexprs: dict, label: str = "",
         fn=fn,
         signature=signature,
         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned},
     )
     kernel = triton.compile(source, target=TARGET, options=options)
     shared = kernel.metadata.shared
@@ -40,6 +46,13 @@ def compile_kernel(fn, types: dict[str, str], constexprs: dict, label: str = "",
     print(f"{fn.__name__} {shown} {options}: shared {shared} B", flush=True)
     if shared > SHARED_MEMORY:
         raise RuntimeError(f"{fn.__name__} needs {shared} B of shared memory")
+    return kernel
+
+
+BYTE_LOADS = re.compile(r"ld\.global[.\w]*\.[bsu]8\b")
+"""A global load of one byte: an operand tile read element by element, which neither
+vectorizes nor pipelines through asynchronous copies (the int4 GEMM whose activation loads
+were strided ran 8-11x slower than unpacking first: ``benchmarks/RESULTS.md``)."""
 
 
 def attention() -> None:
@@ -145,7 +158,15 @@ def gemm() -> None:
         if flags["TMA"]:  # the copy engine's descriptors, boxes of one tile
             types["a_desc"] = f"tensordesc<i8[{flags['BM']}, {flags['BK']}]>"
             types["w_desc"] = f"tensordesc<i8[{flags['BN']}, {flags['BK']}]>"
-        compile_kernel(ops._int_gemm_kernel, types, flags, name, num_warps=8, num_stages=3)
+        aligned = [n for n in ops._int_gemm_kernel.arg_names if n in types and n not in flags]
+        aligned += ["M", "N", "K", "stride_wn", "stride_om"]
+        kernel = compile_kernel(
+            ops._int_gemm_kernel, types, flags, name, aligned, num_warps=8, num_stages=3
+        )
+        if BYTE_LOADS.search(kernel.asm["ptx"]):
+            raise RuntimeError(
+                f"_int_gemm_kernel ({name}) loads single bytes: {BYTE_LOADS.pattern}"
+            )
 
 
 def gptq() -> None:

@@ -188,14 +188,16 @@ def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
         (QuantSpec(4, True, PerChannel()), QuantSpec(8, True, PerToken(), dynamic=True)),
         (QuantSpec(4, False, PerGroup(64)), QuantSpec(8, False)),
         (QuantSpec(4, True, PerGroup(64)), QuantSpec(4, True, PerGroup(64), dynamic=True)),
+        (QuantSpec(4, True, PerGroup(32)), QuantSpec(8, True, PerToken(), dynamic=True)),
         (QuantSpec(4, False, PerChannel()), QuantSpec(8, True, fmt="fp8_e4m3")),
     ],
-    ids=["w4-channel", "w4-asym-group64", "w4a4-groups64", "w4-asym-a-fp8"],
+    ids=["w4-channel", "w4-asym-group64", "w4a4-groups64", "w4-group32", "w4-asym-a-fp8"],
 )
 @pytest.mark.parametrize("K", [128, 192], ids=["K128", "K192"])
 def test_int4_unpacked_in_the_kernel_equals_unpacking_first(w_spec, a_spec, K, gemm_schedule):
-    """Packed int4 bytes read by the GEMM (two dots per K block, even and odd input
-    channels) give the integer sums of the int8 codes: the same output, bit for bit; with
+    """Packed int4 bytes read by the GEMM (each K block's nibbles interleaved back into
+    input-channel order in registers) give the integer sums of the int8 codes: the same
+    output, bit for bit; with
     e4m3 activations (the codes minus zero points as e4m3, exact) the same fp32 products,
     summed in another order."""
     layer, x = packed_layer(w_spec, a_spec, online_scale=True, rank=4, K=K)

@@ -85,8 +85,6 @@ from ditq.quant.spec import (
 
 INT_GROUP_SIZES = (32, 64, 128, 256)
 """Weight group sizes the ``int`` kernel takes (its BLOCK_K is the group size)."""
-BIG_GROUPS = (64, 128, 256)
-"""Group sizes whose K blocks the in-kernel int4 unpacking takes (half a block per dot)."""
 ASYM_SHIFT = 128
 """Asymmetric 5-8-bit codes [0, 255] are held as int8 ``q - 128`` (and zero point ``z - 128``)."""
 NIBBLE_OFFSET = 8
@@ -522,9 +520,9 @@ class RealQuantLinear(nn.Module):
 
     @property
     def unpacks_in_kernel(self) -> bool:
-        """Whether the GEMM reads the packed int4 bytes itself (``int4_in_kernel``, and K
-        blocks of at least 64: each is two dots, over its even and its odd input channels)."""
-        return self.int4_in_kernel and self.packed_int4 and self.group_size in (0, *BIG_GROUPS)
+        """Whether the GEMM reads the packed int4 bytes itself (``int4_in_kernel``): each K
+        block's bytes unpacked and interleaved back into input-channel order in registers."""
+        return self.int4_in_kernel and self.packed_int4
 
     def _int_gemm(
         self,
@@ -774,7 +772,7 @@ def convert_model(
     format without a GPU kernel (``reference``: they dequantize, then matmul).
     ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (timed in
     RESULTS.md, "Speed and memory"). ``int4_in_kernel`` has the GEMM read packed int4
-    weights itself (K blocks of at least 64)."""
+    weights itself (slower than unpacking first where timed: ``benchmarks/RESULTS.md``)."""
     slow, simulated = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:

@@ -21,13 +21,15 @@ them as opaque calls and fuses the BF16 code around them:
   and added to an fp32 accumulator; activations with a range per group (BLOCK_K = their
   group, the weight tables laid out per that group) scale it by their own group's scale
   too. Packed int4 weights are unpacked to int8 codes by the
-  caller first by default (one small elementwise kernel per call: nibbles interleaved
-  back into int8 tiles inside this kernel were slower than reading int8 codes, see
-  ``benchmarks/RESULTS.md``); ``packed_int4`` reads the bytes instead and
-  runs each K block as two dots, over the even and the odd input channels, with no
-  interleaving (``convert_model(int4_in_kernel=True)``, ``ditq bench --int4-in-kernel``; not
-  yet timed). Tile sizes are autotuned per (M, N, K) on the GPU among the
-  configurations that won the sweep of ``benchmarks/gemm_sweep.py``.
+  caller first by default (one small elementwise kernel per call); ``packed_int4`` reads
+  the bytes instead and interleaves each K block's nibbles back into input-channel order
+  in registers (``convert_model(int4_in_kernel=True)``, ``ditq bench --int4-in-kernel``).
+  Both in-kernel unpackings timed so far were slower than unpacking first: this
+  interleaving in an earlier version of the kernel (32,768 tokens), and two dots per block
+  over the even and the odd input channels, whose activation loads are strided (batch 1
+  and 64; ``benchmarks/RESULTS.md``); this version is not yet timed. Tile sizes are
+  autotuned per (M, N, K) on the GPU among the configurations that won the sweep of
+  ``benchmarks/gemm_sweep.py``.
 
 - ``fp8_gemm``: the same kernel on e4m3 activation and weight codes (FP8 tensor cores,
   fp32 accumulation, per-row activation and per-channel weight scales in the epilogue),
@@ -420,35 +422,7 @@ def _int_gemm_kernel(
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
         acc_f = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BK)):
-            if PACKED:  # int4 bytes: low nibble input channel 2j, high nibble 2j + 1
-                offs_j = kb * (BK // 2) + tl.arange(0, BK // 2)
-                j_ok = offs_j < K // 2
-                a_even = tl.load(
-                    a_ptr + offs_m[:, None] * K + 2 * offs_j[None, :],
-                    mask=m_ok[:, None] & j_ok[None, :],
-                    other=0.0 if FP8 else 0,
-                )
-                a_odd = tl.load(
-                    a_ptr + offs_m[:, None] * K + 2 * offs_j[None, :] + 1,
-                    mask=m_ok[:, None] & j_ok[None, :],
-                    other=0.0 if FP8 else 0,
-                )
-                nibbles = tl.load(
-                    w_ptr + offs_n[None, :] * stride_wn + offs_j[:, None],
-                    mask=j_ok[:, None] & n_ok[None, :],
-                    other=0x88,  # codes 8 - 8 = 0 beyond K
-                ).to(tl.int32)
-                if FP8:  # |u - 8 - z| <= 15: exact in e4m3
-                    low = (nibbles & 0xF).to(tl.float32) - w_off[None, :]
-                    high = ((nibbles >> 4) & 0xF).to(tl.float32) - w_off[None, :]
-                    acc_f = tl.dot(a_even, low.to(tl.float8e4nv), acc_f)
-                    acc_f = tl.dot(a_odd, high.to(tl.float8e4nv), acc_f)
-                else:
-                    w_even = ((nibbles & 0xF) - 8).to(tl.int8)
-                    w_odd = (((nibbles >> 4) & 0xF) - 8).to(tl.int8)
-                    part = tl.dot(a_even, w_even, out_dtype=tl.int32)
-                    part += tl.dot(a_odd, w_odd, out_dtype=tl.int32)
-            elif TMA:  # the copy engine; out-of-bounds rows and columns read as zeros
+            if TMA:  # the copy engine; out-of-bounds rows and columns read as zeros
                 a = a_desc.load([pid_m * BM, kb * BK])
                 w = w_desc.load([pid_n * BN, kb * BK]).T
             else:
@@ -458,28 +432,35 @@ def _int_gemm_kernel(
                     mask=m_ok[:, None] & (offs_k[None, :] < K),
                     other=0.0 if FP8 else 0,
                 )
-                w = tl.load(
-                    w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                    mask=(offs_k[:, None] < K) & n_ok[None, :],
-                    other=0.0 if FP8 else 0,
-                )
+                if PACKED:  # int4 bytes: low nibble input channel 2j, high nibble 2j + 1
+                    offs_j = kb * (BK // 2) + tl.arange(0, BK // 2)
+                    nibbles = tl.load(
+                        w_ptr + offs_n[:, None] * stride_wn + offs_j[None, :],
+                        mask=n_ok[:, None] & (offs_j[None, :] < K // 2),
+                        other=0x88,  # codes 8 - 8 = 0 beyond K
+                    ).to(tl.int32)
+                    u = tl.interleave(nibbles & 0xF, (nibbles >> 4) & 0xF)  # (BN, BK)
+                    if FP8:  # |u - 8 - z| <= 15: exact in e4m3
+                        w = (u.to(tl.float32) - w_off[:, None]).to(tl.float8e4nv).T
+                    else:
+                        w = (u - 8).to(tl.int8).T
+                else:
+                    w = tl.load(
+                        w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=(offs_k[:, None] < K) & n_ok[None, :],
+                        other=0.0 if FP8 else 0,
+                    )
             if FP8:  # e4m3 codes, fp32 accumulation; row and channel scales in the epilogue
-                if not PACKED:
-                    acc_f = tl.dot(a, w, acc_f)
+                acc_f = tl.dot(a, w, acc_f)
             else:
-                if not PACKED:
-                    part = tl.dot(a, w, out_dtype=tl.int32)
+                part = tl.dot(a, w, out_dtype=tl.int32)
                 if GROUPED:
                     g_idx = offs_n * NUM_GROUPS + kb
                     if X_GROUPED:  # the activation's own range in this K block
                         xz = tl.load(xz_ptr + offs_m * NUM_GROUPS + kb, mask=m_ok, other=0)
                     if HAS_WZP:
                         wz = tl.load(wz_ptr + g_idx, mask=n_ok, other=0)
-                        if PACKED:
-                            a_sum = tl.sum(a_even.to(tl.int32), axis=1)
-                            a_sum += tl.sum(a_odd.to(tl.int32), axis=1)
-                        else:
-                            a_sum = tl.sum(a.to(tl.int32), axis=1)
+                        a_sum = tl.sum(a.to(tl.int32), axis=1)
                         part -= wz[None, :] * a_sum[:, None]
                         if HAS_XZP:
                             part += BK * xz[:, None] * wz[None, :]
@@ -1067,8 +1048,9 @@ def int_gemm(
     ``out_dtype`` first, as an unfused ``y`` would be stored): ``y`` is never written.
 
     ``packed_int4``: ``weight`` holds packed int4 bytes (N, K / 2) of nibbles ``u`` (codes
-    ``u - 8``, input channel 2j in byte j's low nibble), unpacked in registers: each K block
-    (at least 64) is two dots, over its even and its odd input channels.
+    ``u - 8``, input channel 2j in byte j's low nibble), unpacked in registers: each K
+    block's BK / 2 bytes per channel become BK codes in input-channel order (low and high
+    nibbles interleaved), one dot with the block's contiguous activation codes.
 
     ``fp8``: e4m3 activation and weight codes instead (:func:`fp8_gemm`'s Triton path):
     per-row and per-channel float scales, no zero points or groups; the next layer's codes
