@@ -52,7 +52,7 @@ def compile_kernel(
 BYTE_LOADS = re.compile(r"ld\.global[.\w]*\.[bsu]8\b")
 """A global load of one byte: an operand tile read element by element, which neither
 vectorizes nor pipelines through asynchronous copies (the int4 GEMM whose activation loads
-were strided ran 8-11x slower than unpacking first: ``benchmarks/RESULTS.md``)."""
+were strided took 4-11x the GEMM time of unpacking first: ``benchmarks/RESULTS.md``)."""
 
 
 def attention() -> None:
