@@ -8,7 +8,10 @@ line per compiled kernel and exits non-zero on the first failure."""
 import itertools
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET"):
     sys.exit("unset TRITON_INTERPRET: the interpreter's kernels do not compile")
@@ -43,10 +46,28 @@ def compile_kernel(
     kernel = triton.compile(source, target=TARGET, options=options)
     shared = kernel.metadata.shared
     shown = label or {k: v for k, v in constexprs.items() if not isinstance(v, tl.dtype)}
-    print(f"{fn.__name__} {shown} {options}: shared {shared} B", flush=True)
+    print(f"{fn.__name__} {shown} {options}: shared {shared} B{resources(kernel)}", flush=True)
     if shared > SHARED_MEMORY:
         raise RuntimeError(f"{fn.__name__} needs {shared} B of shared memory")
     return kernel
+
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resources(kernel) -> str:
+    """Registers per thread and stack bytes (register spills) of a compiled kernel, as
+    ``cuobjdump -res-usage`` reads them from its cubin (empty where this Triton has none)."""
+    if not CUOBJDUMP.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(CUOBJDUMP), "-res-usage", cubin.name], capture_output=True, text=True
+        ).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return f", {found[1]} registers, stack {found[2]} B" if found else ""
 
 
 BYTE_LOADS = re.compile(r"ld\.global[.\w]*\.[bsu]8\b")
@@ -134,6 +155,7 @@ GEMM_CASES = {
     "W4A4 asym groups of 32, rank 64": dict(GROUPED=True, X_GROUPED=True, HAS_XZP=True,
                                             BK=32, R=64, RP=64),
     "int4 in kernel, groups of 64": dict(GROUPED=True, PACKED=True, HAS_WZP=True, BM=64, BK=64),
+    "int4 in kernel, groups of 32": dict(GROUPED=True, PACKED=True, HAS_WZP=True, BM=64, BK=32),
     "FP8 fused MLP fc1": dict(FP8=True, GELU_QUANT=True, NEXT_FP8=True),
     "FP8 gated residual": dict(FP8=True, RESIDUAL=True),
     "int4 weights in kernel, FP8 activations": dict(FP8=True, PACKED=True, HAS_WZP=True),
