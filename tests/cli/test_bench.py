@@ -146,15 +146,30 @@ def test_bench_no_fuse_mlp_times_the_unfused_kernels(tmp_path):
         assert rows["w8a8-fp8"]["kernels"] == {"fp8": 8}  # FP8 layers have no fused MLP
 
 
-def bench_rows(tmp_path, model, variants: str) -> dict[str, dict]:
+def bench_rows(tmp_path, model, variants: str, *flags: str) -> dict[str, dict]:
     """``ditq bench`` of ``model`` on the CPU, one call per variant: its rows by variant."""
     path = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), path)
     args = ["bench", "--model", str(path), "--batches", "1", "--iters", "1", "--warmup", "0"]
-    args += ["--steps", "0", "--variants", variants, "--device", "cpu"]
+    args += ["--steps", "0", "--variants", variants, "--device", "cpu", *flags]
     assert main(args + ["--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     return {r["variant"]: r for r in report["rows"]}
+
+
+def test_bench_int4_in_kernel_rows_name_the_layers_that_read_packed_weights(tmp_path):
+    """``--int4-in-kernel``: every int4 layer's GEMM reads the packed bytes, which the row
+    says (its kernels column); int8 weights have nothing to unpack."""
+    blocks = len(tiny_dit().blocks)
+    rows = bench_rows(tmp_path, tiny_dit(), "w4a8-fp8,w4a8-channel,w8a8-static", "--int4-in-kernel")
+    assert rows["w4a8-fp8"]["kernels"] == {
+        "fp8": 4 * blocks, "fused-mlp": blocks, "int4-in-kernel": 4 * blocks
+    }  # fmt: skip
+    assert rows["w4a8-channel"]["kernels"]["int4-in-kernel"] == 4 * blocks
+    assert "int4-in-kernel" not in rows["w8a8-static"]["kernels"]
+    (tmp_path / "unpacked").mkdir()
+    unpacked = bench_rows(tmp_path / "unpacked", tiny_dit(), "w4a8-fp8")
+    assert "int4-in-kernel" not in unpacked["w4a8-fp8"]["kernels"]
 
 
 def test_bench_w4a8_all_quantizes_the_adaln_and_final_linears(tmp_path):

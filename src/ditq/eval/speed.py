@@ -228,13 +228,16 @@ def float_architecture(model: nn.Module) -> DiT:
 
 
 def _kernel_counts(model: nn.Module) -> dict[str, int]:
-    """Layers per real-kernel kind, and the fused MLPs and attentions."""
-    kinds = dict(Counter(m.kind for m in model.modules() if isinstance(m, RealQuantLinear)))
-    for kind, fused in (("fused-mlp", FusedQuantMlp), ("fused-attention", FusedQuantAttention)):
-        count = sum(isinstance(m, fused) for m in model.modules())
-        if count:
-            kinds[kind] = count
-    return kinds
+    """Layers per real-kernel kind, the fused MLPs and attentions, and the layers whose
+    GEMM reads packed int4 weights itself (``int4-in-kernel``)."""
+    layers = [m for m in model.modules() if isinstance(m, RealQuantLinear)]
+    kinds = dict(Counter(layer.kind for layer in layers))
+    counts = {
+        "fused-mlp": sum(isinstance(m, FusedQuantMlp) for m in model.modules()),
+        "fused-attention": sum(isinstance(m, FusedQuantAttention) for m in model.modules()),
+        "int4-in-kernel": sum(layer.unpacks_in_kernel for layer in layers),
+    }
+    return kinds | {kind: count for kind, count in counts.items() if count}
 
 
 def build_variant(
