@@ -47,8 +47,8 @@ COMPILE_SCOPES = ("model", "blocks")
 """What one compiled graph covers: the whole denoiser call, or each block."""
 DEFAULT_COMPILE_SCOPE = "model"
 """``ditq sample --compile``'s and ``ditq bench``'s scope: one graph (and with CUDA graphs one
-replay) per call, the faster scope in sampling and at small batches on an H100
-(``benchmarks/RESULTS.md``, "Tenth lease")."""
+replay) per call, the faster scope in sampling, at small batches and at batch 64 on an H100
+(``benchmarks/RESULTS.md``, "Tenth lease" and "Eleventh lease")."""
 
 
 def compile_denoiser(
