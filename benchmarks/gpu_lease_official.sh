@@ -25,7 +25,7 @@
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
 #   stage pack   after finish: a resumable run's finished units and calibration set
 #                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k)
-#                as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
+#                gzipped, as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
 #                call at most (the 64 MiB a call brings back)
 #   stage unpack before ship2, in the next lease: copies the parts carried in .carry5;
 #                LAST=1 on the call that carries the last ones unpacks them into the queue's
@@ -130,7 +130,9 @@ finish)
 pack)
   run=${RUN:-ptq4dit-official-w4a8-20k}
   if [ ! -f $D/resume.parts.done ]; then
-    tar cf - -C $D/matrix $run.resume $run.calib.safetensors | split -b 16M -d - $D/resume.part.
+    # gzip: the finished units' fp32 weights are grid values, a few per channel (about 3x)
+    tar cf - -C $D/matrix $run.resume $run.calib.safetensors | gzip -1 \
+      | split -b 16M -d - $D/resume.part.
     touch $D/resume.parts.done
   fi
   ls -la $D/resume.part.* $D/matrix/$run.resume
@@ -138,6 +140,6 @@ pack)
 unpack)
   mkdir -p $D/matrix $D/parts && cp .carry5/resume.part.* $D/parts/ && ls -la $D/parts
   if [ "${LAST:-0}" = 1 ]; then
-    cat $D/parts/resume.part.* | tar xf - -C $D/matrix && ls -la $D/matrix $D/matrix/*.resume
+    cat $D/parts/resume.part.* | gzip -d | tar xf - -C $D/matrix && ls -la $D/matrix $D/matrix/*.resume
   fi ;;
 esac
