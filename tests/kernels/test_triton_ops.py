@@ -197,9 +197,8 @@ def test_fused_mlp_equals_the_unfused_kernels_and_the_simulated_mlp(
 def test_int4_unpacked_in_the_kernel_equals_unpacking_first(w_spec, a_spec, K, gemm_schedule):
     """Packed int4 bytes read by the GEMM (each K block's nibbles interleaved back into
     input-channel order in registers) give the integer sums of the int8 codes: the same
-    output, bit for bit; with
-    e4m3 activations (the codes minus zero points as e4m3, exact) the same fp32 products,
-    summed in another order."""
+    output, bit for bit; with e4m3 activations (the codes minus zero points as e4m3, exact)
+    the same fp32 products, summed in another order."""
     layer, x = packed_layer(w_spec, a_spec, online_scale=True, rank=4, K=K)
     real = RealQuantLinear.from_quant_linear(layer)
     rows = x.reshape(-1, K)
