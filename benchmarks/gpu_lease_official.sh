@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # One single-GPU lease (nvidia-h200) for PTQ4DiT's official-default rows (fid_queue.py
-# --plan official; PLAN=w4a4 GPUS=0,0,0,0,0 for issue 18's rows), in stages that each fit one device call. A call carries at most 64 MiB
-# with the working tree, so the testbed checkpoint and the Inception weights travel in two
-# parts each (split -n 2) and CIFAR-10 alone; jobs run detached under /tmp/dq.
+# --plan official; PLAN=w4a4 GPUS=0,0,0,0,0 for issue 18's rows), in stages that each fit one
+# device call. A call carries at most 64 MiB with the working tree (about 31 MB of tracked
+# files), so the testbed checkpoint, the Inception weights and CIFAR-10 travel as one byte
+# stream cut into 32 MiB parts, one part per call; jobs run detached under /tmp/dq.
 #
-#   stage ship1  (carry .carry:  ckpt.part.aa, inception.part.aa)
+#   stage bundle (here, not on the device) writes .carry/part.NN and .carry/manifest (each
+#                file's name and size, in stream order: checkpoint, Inception, CIFAR-10)
+#   stage ship   (carry .carry/manifest and one or more .carry/part.NN) keeps the parts and
+#                puts together every file whose bytes have all arrived (two parts bring the
+#                checkpoint, four the Inception weights, five CIFAR-10); its first call
+#                copies the code
 #   stage models (carry .carry4: RUN/ directories quantized in an earlier lease) puts them
 #                in the queue's output so that they are sampled without calibrating again;
-#                before ship2
-#   stage ship2  (carry .carry2: ckpt.part.ab, inception.part.ab) starts the queue: three
-#                workers on GPU 0 quantize and sample while the reference is missing; the
-#                jobs measured in an earlier lease (benchmarks/results/*/RUN/eval_ddpmN.json)
-#                are skipped
-#   stage ref    (carry .carry3: cifar_train.npz) reference statistics of CIFAR-10 train
+#                before start
+#   stage start  (once the checkpoint is there) starts the queue: three workers on GPU 0
+#                quantize and sample while the reference is missing; the jobs measured in an
+#                earlier lease (benchmarks/results/*/RUN/eval_ddpmN.json) are skipped
+#   stage ref    (once CIFAR-10 is there) reference statistics of CIFAR-10 train
 #   stage wait   sleep SLEEP seconds (default 500), then show progress: keep SLEEP and anything
 #                else in the same call under the call's time limit
 #   stage bench  once the queue's jobs are done, the GPU alone: ditq bench of the fused
@@ -27,14 +32,14 @@
 #                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k)
 #                gzipped, as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
 #                call at most (the 64 MiB a call brings back)
-#   stage unpack before ship2, in the next lease: copies the parts carried in .carry5;
+#   stage unpack before start, in the next lease: copies the parts carried in .carry5;
 #                LAST=1 on the call that carries the last ones unpacks them into the queue's
 #                output, where the run resumes after its finished units
-# TIMING=1 (issue 18): ship1 starts benchmarks/calibration_time.py on a random DiT-XL/2
-# (gptq), ship2 then times gptq on the testbed, and the queue's workers join only when
-# both are done, so that the two times are measured with the GPU alone. KCHECK=1: ship1
-# first runs benchmarks/kernels_check.py (real kernels against the simulated layers), detached
-# next to the queue. RECON_AB=ITERS: ship1 times PTQ4DiT W4A8 with ITERS reconstruction
+# TIMING=1 (issue 18): the first ship starts benchmarks/calibration_time.py on a random DiT-XL/2
+# (gptq), start then times gptq on the testbed, and the queue's workers join only when
+# both are done, so that the two times are measured with the GPU alone. KCHECK=1: start
+# also runs benchmarks/kernels_check.py (real kernels against the simulated layers), detached
+# next to the queue. RECON_AB=ITERS: the first ship times PTQ4DiT W4A8 with ITERS reconstruction
 # iterations per unit on a random testbed-shaped model, the GPU alone, with each
 # --recon-compile mode of RECON_MODES (default "off on"; e.g. "on graphs").
 # QFLAGS: appended to every quantize command of the queue (e.g. "--recon-compile off").
@@ -66,25 +71,45 @@ queue() {  # jobs whose eval JSON an earlier lease left in benchmarks/results ar
     >> $D/queue.log 2>&1 < /dev/null &
 }
 case $stage in
-ship1)
-  mkdir -p $D && rm -rf $D/code && mkdir $D/code && cp -r src benchmarks $D/code/
-  cp .carry/ckpt.part.aa .carry/inception.part.aa $D/
-  python -c "import torch, triton; print(torch.__version__, triton.__version__)"; ls -la $D
-  if [ -n "${RECON_AB:-}" ]; then  # reconstruction step modes (--recon-compile), the GPU alone
-    ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '$RECON_AB', "recon_compile": '
-    methods=(); for mode in ${RECON_MODES:-off on}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
-    python $D/code/benchmarks/calibration_time.py --shape testbed --quiet "${methods[@]}" \
-      --out $D/timing_recon_ab.json
+bundle)
+  mkdir -p .carry && rm -f .carry/part.* .carry/manifest
+  files=(../shared/models/dit_s2_cifar10.pt ../shared/fid/pt_inception-2015-12-05-fp16.pth
+         ../shared/data/cifar_train.npz)
+  for name in dit_s2_cifar10.pt inception.pth cifar_train.npz; do echo $name; done \
+    | paste - <(stat -c %s "${files[@]}") > .carry/manifest
+  cat "${files[@]}" | split -b 32M -d - .carry/part.
+  cat .carry/manifest; ls .carry; sha256sum "${files[@]}" ;;
+ship)
+  if [ ! -d $D/code ]; then
+    mkdir -p $D/code && cp -r src benchmarks $D/code/
+    python -c "import torch, triton; print(torch.__version__, triton.__version__)"
+    if [ -n "${RECON_AB:-}" ]; then  # reconstruction step modes (--recon-compile), the GPU alone
+      ptq4dit='ptq4dit:{"wbits": 4, "recon_iters": '$RECON_AB', "recon_compile": '
+      methods=(); for mode in ${RECON_MODES:-off on}; do methods+=(--method "$ptq4dit\"$mode\"}"); done
+      python $D/code/benchmarks/calibration_time.py --shape testbed --quiet "${methods[@]}" \
+        --out $D/timing_recon_ab.json
+    fi
+    if [ "${TIMING:-0}" = 1 ]; then
+      setsid nohup python $D/code/benchmarks/calibration_time.py --shape DiT-XL/2@256 \
+        --method gptq --out $D/timing_xl.json > $D/timing.log 2>&1 < /dev/null &
+      echo $! > $D/timing_xl.pid
+    fi
   fi
-  if [ "${TIMING:-0}" = 1 ]; then
-    setsid nohup python $D/code/benchmarks/calibration_time.py --shape DiT-XL/2@256 \
-      --method gptq --out $D/timing_xl.json > $D/timing.log 2>&1 < /dev/null &
-    echo $! > $D/timing_xl.pid
-  fi ;;
-ship2)
-  cat $D/ckpt.part.aa .carry2/ckpt.part.ab > $D/dit_s2_cifar10.pt
-  cat $D/inception.part.aa .carry2/inception.part.ab > $D/inception.pth
-  sha256sum $D/dit_s2_cifar10.pt $D/inception.pth
+  mkdir -p $D/parts && cp .carry/part.* .carry/manifest $D/parts/
+  arrived=0; for part in $D/parts/part.*; do  # the bytes of the parts that follow on from part.00
+    [ "$(basename $part)" = "part.$(printf %02d $((arrived / 33554432)))" ] || break
+    arrived=$((arrived + $(stat -c %s $part)))
+  done
+  offset=0; while read -r name size; do
+    if [ ! -f $D/$name ] && [ $((offset + size)) -le $arrived ]; then
+      (set +o pipefail; cat $D/parts/part.* | tail -c +$((offset + 1)) | head -c $size > $D/$name.tmp)
+      [ "$(stat -c %s $D/$name.tmp)" = $size ] && mv $D/$name.tmp $D/$name && sha256sum $D/$name
+    fi
+    offset=$((offset + size))
+  done < $D/parts/manifest
+  echo "$arrived bytes arrived"; ls -la $D ;;
+start)
+  [ -f $D/dit_s2_cifar10.pt ] || { echo "ship the checkpoint's parts first"; exit 2; }
   if [ "${TIMING:-0}" = 1 ]; then
     setsid nohup bash -c "while kill -0 $(cat $D/timing_xl.pid) 2> /dev/null; do sleep 2; done
       python $D/code/benchmarks/calibration_time.py --model $D/dit_s2_cifar10.pt --method gptq \
@@ -101,7 +126,7 @@ ship2)
 models)
   mkdir -p $D/matrix && cp -r .carry4/* $D/matrix/ && ls -la $D/matrix/* ;;
 ref)
-  cp .carry3/cifar_train.npz $D/
+  [ -f $D/cifar_train.npz ] && [ -f $D/inception.pth ] || { echo "ship all five parts first"; exit 2; }
   python -m ditq eval --build-ref $D/cifar_train.npz --inception-weights $D/inception.pth \
     --out $D/ref.npz --device cuda --batch-size 500 --quiet
   ls -la $D; progress ;;
