@@ -64,11 +64,11 @@ def test_folds_roles_and_units():
     assert adapter.role_of("final_layer.linear") is None
     assert adapter.block_layers(0)["qkv"] == ("blocks.0.attn.qkv",)
     assert adapter.role_groups(("fc1",)) == [("blocks.0.mlp.fc1",), ("blocks.1.mlp.fc1",)]
-    assert adapter.layers_by_role(("proj", "qkv")) == [
-        "blocks.0.attn.proj",
-        "blocks.0.attn.qkv",
-        "blocks.1.attn.proj",
-        "blocks.1.attn.qkv",
+    assert adapter.role_groups(("proj", "qkv")) == [
+        ("blocks.0.attn.proj",),
+        ("blocks.0.attn.qkv",),
+        ("blocks.1.attn.proj",),
+        ("blocks.1.attn.qkv",),
     ]
     assert list(adapter.attention_modules()) == ["blocks.0.attn", "blocks.1.attn"]
     units = adapter.sequential_units(["x_embedder.proj", "final_layer.linear"])

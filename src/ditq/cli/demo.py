@@ -46,7 +46,6 @@ from ditq.models import DiT
 from ditq.pipeline.config import QuantConfig
 
 DEMO_METHODS = ("ptq4dit", "ditas", "single-step")
-DEMO_BITS = ((8, 8), (4, 8))
 BYTES_PER_MB = 1_000_000
 HELD_OUT_SEED_OFFSET = 1
 

@@ -602,10 +602,6 @@ class RealQuantLinear(nn.Module):
                 setattr(self, name, old.to(getattr(self, name).device))
         return self
 
-    def weight_bytes(self) -> int:
-        """Bytes of every tensor this layer keeps (codes, scales, sums, bias, branch)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, kind={self.kind}, "

@@ -179,10 +179,6 @@ class ModelAdapter:
             groups += [layers[role] for role in roles if role in layers]
         return groups
 
-    def layers_by_role(self, roles: tuple[str, ...] | list[str]) -> list[str]:
-        """Block linears of the given roles, block by block, in the order ``roles`` lists."""
-        return [name for group in self.role_groups(roles) for name in group]
-
     def role_of(self, layer: str) -> tuple[int, str] | None:
         """``(block index, role)`` of a block linear, None for other layers."""
         for index in range(self.num_blocks()):

@@ -54,8 +54,3 @@ def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``x R`` over the last dim with ``R = diag(signs) · blockdiag(H_b) / √b`` (module
     docstring); also the offline rotation of a weight's rows, ``W R``."""
     return walsh_hadamard(x * signs.to(x.dtype), hadamard_block(x.shape[-1]))
-
-
-def rotation_matrix(signs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """R as an explicit (n, n) matrix (for tests and small folds)."""
-    return rotate(torch.eye(len(signs), dtype=dtype), signs.to(dtype))
