@@ -101,7 +101,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--int4-in-kernel",
         action="store_true",
         help="int4 weights read packed by the GEMM (unpacked in registers) instead of "
-        "unpacked to int8 codes once per call (slower where timed: benchmarks/RESULTS.md)",
+        "unpacked to int8 codes once per call (slower where timed, less peak memory: "
+        "benchmarks/RESULTS.md)",
     )
     parser.add_argument(
         "--profile",

@@ -768,7 +768,8 @@ def convert_model(
     format without a GPU kernel (``reference``: they dequantize, then matmul).
     ``fuse_mlp`` also replaces each fusable MLP by a :class:`FusedQuantMlp` (timed in
     RESULTS.md, "Speed and memory"). ``int4_in_kernel`` has the GEMM read packed int4
-    weights itself (slower than unpacking first where timed: ``benchmarks/RESULTS.md``)."""
+    weights itself (slower than unpacking first where timed, with a lower peak memory:
+    ``benchmarks/RESULTS.md``)."""
     slow, simulated = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear) and module.packed and module.weight_codes is not None:

@@ -24,10 +24,10 @@ them as opaque calls and fuses the BF16 code around them:
   caller first by default (one small elementwise kernel per call); ``packed_int4`` reads
   the bytes instead and interleaves each K block's nibbles back into input-channel order
   in registers (``convert_model(int4_in_kernel=True)``, ``ditq bench --int4-in-kernel``).
-  Both in-kernel unpackings timed so far were slower than unpacking first: this
-  interleaving in an earlier version of the kernel (32,768 tokens), and two dots per block
-  over the even and the odd input channels, whose activation loads are strided (batch 1
-  and 64; ``benchmarks/RESULTS.md``); this version is not yet timed. Tile sizes are
+  Every in-kernel unpacking timed was slower than unpacking first (``benchmarks/RESULTS.md``):
+  this interleaving in an earlier version of the kernel, two dots per block over the even
+  and the odd input channels (strided activation loads), and this version, which saves
+  the per-call unpacked weights' memory. Tile sizes are
   autotuned per (M, N, K) on the GPU among the configurations that won the sweep of
   ``benchmarks/gemm_sweep.py``.
 
