@@ -32,7 +32,8 @@
 #                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k)
 #                gzipped, as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
 #                call at most (the 64 MiB a call brings back)
-#   stage unpack before start, in the next lease: copies the parts carried in .carry5;
+#   stage unpack before start, in the next lease: copies the parts carried in .carry5 (two
+#                16 MiB parts a call beside the tracked files);
 #                LAST=1 on the call that carries the last ones unpacks them into the queue's
 #                output, where the run resumes after its finished units
 # TIMING=1 (issue 18): the first ship starts benchmarks/calibration_time.py on a random DiT-XL/2
