@@ -50,6 +50,7 @@
 set -uo pipefail
 stage=$1
 D=/tmp/dq
+PART_BYTES=33554432  # 32 MiB: one part and the tracked files fit a call's 64 MiB
 export PYTHONPATH=$D/code/src PYTHONUNBUFFERED=1
 progress() {
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
@@ -78,7 +79,7 @@ bundle)
          ../shared/data/cifar_train.npz)
   for name in dit_s2_cifar10.pt inception.pth cifar_train.npz; do echo $name; done \
     | paste - <(stat -c %s "${files[@]}") > .carry/manifest
-  cat "${files[@]}" | split -b 32M -d - .carry/part.
+  cat "${files[@]}" | split -b $PART_BYTES -d - .carry/part.
   cat .carry/manifest; ls .carry; sha256sum "${files[@]}" ;;
 ship)
   if [ ! -d $D/code ]; then
@@ -98,7 +99,7 @@ ship)
   fi
   mkdir -p $D/parts && cp .carry/part.* .carry/manifest $D/parts/
   arrived=0; for part in $D/parts/part.*; do  # the bytes of the parts that follow on from part.00
-    [ "$(basename $part)" = "part.$(printf %02d $((arrived / 33554432)))" ] || break
+    [ "$(basename $part)" = "part.$(printf %02d $((arrived / PART_BYTES)))" ] || break
     arrived=$((arrived + $(stat -c %s $part)))
   done
   offset=0; while read -r name size; do
