@@ -26,7 +26,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 import ditq
-from ditq.eval.speed import _synchronize, shape_model
+from ditq.eval.speed import shape_model, synchronize
 from ditq.methods import METHODS
 from ditq.pipeline import gptq_solver, sequential
 from ditq.pipeline.run import record_of
@@ -53,7 +53,7 @@ def timed_steps(device: str):
     """Wrap the ``TIMED`` steps so each call's wall time, between device synchronizations,
     is added to the yielded ``{name: [seconds, calls]}``; the originals come back after."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    sync = functools.partial(_synchronize, device)
+    sync = functools.partial(synchronize, device)
     originals = [(owner, name, getattr(owner, name)) for owner, name in TIMED]
 
     def wrap(function, label):
@@ -105,7 +105,7 @@ def main() -> None:
         with timed_steps(args.device) if args.breakdown else nullcontext({}) as steps:
             start = time.perf_counter()
             ditq.quantize(model, config, batch_size=args.batch_size, progress=not args.quiet)
-            _synchronize(args.device)
+            synchronize(args.device)
             seconds = time.perf_counter() - start
         report = record_of(model).report
         units = report["method"].get("reconstruction", {}).get("units", {})

@@ -27,18 +27,18 @@ from pathlib import Path
 
 import torch
 
-from ditq.eval.speed import _synchronize, build_variant, denoiser_inputs, shape_model, warm_up
+from ditq.eval.speed import build_variant, denoiser_inputs, shape_model, synchronize, warm_up
 from ditq.kernels import COMPILE_SCOPES, DEFAULT_COMPILE_SCOPE
 
 
 def queued(call: Callable[[], object], calls: int, device: str) -> tuple[float, float]:
     """(host ms, wall ms) per call of ``calls`` calls issued back to back."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         call()
     host = time.perf_counter() - start
-    _synchronize(device)
+    synchronize(device)
     wall = time.perf_counter() - start
     return 1000 * host / calls, 1000 * wall / calls
 
@@ -78,12 +78,12 @@ def profile_variant(
     finally:
         gc.enable()
     profile = cProfile.Profile()
-    _synchronize(device)
+    synchronize(device)
     profile.enable()
     for _ in range(calls):
         call()
     profile.disable()
-    _synchronize(device)
+    synchronize(device)
     return {
         "variant": variant,
         "batch": batch,

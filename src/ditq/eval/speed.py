@@ -230,14 +230,17 @@ def float_architecture(model: nn.Module) -> DiT:
 def _kernel_counts(model: nn.Module) -> dict[str, int]:
     """Layers per real-kernel kind, the fused MLPs and attentions, and the layers whose
     GEMM reads packed int4 weights itself (``int4-in-kernel``)."""
-    layers = [m for m in model.modules() if isinstance(m, RealQuantLinear)]
-    kinds = dict(Counter(layer.kind for layer in layers))
-    counts = {
-        "fused-mlp": sum(isinstance(m, FusedQuantMlp) for m in model.modules()),
-        "fused-attention": sum(isinstance(m, FusedQuantAttention) for m in model.modules()),
-        "int4-in-kernel": sum(layer.unpacks_in_kernel for layer in layers),
-    }
-    return kinds | {kind: count for kind, count in counts.items() if count}
+    kinds: Counter[str] = Counter()
+    extras = dict.fromkeys(("fused-mlp", "fused-attention", "int4-in-kernel"), 0)
+    for module in model.modules():
+        if isinstance(module, RealQuantLinear):
+            kinds[module.kind] += 1
+            extras["int4-in-kernel"] += int(module.unpacks_in_kernel)
+        elif isinstance(module, FusedQuantMlp):
+            extras["fused-mlp"] += 1
+        elif isinstance(module, FusedQuantAttention):
+            extras["fused-attention"] += 1
+    return dict(kinds) | {name: count for name, count in extras.items() if count}
 
 
 def build_variant(
@@ -299,7 +302,8 @@ SCOPE_LABELS = {"model": ", whole call", "blocks": ", each block"}
 """How a report names a compiled row's scope (:data:`ditq.kernels.COMPILE_SCOPES`)."""
 
 
-def _synchronize(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing to wait for on a CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -319,7 +323,7 @@ def warm_up(call: Callable[[], object], device: str, calls_per_round: int) -> in
         for _ in range(calls_per_round):
             start = time.perf_counter()
             call()
-            _synchronize(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         calls += calls_per_round
         median = statistics.median(times)
@@ -338,7 +342,7 @@ def time_calls(model: DiT, inputs: tuple, device: str, iters: int, warmup: int) 
     call = lambda: model.forward_with_cfg(*inputs, cfg_scale=1.5)  # noqa: E731
     start = time.perf_counter()
     call()
-    _synchronize(device)
+    synchronize(device)
     first = time.perf_counter() - start
     warmup_calls = warm_up(call, device, warmup)
     times, host = [], []
@@ -406,7 +410,7 @@ def profile_calls(model: DiT, inputs: tuple, device: str, top: int = 8) -> dict[
     with profile(activities=activities) as prof:
         for _ in range(PROFILE_CALLS):
             model.forward_with_cfg(*inputs, cfg_scale=1.5)
-        _synchronize(device)
+        synchronize(device)
     totals: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     if cuda:
@@ -443,10 +447,10 @@ def time_sampling(model: DiT, batch: int, steps: int, device: str) -> float:
         generate(model, batch, settings, batch_size=batch, device=device, progress=False)
 
     sample(min(steps, 2))
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     sample(steps)
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
