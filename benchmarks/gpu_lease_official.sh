@@ -40,9 +40,10 @@
 # (gptq), start then times gptq on the testbed, and the queue's workers join only when
 # both are done, so that the two times are measured with the GPU alone. KCHECK=1: start
 # also runs benchmarks/kernels_check.py (real kernels against the simulated layers), detached
-# next to the queue. RECON_AB=ITERS: the first ship times PTQ4DiT W4A8 with ITERS reconstruction
-# iterations per unit on a random testbed-shaped model, the GPU alone, with each
-# --recon-compile mode of RECON_MODES (default "off on"; e.g. "on graphs").
+# next to the queue; KCHECK_ONLY=PART,PART: only its checks named so (e.g. codes).
+# RECON_AB=ITERS: the first ship times PTQ4DiT W4A8 with ITERS reconstruction iterations per
+# unit on a random testbed-shaped model, the GPU alone, with each --recon-compile mode of
+# RECON_MODES (default "off on"; e.g. "on graphs").
 # QFLAGS: appended to every quantize command of the queue (e.g. "--recon-compile off").
 # A call's own command line must not contain what it pkills (pkill -f "ditq sample" in a
 # command that also runs "ditq sample" kills the call itself): use the [d]itq pattern trick
@@ -122,7 +123,7 @@ start)
   queue
   if [ "${KCHECK:-0}" = 1 ]; then  # the real kernels against the simulated layers
     setsid nohup python $D/code/benchmarks/kernels_check.py $D/kernels_check.json \
-      > $D/kernels_check.log 2>&1 < /dev/null &
+      ${KCHECK_ONLY:+--only $KCHECK_ONLY} > $D/kernels_check.log 2>&1 < /dev/null &
   fi
   sleep "${SLEEP:-30}"; progress; cat $D/timing.log 2>/dev/null | tail -n 5 ;;
 models)

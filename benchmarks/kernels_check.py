@@ -16,7 +16,10 @@ measured faster; whole FP8 models (static: with the fused MLP) on the measured c
 failing check is recorded and the script goes on; the table is printed last and everything
 is written to OUT.json (rewritten after every row: a run stopped early keeps its rows).
 ``--only`` keeps the checks whose name and format contain one of the PARTs (a quick check
-of the kernels a run is about to use, e.g. ``--only attention``).
+of the kernels a run is about to use, e.g. ``--only attention``). For the formats with
+dynamic int activation ranges, the activation kernel's codes against its torch twin's, code
+by code, and the GEMM alone on the twin's codes (``--only codes``: where the W4A4 layers'
+error on the GPU comes from).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ditq import load_model
 from ditq.eval.speed import denoiser_inputs, quantize_random
 from ditq.kernels import FusedQuantMlp, RealQuantLinear, convert_model, triton_ops
 from ditq.kernels.attention import FusedQuantAttention
+from ditq.kernels.linear import layer_kind, quantize_activation
 from ditq.methods import RTNConfig
 from ditq.models.adapter import MATMUL_POINTS, explicit_attention
 from ditq.models.dit import DiT, DiTConfig, config_for
@@ -91,6 +95,22 @@ PER_TILE_FORMATS = ("w4a4-groups64-sym", "w4a8-channel-agroups64-asym")
 """Formats also checked with each grouped GEMM tile alone: the third lease's W4A4 layer
 error (1.4e-2) was eight times these 8-bit-activation groups' (1.8e-3) on the GPU, while
 the Triton interpreter gives both 3.3e-3 at the same shape."""
+
+
+def _layer_kind(config: dict) -> str:
+    """The cuda backend's kind (``layer_kind``) of a layer quantized with ``config``."""
+    rtn = RTNConfig(**config)
+    linear = torch.nn.Linear(128, 128)
+    return layer_kind(QuantLinear.from_linear(linear, rtn.weight_spec(), rtn.act_spec()))
+
+
+DYNAMIC_INT_FORMATS = tuple(
+    name
+    for name, config in FORMATS.items()
+    if config.get("a_dynamic") and _layer_kind(config) == "int"
+)
+"""Formats whose activation codes the Triton kernels compute from dynamic ranges for the
+int8 GEMM: checked against the torch twin code by code (the W4A4 layer error above)."""
 UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
 """Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
 INT4_FORMATS = tuple(name for name, config in FORMATS.items() if config["wbits"] == 4)
@@ -124,7 +144,12 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> dict:
+def random_layer(
+    fmt: str, size: tuple[int, int], ditas: bool, device: str
+) -> tuple[QuantLinear, torch.Tensor]:
+    """A packed simulated layer of ``fmt`` and (K, N) ``size`` with random weights
+    (``ditas``: with an online input scale and a rank-32 branch), calibrated on its random
+    input of :data:`TOKENS` rows, and that input in BF16."""
     config = RTNConfig(**FORMATS[fmt])
     K, N = size
     torch.manual_seed(0)
@@ -141,11 +166,43 @@ def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> di
         scaled = x if layer.input_scale is None else x / layer.input_scale
         layer.act_quantizer.find_params(scaled)
     layer.pack()
-    ref = layer(x.bfloat16().float())  # same (BF16) input as the kernels
+    return layer, x.bfloat16()
+
+
+@torch.no_grad()
+def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> dict:
+    layer, x = random_layer(fmt, size, ditas, device)
+    ref = layer(x.float())  # same (BF16) input as the kernels
     real = RealQuantLinear.from_quant_linear(layer)
     poison(device)
-    out = real(x.bfloat16())
+    out = real(x)
     return {"kind": real.kind, **rel_error(out, ref)}
+
+
+@torch.no_grad()
+def check_codes(fmt: str, size: tuple[int, int], device: str) -> dict:
+    """The activation quantization kernel alone against its torch twin
+    (``quantize_activation``: the simulated quantizer's arithmetic, which compiled models
+    run) on the same BF16 input: the share of codes that differ, the largest difference,
+    the largest relative difference of the scales; then the GEMM alone, given the twin's
+    codes, against the simulated layer (``rel_error``). Where ``check_layer``'s error is
+    larger than this one, the difference is in the codes."""
+    layer, x = random_layer(fmt, size, False, device)
+    real = RealQuantLinear.from_quant_linear(layer)
+    kernel = real._quantize_cuda(x)
+    twin = quantize_activation(
+        x, real.act, real.input_scale, real.static_qparams, code_sums=real.needs_code_sums
+    )
+    code_difference = (kernel[0].int() - twin[0].int()).abs()
+    poison(device)
+    out = real._gemm(twin, None, x.dtype)
+    return {
+        "kind": real.kind,
+        "codes_differing": float((code_difference > 0).float().mean()),
+        "largest_code_difference": int(code_difference.max()),
+        "scale_rel_difference": float(((kernel[1] - twin[1]).abs() / twin[1]).max()),
+        **rel_error(out, layer(x.float())),
+    }
 
 
 @torch.no_grad()
@@ -296,6 +353,12 @@ def main(out_path: str, only: list[str]) -> None:
             "XL fc2 +input_scale +lowrank32",
             fmt,
             lambda f=fmt: check_layer(f, (4608, 1152), True, device),
+        )
+    for fmt in DYNAMIC_INT_FORMATS:  # the activation kernel's codes, then the GEMM alone
+        record(
+            "XL proj (1152, 1152) codes vs torch",
+            fmt,
+            lambda f=fmt: check_codes(f, (1152, 1152), device),
         )
     for fmt in FP8_FORMATS:
         for path in ("triton", "cublas"):
