@@ -246,7 +246,6 @@ class Queue:
             ]
         self.lock = threading.Lock()
         self.busy_runs: set[str] = set()  # runs being quantized
-        self.running = 0
         self.status_path = self.out / "status.json"
         self.status = json.loads(self.status_path.read_text()) if self.status_path.exists() else {}
 
@@ -381,7 +380,6 @@ class Queue:
                     self.pending.remove(job)
                     if not quantized:
                         self.busy_runs.add(job.run)
-                    self.running += 1
                     return job
             return None
 
@@ -406,7 +404,6 @@ class Queue:
             finally:
                 with self.lock:
                     self.busy_runs.discard(job.run)
-                    self.running -= 1
 
 
 def main() -> None:
