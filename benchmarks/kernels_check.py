@@ -18,8 +18,8 @@ is written to OUT.json (rewritten after every row: a run stopped early keeps its
 ``--only`` keeps the checks whose name and format contain one of the PARTs (a quick check
 of the kernels a run is about to use, e.g. ``--only attention``). For the formats with
 dynamic int activation ranges, the activation kernel's codes against its torch twin's, code
-by code, and the GEMM alone on the twin's codes (``--only codes``: where the W4A4 layers'
-error on the GPU comes from).
+by code, and the GEMM alone on the twin's codes (``--only codes``; RESULTS.md, "The W4A4
+layers' kernel-check error").
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ FP8_FORMATS = tuple(name for name in FORMATS if "fp8" in name)
 PER_TILE_FORMATS = ("w4a4-groups64-sym", "w4a8-channel-agroups64-asym")
 """Formats also checked with each grouped GEMM tile alone: the third lease's W4A4 layer
 error (1.4e-2) was eight times these 8-bit-activation groups' (1.8e-3) on the GPU, while
-the Triton interpreter gives both 3.3e-3 at the same shape."""
+the Triton interpreter gives both 3.3e-3 at the same shape (the reference's step sizes on
+CUDA: RESULTS.md, "The W4A4 layers' kernel-check error")."""
 
 
 def _layer_kind(config: dict) -> str:
@@ -110,7 +111,7 @@ DYNAMIC_INT_FORMATS = tuple(
     if config.get("a_dynamic") and _layer_kind(config) == "int"
 )
 """Formats whose activation codes the Triton kernels compute from dynamic ranges for the
-int8 GEMM: checked against the torch twin code by code (the W4A4 layer error above)."""
+int8 GEMM: checked against the torch twin code by code."""
 UNFUSED_MLP_FORMATS = ("w8a8-int-static-asym", "w8a8-int-static-sym", "w4a8-group128-asym")
 """Formats whose MLPs ``convert_model`` fuses (static int inputs): also checked unfused."""
 INT4_FORMATS = tuple(name for name, config in FORMATS.items() if config["wbits"] == 4)

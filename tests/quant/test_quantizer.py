@@ -26,6 +26,7 @@ from ditq.quant import (
     storage_dtype_for,
     to_range_groups,
 )
+from ditq.quant.spec import integer_range
 
 GROUP = 8
 WEIGHT_SHAPE = (6, 32)
@@ -408,3 +409,22 @@ def test_percentile_search_matches_a_numpy_reference(bits):
     np.testing.assert_allclose(
         [t_low.item(), t_high.item()], _numpy_percentile_search(rows.ravel(), bits), rtol=1e-10
     )
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_step_size_is_the_range_times_the_fp32_reciprocal_of_the_levels(bits, symmetric):
+    """Δ = range · fl32(1 / n), bit for bit (numpy float32): the product torch computes for
+    ``range / n`` on CUDA and in compiled code and the Triton kernels compute, so that every
+    path finds the same Δ; the largest value still lands on the top level, unclipped."""
+    rng = np.random.default_rng(bits)
+    x_max = rng.uniform(1e-3, 50, 4096).astype(np.float32)
+    x_min = -(x_max * rng.uniform(0.2, 1.0, 4096).astype(np.float32))
+    scale, zero = compute_qparams(torch.from_numpy(x_min), torch.from_numpy(x_max), bits, symmetric)
+    q_max = integer_range(bits, symmetric)[1]
+    value_range = np.maximum(-x_min, x_max) if symmetric else x_max - x_min
+    expected = value_range * (np.float32(1) / np.float32(q_max))
+    assert scale.dtype == torch.float32
+    np.testing.assert_array_equal(scale.numpy(), expected)
+    top = torch.round(torch.from_numpy(x_max) / scale) + zero
+    assert (top <= q_max).all() and (top >= q_max - 1).all()

@@ -122,12 +122,13 @@ def _scaled_input(x_ptr, s_ptr, offs, mask, HAS_S: tl.constexpr):
 @triton.jit
 def _dynamic_qparams(x_min, x_max, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
     """(scale, zero point) of the range [x_min, x_max] (x_min <= 0 <= x_max), as the
-    simulated quantizer computes them."""
+    simulated quantizer computes them: the range times the fp32 reciprocal of the levels
+    (``compute_qparams``), the zero point a correctly rounded quotient."""
     if SYMMETRIC:
-        scale = tl.maximum(tl.math.div_rn(tl.maximum(-x_min, x_max), QMAX * 1.0), 1e-8)
+        scale = tl.maximum(tl.maximum(-x_min, x_max) * (1.0 / QMAX), 1e-8)
         zero = scale * 0.0
     else:
-        scale = tl.maximum(tl.math.div_rn(x_max - x_min, (QMAX - QMIN) * 1.0), 1e-8)
+        scale = tl.maximum((x_max - x_min) * (1.0 / (QMAX - QMIN)), 1e-8)
         zero = _round_half_even(tl.math.div_rn(-x_min, scale))
     return scale, zero
 

@@ -7,6 +7,15 @@ Integer format: ``q = clamp(round(x / Δ) + z, q_min, q_max)``, ``x̂ = (q - z) 
 contain 0 so that 0 is exactly representable. FP8 (e4m3) format:
 ``x̂ = fp8(x / Δ) · Δ`` with ``Δ = amax / 448``.
 
+The integer ``Δ = range / n`` is computed as ``range · (1 / n)``, the reciprocal rounded
+once to the range's dtype: what torch computes for ``tensor / n`` on CUDA and in compiled
+(Inductor) code, and what ditq's Triton kernels compute, so that the CPU, CUDA, compiled
+and kernel paths find the same Δ bit for bit. (A correctly rounded quotient can be one ulp
+off it, and a value at an exact tie of ``x / Δ``, common with BF16 inputs, then rounds to the
+other level: ``benchmarks/RESULTS.md``, "The W4A4 layers' kernel-check error".) The FP8 Δ
+stays a quotient: no kernel computes it, and a product could put the largest value an ulp
+beyond 448 Δ, where the straight-through gradient is cut.
+
 Layout. ``to_range_groups`` lays a tensor out so that each range group is one row of the
 last axis; every range, scale and zero point is that view reduced over its last axis with
 ``keepdim``, and ``from_range_groups`` puts a tensor in that layout back into the original
@@ -108,10 +117,11 @@ def compute_qparams(
     ``[q_min, q_max]``, 0 if symmetric) for the range ``[x_min, x_max]`` widened to contain 0."""
     x_min = x_min.clamp(max=0)
     x_max = x_max.clamp(min=0)
+    levels = 1.0 / integer_range(bits, symmetric)[1]  # Δ as a product (module docstring)
     if symmetric:
-        scale = (torch.maximum(-x_min, x_max) / integer_range(bits, True)[1]).clamp(min=MIN_SCALE)
+        scale = (torch.maximum(-x_min, x_max) * levels).clamp(min=MIN_SCALE)
         return scale, torch.zeros_like(scale)
-    scale = ((x_max - x_min) / integer_range(bits, False)[1]).clamp(min=MIN_SCALE)
+    scale = ((x_max - x_min) * levels).clamp(min=MIN_SCALE)
     return scale, torch.round(-x_min / scale)
 
 
