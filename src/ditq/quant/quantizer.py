@@ -117,11 +117,11 @@ def compute_qparams(
     ``[q_min, q_max]``, 0 if symmetric) for the range ``[x_min, x_max]`` widened to contain 0."""
     x_min = x_min.clamp(max=0)
     x_max = x_max.clamp(min=0)
-    levels = 1.0 / integer_range(bits, symmetric)[1]  # Δ as a product (module docstring)
+    reciprocal = 1.0 / integer_range(bits, symmetric)[1]  # Δ as a product (module docstring)
     if symmetric:
-        scale = (torch.maximum(-x_min, x_max) * levels).clamp(min=MIN_SCALE)
+        scale = (torch.maximum(-x_min, x_max) * reciprocal).clamp(min=MIN_SCALE)
         return scale, torch.zeros_like(scale)
-    scale = ((x_max - x_min) * levels).clamp(min=MIN_SCALE)
+    scale = ((x_max - x_min) * reciprocal).clamp(min=MIN_SCALE)
     return scale, torch.round(-x_min / scale)
 
 
