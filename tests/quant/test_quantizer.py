@@ -416,9 +416,8 @@ def test_percentile_search_matches_a_numpy_reference(bits):
 def test_step_size_is_the_range_times_the_fp32_reciprocal_of_the_levels(bits, symmetric):
     """Δ = range · fl32(1 / n), bit for bit (numpy float32): the product torch computes for
     ``range / n`` on CUDA and in compiled code and the Triton kernels compute, so that every
-    path finds the same Δ. The largest value is never beyond the top level (a Δ an ulp
-    short would put it there): on it, or one below where an asymmetric zero point rounds
-    down."""
+    path finds the same Δ. The largest value is never beyond the top level: on it, or one
+    below where an asymmetric zero point rounds down."""
     rng = np.random.default_rng(bits)
     x_max = rng.uniform(1e-3, 50, 4096).astype(np.float32)
     x_min = -(x_max * rng.uniform(0.2, 1.0, 4096).astype(np.float32))
