@@ -89,3 +89,25 @@ def test_group_size_must_divide_inputs():
 
     with pytest.raises(DitqError, match="does not divide"):
         QuantLinear.from_linear(_linear(), QuantSpec(bits=4, granularity=PerGroup(5)), FLOAT)
+
+
+def test_a_compiled_packed_layer_keeps_no_graph_output_on_the_module():
+    """A cache written inside a compiled forward holds the graph's output buffer: with CUDA
+    graphs the next replay overwrites it and the recompiled graph that reads it fails (a
+    DiTAS W4A4 model sampled with ``--compile`` on an H100). Compiled, the packed layer
+    dequantizes in the graph, stores nothing and compiles once."""
+    from torch._dynamo.testing import CompileCounter
+
+    layer = QuantLinear.from_linear(_linear(), QuantSpec(bits=4, granularity=PerChannel()), FLOAT)
+    layer.calibrate_weight()
+    layer.pack()
+    x = torch.randn(4, 16)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    first, second = compiled(x), compiled(x)
+    assert layer._dequantized is None
+    assert counter.frame_count == 1
+    eager = layer(x)  # eager calls fill the cache
+    assert layer._dequantized is not None
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(second, eager, rtol=0, atol=0)

@@ -128,9 +128,13 @@ class QuantLinear(nn.Module):
         self._dequantized = None
 
     def quantized_weight(self) -> torch.Tensor:
-        """``Q_w(W)`` as a float tensor (cached once packed)."""
+        """``Q_w(W)`` as a float tensor (cached once packed, in eager calls only: a cache
+        written inside a compiled graph would hold the graph's output buffer, which CUDA
+        graphs overwrite at the next replay)."""
         if not self.packed:
             return self.weight_quantizer(self.weight)
+        if torch.compiler.is_compiling():
+            return self.weight_quantizer.dequantize_codes(self.weight_codes).float()
         if self._dequantized is None or self._dequantized.device != self.weight_codes.device:
             self._dequantized = self.weight_quantizer.dequantize_codes(self.weight_codes).float()
         return self._dequantized
