@@ -12,9 +12,10 @@ Every step is skipped when its output exists, so the queue can be stopped and st
 again, and ``--results DIR`` (repeatable) drops the jobs whose ``eval_ddpmN.json`` an
 earlier lease left in DIR; ``status.json`` records each job's command, wall time and
 outcome, and the logs are in ``OUT/logs`` (sampling's with its per-batch progress bar).
-Sampling is tried with ``--compile`` first and without it if that fails; a job on the
-real kernels (``--backend cuda``) that fails both ways fails (its DDPM 250 samples on the
-simulated model would hold the GPU past a lease's end).
+Sampling is tried with ``--compile`` (CUDA graphs on a GPU) first, then compiled without
+CUDA graphs, then eagerly; a job on the real kernels (``--backend cuda``) that fails all
+three fails (not moved to the simulated model, whose DDPM 250 samples would hold the GPU
+past a lease's end).
 Plans (``--plan``): ``headline`` (PTQ4DiT, DiTAS, single-step at W8A8/W4A8, DDPM
 50/250/100), ``ablation`` (PTQ4DiT balancing with and without reconstruction, DDPM 50),
 ``official`` (PTQ4DiT's official defaults at W8A8/W4A8 and the block-only coverage with
@@ -339,7 +340,8 @@ class Queue:
             str(samples),
         ]
         key = f"{job.run}.ddpm{job.steps}.sample"
-        return self.execute(key, [*command, "--compile"], gpu) or self.execute(key, command, gpu)
+        attempts = ([*command, "--compile"], [*command, "--compile", "--no-cuda-graphs"], command)
+        return any(self.execute(key, attempt, gpu) for attempt in attempts)
 
     def evaluate(self, job: Job, gpu: str) -> bool:
         directory = self.out / job.run
