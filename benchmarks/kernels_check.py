@@ -19,8 +19,9 @@ is written to OUT.json (rewritten after every row: a run stopped early keeps its
 of the kernels a run is about to use, e.g. ``--only attention``). For the formats with
 dynamic int activation ranges, the activation kernel's codes against its torch twin's, code
 by code, and the GEMM alone on the twin's codes (``--only codes``; RESULTS.md, "The W4A4
-layers' kernel-check error").
-"""
+layers' kernel-check error"); then the same quantization compiled by Inductor against
+eager, with Inductor's default division and with correctly rounded division (``--only
+compiled``)."""
 
 from __future__ import annotations
 
@@ -206,6 +207,53 @@ def check_codes(fmt: str, size: tuple[int, int], device: str) -> dict:
     }
 
 
+COMPILE_NUMERICS = ("default", "division", "division+casts")
+"""Inductor's settings for ``check_compiled_codes``: its defaults, correctly rounded fp32
+division in its Triton code, and that with BF16 intermediates rounded as eager rounds them."""
+
+
+def inductor_numerics(numerics: str):
+    """A patch of Inductor's configuration for one of :data:`COMPILE_NUMERICS`, under this
+    torch's names (``eager_numerics.division_rounding`` from about 2.11,
+    ``emulate_divison_rounding`` before)."""
+    config = torch._inductor.config
+    division = numerics.startswith("division")
+    name = "eager_numerics.division_rounding"
+    if not hasattr(config, "eager_numerics"):
+        name = "emulate_divison_rounding"
+    return config.patch({name: division, "emulate_precision_casts": numerics.endswith("casts")})
+
+
+@torch.no_grad()
+def check_compiled_codes(fmt: str, size: tuple[int, int], device: str, numerics: str) -> dict:
+    """The activation quantization as ``--compile`` runs it, compiled by Inductor with
+    ``numerics`` (:data:`COMPILE_NUMERICS`), against the same code run eagerly on the same
+    device and BF16 input: the real layer's torch twin (``quantize_activation``: its codes)
+    and the simulated quantizer (its fake-quantized BF16 output, ``rel_error``). Codes that
+    differ are values that compiled sampling puts on another level than eager sampling."""
+    layer, x = random_layer(fmt, size, False, device)
+    real = RealQuantLinear.from_quant_linear(layer)
+
+    def codes(rows: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(
+            rows, real.act, real.input_scale, real.static_qparams, code_sums=real.needs_code_sums
+        )[0]
+
+    torch._dynamo.reset()
+    with inductor_numerics(numerics):
+        compiled_codes = torch.compile(codes)(x)
+        compiled_fake = torch.compile(layer.act_quantizer)(x)
+    torch._dynamo.reset()
+    code_difference = (compiled_codes.int() - codes(x).int()).abs()
+    return {
+        "kind": real.kind,
+        "numerics": numerics,
+        "codes_differing": float((code_difference > 0).float().mean()),
+        "largest_code_difference": int(code_difference.max()),
+        **rel_error(compiled_fake.float(), layer.act_quantizer(x).float()),
+    }
+
+
 @torch.no_grad()
 def check_model(
     fmt: str, base: DiT, device: str, fuse_mlp: bool = True, int4_in_kernel: bool = False
@@ -361,6 +409,12 @@ def main(out_path: str, only: list[str]) -> None:
             fmt,
             lambda f=fmt: check_codes(f, (1152, 1152), device),
         )
+        for numerics in COMPILE_NUMERICS:  # Inductor's arithmetic against eager's
+            record(
+                f"XL proj (1152, 1152) compiled codes, {numerics} numerics",
+                fmt,
+                lambda f=fmt, n=numerics: check_compiled_codes(f, (1152, 1152), device, n),
+            )
     for fmt in FP8_FORMATS:
         for path in ("triton", "cublas"):
             for name, (K, N) in XL_LAYERS.items():

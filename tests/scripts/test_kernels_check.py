@@ -54,3 +54,47 @@ def test_a_changed_code_is_counted(script, monkeypatch):
     row = script.check_codes("w4a4-groups64-sym", (128, 64), "cpu")
     assert row["codes_differing"] == pytest.approx(1 / (16 * 128))
     assert row["largest_code_difference"] == 1
+
+
+def test_inductor_numerics_patch_what_they_name(script):
+    import torch._inductor.config as config
+
+    def division() -> bool:
+        if hasattr(config, "eager_numerics"):
+            return config.eager_numerics.division_rounding
+        return config.emulate_divison_rounding
+
+    expected = {
+        "default": (False, False),
+        "division": (True, False),
+        "division+casts": (True, True),
+    }
+    assert set(expected) == set(script.COMPILE_NUMERICS)
+    for numerics, (rounded, casts) in expected.items():
+        with script.inductor_numerics(numerics):
+            assert (division(), config.emulate_precision_casts) == (rounded, casts)
+
+
+def test_compiled_codes_on_a_cpu_equal_eager(script):
+    """Inductor's C++ code divides correctly rounded: on a CPU compiled and eager codes agree
+    (on a GPU its Triton code divides approximately by default: that is what the row
+    measures)."""
+    row = script.check_compiled_codes("w4a4-groups64-sym", (128, 64), "cpu", "default")
+    assert row["codes_differing"] == 0 and row["largest_code_difference"] == 0
+    assert row["rel_error"] == 0 and not row["nan"]
+
+
+def test_a_compiled_code_that_differs_is_counted(script, monkeypatch):
+    def compile_one_off(fn):
+        def changed(rows):
+            out = fn(rows).clone()
+            out.view(-1)[0] += 1
+            return out
+
+        return changed
+
+    monkeypatch.setattr(script.torch, "compile", compile_one_off)
+    row = script.check_compiled_codes("w4a4-groups64-sym", (128, 64), "cpu", "default")
+    assert row["codes_differing"] == pytest.approx(1 / (16 * 128))
+    assert row["largest_code_difference"] == 1
+    assert row["rel_error"] > 0
