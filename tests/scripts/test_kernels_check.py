@@ -75,6 +75,7 @@ def test_inductor_numerics_patch_what_they_name(script):
             assert (division(), config.emulate_precision_casts) == (rounded, casts)
 
 
+@pytest.mark.slow  # Inductor's C++ compilation
 def test_compiled_codes_on_a_cpu_equal_eager(script):
     """Inductor's C++ code divides correctly rounded: on a CPU compiled and eager codes agree
     (on a GPU its Triton code divides approximately by default: that is what the row
