@@ -199,3 +199,27 @@ def test_torchrun_slices_gather_to_the_single_process_result(checkpoint, tmp_pat
     np.testing.assert_array_equal(multi["arr_0"], single["arr_0"])
     np.testing.assert_array_equal(multi["arr_1"], single["arr_1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.npz", "single.npz", "tiny.pt"]
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    import ditq.cli.sample as sample
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 7.32 GiB. GPU 0 has a total capacity of "
+            "79.18 GiB of which 5.03 GiB is free. Including non-PyTorch memory, this process "
+            "has 22.83 GiB memory in use."
+        )
+
+    monkeypatch.setattr(sample, "generate", out_of_memory)
+    before = sorted(tmp_path.iterdir())
+    out = tmp_path / "s.npz"
+    assert _sample(checkpoint, "--num-samples", "4", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ditq sample: error: out of GPU memory (tried to allocate 7.32 GiB, 5.03 GiB free): "
+        "lower --batch-size (with cfg each image runs twice)"
+    ]
+    assert sorted(tmp_path.iterdir()) == before  # no output, no temporary file
