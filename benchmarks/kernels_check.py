@@ -20,8 +20,8 @@ of the kernels a run is about to use, e.g. ``--only attention``). For the format
 dynamic int activation ranges, the activation kernel's codes against its torch twin's, code
 by code, and the GEMM alone on the twin's codes (``--only codes``; RESULTS.md, "The W4A4
 layers' kernel-check error"); then the same quantization compiled by Inductor against
-eager, with Inductor's default division and with correctly rounded division (``--only
-compiled``)."""
+eager, with Inductor's default division, with correctly rounded division, and with that and
+eager's BF16 casts (``--only compiled``)."""
 
 from __future__ import annotations
 
