@@ -247,7 +247,8 @@ def test_bits_outside_the_paper_are_allowed_with_one_note(tmp_path, checkpoint):
     notes = [line for line in result.stderr.splitlines() if "published settings" in line]
     assert notes == [
         "ditq quantize: note: W8A4 is outside ptq4dit's published settings (W8A8, W4A8): "
-        "allowed, but its paper did not measure it"
+        "allowed, but its paper did not measure it; for 4-bit activations use --method "
+        'svdquant (README, "W4A4")'
     ]
     assert "attention matmuls A8" in result.stdout
 

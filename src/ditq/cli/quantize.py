@@ -409,6 +409,8 @@ def run(args: argparse.Namespace) -> None:
     _check_overrides_match(config, config.layers.names(model))
     layers_to_wrap(model, config)  # shapes vs group sizes, before any work
     note = method.unpublished_setting(config)
+    if note and config.abits <= 4:  # the seed methods collapse there (RESULTS.md)
+        note += '; for 4-bit activations use --method svdquant (README, "W4A4")'
     if note:
         _say(f"note: {note}")
     settings = calib_settings(method, args, model.num_classes)
