@@ -498,12 +498,14 @@ def main(out_path: str, only: list[str]) -> None:
                     ),
                 )
     triton_ops.ATTENTION_CHOICE.clear()
-    print(f"\n{'check':<34} {'format':<26} {'kind':<14} {'rel.err':>9} nan")
+    print(f"\n{'check':<34} {'format':<26} {'kind':<14} {'rel.err':>9} nan  codes differing")
     for r in rows:
         if "error" in r:
             print(f"{r['check']:<34} {r['format']:<26} ERROR {r['error'][:60]}")
         else:
-            error = f"{r['rel_error']:9.2e} {r['nan']}"
+            error = f"{r['rel_error']:9.2e} {r['nan']!s:<5}"
+            if "codes_differing" in r:  # the share, and the largest difference in levels
+                error += f" {r['codes_differing']:.2e} (at most {r['largest_code_difference']})"
             print(f"{r['check']:<34} {r['format']:<26} {r['kind']:<14} {error}")
     for name, size in results["checkpoint_bytes_dit_xl2_256"].items():
         shown = size if isinstance(size, str) else f"{size / 1e6:.1f} MB"
