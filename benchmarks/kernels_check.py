@@ -197,6 +197,14 @@ def check_layer(fmt: str, size: tuple[int, int], ditas: bool, device: str) -> di
     return {"kind": real.kind, **rel_error(out, ref)}
 
 
+def torch_twin(real: RealQuantLinear, rows: torch.Tensor) -> tuple:
+    """``real``'s activation quantization by its torch twin (``quantize_activation``: the
+    simulated quantizer's arithmetic, which compiled models run): codes, scales, ..."""
+    return quantize_activation(
+        rows, real.act, real.input_scale, real.static_qparams, code_sums=real.needs_code_sums
+    )
+
+
 @torch.no_grad()
 def check_codes(fmt: str, size: tuple[int, int], device: str) -> dict:
     """The activation quantization kernel alone against its torch twin
@@ -207,10 +215,7 @@ def check_codes(fmt: str, size: tuple[int, int], device: str) -> dict:
     larger than this one, the difference is in the codes."""
     layer, x = random_layer(fmt, size, False, device)
     real = RealQuantLinear.from_quant_linear(layer)
-    kernel = real._quantize_cuda(x)
-    twin = quantize_activation(
-        x, real.act, real.input_scale, real.static_qparams, code_sums=real.needs_code_sums
-    )
+    kernel, twin = real._quantize_cuda(x), torch_twin(real, x)
     code_difference = (kernel[0].int() - twin[0].int()).abs()
     poison(device)
     out = real._gemm(twin, None, x.dtype)
@@ -219,7 +224,7 @@ def check_codes(fmt: str, size: tuple[int, int], device: str) -> dict:
         "codes_differing": float((code_difference > 0).float().mean()),
         "largest_code_difference": int(code_difference.max()),
         "scale_rel_difference": float(((kernel[1] - twin[1]).abs() / twin[1]).max()),
-        **rel_error(out, layer(x.float())),
+        **rel_error(out, simulated_reference(layer, x)),
     }
 
 
@@ -251,9 +256,7 @@ def check_compiled_codes(fmt: str, size: tuple[int, int], device: str, numerics:
     real = RealQuantLinear.from_quant_linear(layer)
 
     def codes(rows: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(
-            rows, real.act, real.input_scale, real.static_qparams, code_sums=real.needs_code_sums
-        )[0]
+        return torch_twin(real, rows)[0]
 
     torch._dynamo.reset()
     with inductor_numerics(numerics):
