@@ -29,7 +29,8 @@
 #                sampling step loses to FP)
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
 #   stage pack   after finish: a resumable run's finished units and calibration set
-#                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k)
+#                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k),
+#                or, once it is quantized, its model directory (no samples)
 #                gzipped, as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
 #                call at most (the 64 MiB a call brings back)
 #   stage unpack before start, in the next lease: copies the parts carried in .carry5 (two
@@ -159,15 +160,17 @@ pack)
   run=${RUN:-ptq4dit-official-w4a8-20k}
   if [ ! -f $D/resume.parts.done ]; then
     # gzip: the finished units' fp32 weights are grid values, a few per channel (about 3x)
-    tar cf - -C $D/matrix $run.resume $run.calib.safetensors | gzip -1 \
+    what="$run.resume $run.calib.safetensors"  # unfinished: resume from the finished units
+    [ -f $D/matrix/$run/ditq.json ] && what=$run  # quantized: the model directory, no samples
+    tar cf - -C $D/matrix --exclude='*.npz' $what | gzip -1 \
       | split -b 16M -d - $D/resume.part.
     touch $D/resume.parts.done
   fi
-  ls -la $D/resume.part.* $D/matrix/$run.resume
+  ls -la $D/resume.part.* $D/matrix/$run*
   for part in ${PARTS:-00 01 02 03}; do cp $D/resume.part.$part $OUT/ 2> /dev/null; done ;;
 unpack)
   mkdir -p $D/matrix $D/parts && cp .carry5/resume.part.* $D/parts/ && ls -la $D/parts
   if [ "${LAST:-0}" = 1 ]; then
-    cat $D/parts/resume.part.* | gzip -d | tar xf - -C $D/matrix && ls -la $D/matrix $D/matrix/*.resume
+    cat $D/parts/resume.part.* | gzip -d | tar xf - -C $D/matrix && ls -la $D/matrix
   fi ;;
 esac
