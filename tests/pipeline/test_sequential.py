@@ -21,7 +21,13 @@ from ditq.pipeline.adaround_solver import (
     unit_objective,
 )
 from ditq.pipeline.config import LayerOverride, LayerSelection
-from ditq.pipeline.sequential import SequentialSettings, UnitCall, UnitData, run_sequential
+from ditq.pipeline.sequential import (
+    RESUME_RTOL,
+    SequentialSettings,
+    UnitCall,
+    UnitData,
+    run_sequential,
+)
 from ditq.pipeline.steps import activation_quantizers, pack_model, quantized_layers
 from ditq.quant.adaround import adaround
 from ditq.quant.layers import QuantLinear
@@ -310,6 +316,42 @@ def test_interrupted_run_resumes_to_the_same_model(calib, tmp_path, monkeypatch)
         reconstruct_model(
             _rtn(calib, **selection), fp, calib, other, progress=False, cache_dir=tmp_path
         )
+
+
+def test_a_state_rounded_otherwise_resumes_and_another_state_is_refused(calib, tmp_path):
+    """Resumed on another GPU, a unit's state before solving can differ by float rounding (a
+    relative 3e-7 here): its checkpoint is taken; a state 1 % away is refused, and so is a
+    differing one against a checkpoint of an earlier ditq, which kept only the bytes' digest."""
+    settings = ReconSettings(iters=5, batch_size=8)
+    fp = tiny_dit()
+    solved = _rtn(calib)
+    reconstruct_model(solved, fp, calib, settings, progress=False, cache_dir=tmp_path)
+
+    def rerun(relative_change):
+        model = _rtn(calib)
+        with torch.no_grad():
+            model.blocks[0].mlp.fc1.weight.mul_(1 + relative_change)
+        report = reconstruct_model(model, fp, calib, settings, progress=False, cache_dir=tmp_path)
+        return model, report["units"]
+
+    model, units = rerun(3e-7)
+    assert [u["resumed"] for u in units.values()] == [True, True]
+    assert 1e-7 < units["blocks.0"]["resume_difference"] < RESUME_RTOL
+    assert units["blocks.1"]["resume_difference"] == 0.0
+    expected = solved.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+    with pytest.raises(DitqError, match="differs by [0-9.]+e-02, relative"):
+        rerun(1e-2)
+
+    checkpoint = tmp_path / "blocks.0.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    torch.save({k: saved[k] for k in ("fingerprint", "state", "report")}, checkpoint)
+    assert rerun(0.0)[1]["blocks.0"]["resume_difference"] == 0.0
+    with pytest.raises(DitqError, match="delete it") as refused:
+        rerun(3e-7)
+    assert "differs by" not in str(refused.value)
 
 
 def test_zero_iterations_is_a_no_op(calib):

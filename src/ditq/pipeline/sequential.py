@@ -20,7 +20,8 @@ linear outside the blocks). For each unit the solver has work on:
 
 With a ``cache_dir`` every finished unit is saved there (``{unit name}.pt``) and skipped
 by a rerun on the same model, solver settings and calibration set, so an interrupted run
-resumes after its last finished unit.
+resumes after its last finished unit; the unit's state before solving must be the saved
+one's up to float rounding (:class:`UnitFingerprint`), so another GPU may resume it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ GIB = 2**30
 KWARG = "kwarg:"
 """Prefix of a unit's cached keyword inputs (positional ones are ``arg0``, ``arg1``, ...)."""
 TARGET_CHUNK_ROWS = 2**16
+RESUME_RTOL = 1e-4
+"""How far a saved unit's state before solving may be from this run's to be resumed (the
+largest relative difference of a tensor's sums, :class:`UnitFingerprint`): the float
+rounding of another GPU or library (about 1e-7), not another model or other settings."""
 
 
 @dataclass
@@ -302,7 +307,7 @@ def _solve_unit(
     returns its report entry and, with a ``next_block``, that block's inputs."""
     start = time.perf_counter()
     checkpoint = cache_dir / unit.checkpoint_name() if cache_dir is not None else None
-    fingerprint = _fingerprint(unit, context) if checkpoint is not None else ""
+    fingerprint = UnitFingerprint.of(unit, context) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
         return _resume(unit, checkpoint, fingerprint), None
     if carried is not None and carried.unit == unit.name:
@@ -342,7 +347,7 @@ def _solve_unit(
     if checkpoint is not None:
         state = {k: v.detach().cpu() for k, v in unit.module.state_dict().items()}
         with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": fingerprint, "state": state, "report": entry}, tmp)
+            torch.save({**fingerprint.saved(), "state": state, "report": entry}, tmp)
     return entry, following
 
 
@@ -472,25 +477,73 @@ def _run_digest(solver: Solver, settings: SequentialSettings, calib: Calibration
     return digest.hexdigest()
 
 
-def _fingerprint(unit: UnitCall, context: str) -> str:
-    """Digest of the run context and the unit's state before reconstruction."""
-    digest = hashlib.sha256(f"{context}/{unit.name}".encode())
-    for key, tensor in unit.module.state_dict().items():
-        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        _update_digest(digest, tensor)
-    return digest.hexdigest()
+@dataclass
+class UnitFingerprint:
+    """A unit's state before solving, in a run: ``exact``, a digest of the run context, the
+    unit's name and its tensors' names, shapes, dtypes and bytes; ``layout``, the same
+    without the bytes; ``sums``, each tensor's Σx, Σ|x| and Σx² in float64 (its values, up
+    to float rounding)."""
+
+    exact: str
+    layout: str
+    sums: torch.Tensor
+
+    @classmethod
+    def of(cls, unit: UnitCall, context: str) -> UnitFingerprint:
+        exact = hashlib.sha256(f"{context}/{unit.name}".encode())
+        layout = exact.copy()
+        sums = []
+        for key, tensor in unit.module.state_dict().items():
+            described = f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode()
+            exact.update(described)
+            layout.update(described)
+            _update_digest(exact, tensor)
+            values = tensor.detach().double()
+            sums.append(torch.stack([values.sum(), values.abs().sum(), values.square().sum()]))
+        sums = torch.stack(sums).cpu() if sums else torch.zeros(0, 3, dtype=torch.float64)
+        return cls(exact.hexdigest(), layout.hexdigest(), sums)
+
+    def saved(self) -> dict[str, Any]:
+        """What a unit checkpoint keeps of it."""
+        return {"fingerprint": self.exact, "layout": self.layout, "sums": self.sums}
+
+    def difference(self, saved: dict[str, Any]) -> float | None:
+        """How far a checkpoint's fingerprint (:meth:`saved`) is from this one: 0 for the
+        same bytes; for the same layout, the largest relative difference of a tensor's sums
+        (Σx relative to Σ|x|); None for another layout, or a checkpoint of an earlier ditq
+        (bytes only) whose bytes differ."""
+        if saved.get("fingerprint") == self.exact:
+            return 0.0
+        if saved.get("layout") != self.layout:
+            return None
+        other = saved["sums"].double()
+        delta = (other - self.sums).abs()
+        scale = torch.maximum(other.abs(), self.sums.abs())
+        scale[:, 0] = scale[:, 1]
+        ratio = torch.where(delta == 0, torch.zeros_like(delta), delta / scale)
+        return float(ratio.max()) if ratio.numel() else 0.0
 
 
 def _update_digest(digest: Any, tensor: torch.Tensor) -> None:
     digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _resume(unit: UnitCall, checkpoint: Path, fingerprint: str) -> dict[str, Any]:
+def _resume(unit: UnitCall, checkpoint: Path, fingerprint: UnitFingerprint) -> dict[str, Any]:
+    """The unit's state from ``checkpoint`` when it was saved from the same state before
+    solving, up to :data:`RESUME_RTOL`; its report entry gets ``resume_difference``."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if saved.get("fingerprint") != fingerprint:
+    difference = fingerprint.difference(saved)
+    if difference is None or difference > RESUME_RTOL:
+        how_far = (
+            ""
+            if difference is None
+            else f" (its state before solving differs by {difference:.1e}, relative; float "
+            f"rounding of another machine stays below {RESUME_RTOL:g})"
+        )
         raise DitqError(
             f"{checkpoint} was written for another model, calibration set or reconstruction "
-            "settings; delete it (or use another cache directory) to reconstruct afresh"
+            f"settings{how_far}; delete it (or use another cache directory) to reconstruct "
+            "afresh"
         )
     unit.module.load_state_dict(saved["state"])
-    return {**saved["report"], "resumed": True}
+    return {**saved["report"], "resumed": True, "resume_difference": difference}
