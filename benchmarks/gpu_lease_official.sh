@@ -36,7 +36,8 @@
 #   stage unpack before start, in the next lease: copies the parts carried in .carry5 (two
 #                16 MiB parts a call beside the tracked files);
 #                LAST=1 on the call that carries the last ones unpacks them into the queue's
-#                output, where the run resumes after its finished units
+#                output, where the run resumes after its finished units (a packed model
+#                directory is sampled without calibrating)
 # TIMING=1 (issue 18): the first ship starts benchmarks/calibration_time.py on a random DiT-XL/2
 # (gptq), start then times gptq on the testbed, and the queue's workers join only when
 # both are done, so that the two times are measured with the GPU alone. KCHECK=1: start
