@@ -295,6 +295,7 @@ def test_resume_dir_keeps_solved_blocks_and_a_rerun_resumes_to_the_same_model(
     report = json.loads((tmp_path / "q2" / "calibration_report.json").read_text())
     units = report["method"]["reconstruction"]["units"]
     assert units and all(unit["resumed"] for unit in units.values())
+    assert {unit["resume_difference"] for unit in units.values()} == {0.0}  # same machine
     first, second = ((tmp_path / q / "model.safetensors").read_bytes() for q in ("q1", "q2"))
     assert first == second
     assert sorted(p.name for p in resume.iterdir()) == kept
