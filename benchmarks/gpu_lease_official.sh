@@ -28,13 +28,14 @@
 #                1000 --variants bf16-compile,quantized" (where the testbed's quantized
 #                sampling step loses to FP)
 #   stage finish evaluate what was sampled, write the report, copy the results to $OUT
-#   stage pack   after finish: a resumable run's finished units and calibration set
-#                (RUN.resume/, RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k),
-#                or, once it is quantized, its model directory (no samples)
-#                gzipped, as 16 MiB parts; PARTS (default "00 01 02 03") of them to $OUT, four per
-#                call at most (the 64 MiB a call brings back)
-#   stage unpack before start, in the next lease: copies the parts carried in .carry5 (two
-#                16 MiB parts a call beside the tracked files);
+#   stage pack   a resumable run's finished units and calibration set (RUN.resume/,
+#                RUN.calib.safetensors; RUN default ptq4dit-official-w4a8-20k), or, once it is
+#                quantized, its model directory (no samples), gzipped, as 16 MiB parts;
+#                PARTS (default "00 01 02 03") of them to $OUT, four per call at most (the
+#                64 MiB a call brings back); packed again when the run has finished more
+#                units since the last call (PARTS from 00), so it may run while the run goes on
+#   stage unpack before start, in the next lease: copies the parts carried in FROM (default
+#                .carry5; two 16 MiB parts a call beside the tracked files);
 #                LAST=1 on the call that carries the last ones unpacks them into the queue's
 #                output, where the run resumes after its finished units (a packed model
 #                directory is sampled without calibrating)
@@ -146,6 +147,9 @@ bench)
   cp $D/bench_attn/bench.json $OUT/bench_attn.json; cat $D/bench_attn/bench.md ;;
 finish)
   pkill -f fid_queue.py; pkill -f "ditq sample"; sleep 2
+  # an evaluation the queue had started finishes first (a second one would find its --out
+  # taken and record a failure over the first one's result)
+  while pgrep -f "[d]itq eval" > /dev/null; do sleep 5; done
   python $D/code/benchmarks/fid_queue.py --model $D/dit_s2_cifar10.pt --out $D/matrix \
     --gpus ${GPUS:-0,0,0} --plan ${PLAN:-official} --ref $D/ref.npz --inception $D/inception.pth --eval-only \
     --steps "${STEPS:-50,250}" \
@@ -159,18 +163,24 @@ finish)
   cat $D/report.log | head -n 40 ;;
 pack)
   run=${RUN:-ptq4dit-official-w4a8-20k}
-  if [ ! -f $D/resume.parts.done ]; then
+  # packed again when the run has finished units (or its calibration) since the last pack;
+  # a call for later parts only (PARTS without 00) keeps the pack its first call made
+  state=$(ls -l --time-style=+%s $D/matrix/$run.resume $D/matrix/$run/ditq.json 2> /dev/null | md5sum)
+  parts=${PARTS:-00 01 02 03}
+  if [ "$(cat $D/resume.parts.done 2> /dev/null)" != "$state" ] \
+    && { [ "${parts#00}" != "$parts" ] || [ ! -f $D/resume.parts.done ]; }; then
+    rm -f $D/resume.part.*
     # gzip: the finished units' fp32 weights are grid values, a few per channel (about 3x)
     what="$run.resume $run.calib.safetensors"  # unfinished: resume from the finished units
     [ -f $D/matrix/$run/ditq.json ] && what=$run  # quantized: the model directory, no samples
     tar cf - -C $D/matrix --exclude='*.npz' $what | gzip -1 \
       | split -b 16M -d - $D/resume.part.
-    touch $D/resume.parts.done
+    echo "$state" > $D/resume.parts.done
   fi
   ls -la $D/resume.part.* $D/matrix/$run*
-  for part in ${PARTS:-00 01 02 03}; do cp $D/resume.part.$part $OUT/ 2> /dev/null; done ;;
+  for part in $parts; do [ ! -f $D/resume.part.$part ] || cp $D/resume.part.$part $OUT/; done ;;
 unpack)
-  mkdir -p $D/matrix $D/parts && cp .carry5/resume.part.* $D/parts/ && ls -la $D/parts
+  mkdir -p $D/matrix $D/parts && cp ${FROM:-.carry5}/resume.part.* $D/parts/ && ls -la $D/parts
   if [ "${LAST:-0}" = 1 ]; then
     cat $D/parts/resume.part.* | gzip -d | tar xf - -C $D/matrix && ls -la $D/matrix
   fi ;;
