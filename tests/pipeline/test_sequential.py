@@ -354,6 +354,31 @@ def test_a_state_rounded_otherwise_resumes_and_another_state_is_refused(calib, t
     assert "differs by" not in str(refused.value)
 
 
+def test_a_checkpoint_of_another_device_type_resumes_within_rounding_else_names_it(calib, tmp_path):
+    """A unit saved by a run on CUDA (its checkpoint's ``device_type``): a CPU run whose state
+    matches resumes it; one whose state differs is told to resume on CUDA, since the two
+    device types draw different random samples for the activation ranges."""
+    settings = ReconSettings(iters=5, batch_size=8)
+    fp = tiny_dit()
+    reconstruct_model(_rtn(calib), fp, calib, settings, progress=False, cache_dir=tmp_path)
+    checkpoint = tmp_path / "blocks.0.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["device_type"] == "cpu"
+    torch.save({**saved, "device_type": "cuda"}, checkpoint)
+
+    report = reconstruct_model(_rtn(calib), fp, calib, settings, progress=False, cache_dir=tmp_path)
+    assert report["units"]["blocks.0"]["resume_difference"] == 0.0
+
+    model = _rtn(calib)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.mul_(1.01)
+    with pytest.raises(DitqError) as refused:
+        reconstruct_model(model, fp, calib, settings, progress=False, cache_dir=tmp_path)
+    message = str(refused.value)
+    assert "written by a run on cuda and this one is on cpu" in message
+    assert "differs by" in message and "resume it on cuda (--device)" in message
+
+
 def test_zero_iterations_is_a_no_op(calib):
     model = _rtn(calib)
     state = {k: v.clone() for k, v in model.state_dict().items()}

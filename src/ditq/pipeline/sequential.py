@@ -21,7 +21,9 @@ linear outside the blocks). For each unit the solver has work on:
 With a ``cache_dir`` every finished unit is saved there (``{unit name}.pt``) and skipped
 by a rerun on the same model, solver settings and calibration set, so an interrupted run
 resumes after its last finished unit; the unit's state before solving must be the saved
-one's up to float rounding (:class:`UnitFingerprint`), so another GPU may resume it.
+one's up to float rounding (:class:`UnitFingerprint`), so another GPU may resume it (a
+CPU may not resume a GPU's unit, nor the reverse: the activation ranges' random samples of
+the calibration data differ between the two).
 """
 
 from __future__ import annotations
@@ -482,18 +484,20 @@ class UnitFingerprint:
     """A unit's state before solving, in a run: ``exact``, a digest of the run context, the
     unit's name and its tensors' names, shapes, dtypes and bytes; ``layout``, the same
     without the bytes; ``sums``, each tensor's Σx, Σ|x| and Σx² in float64 (its values, up
-    to float rounding)."""
+    to float rounding); ``device_type``, where the run computes (``cpu``, ``cuda``)."""
 
     exact: str
     layout: str
     sums: torch.Tensor
+    device_type: str = "cpu"
 
     @classmethod
     def of(cls, unit: UnitCall, context: str) -> UnitFingerprint:
         exact = hashlib.sha256(f"{context}/{unit.name}".encode())
         layout = exact.copy()
         sums = []
-        for key, tensor in unit.module.state_dict().items():
+        state = unit.module.state_dict()
+        for key, tensor in state.items():
             described = f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode()
             exact.update(described)
             layout.update(described)
@@ -501,11 +505,17 @@ class UnitFingerprint:
             values = tensor.detach().double()
             sums.append(torch.stack([values.sum(), values.abs().sum(), values.square().sum()]))
         sums = torch.stack(sums).cpu() if sums else torch.zeros(0, 3, dtype=torch.float64)
-        return cls(exact.hexdigest(), layout.hexdigest(), sums)
+        device_type = next((tensor.device.type for tensor in state.values()), "cpu")
+        return cls(exact.hexdigest(), layout.hexdigest(), sums, device_type)
 
     def saved(self) -> dict[str, Any]:
         """What a unit checkpoint keeps of it."""
-        return {"fingerprint": self.exact, "layout": self.layout, "sums": self.sums}
+        return {
+            "fingerprint": self.exact,
+            "layout": self.layout,
+            "sums": self.sums,
+            "device_type": self.device_type,
+        }
 
     def difference(self, saved: dict[str, Any]) -> float | None:
         """How far a checkpoint's fingerprint (:meth:`saved`) is from this one: 0 for the
@@ -540,10 +550,18 @@ def _resume(unit: UnitCall, checkpoint: Path, fingerprint: UnitFingerprint) -> d
             else f" (its state before solving differs by {difference:.1e}, relative; float "
             f"rounding of another machine stays below {RESUME_RTOL:g})"
         )
+        fresh = "delete it (or use another cache directory) to reconstruct afresh"
+        written_on = saved.get("device_type", fingerprint.device_type)
+        if written_on != fingerprint.device_type:
+            raise DitqError(
+                f"{checkpoint} was written by a run on {written_on} and this one is on "
+                f"{fingerprint.device_type}: their random samples of the calibration data for "
+                f"activation ranges differ{how_far}; resume it on {written_on} (--device), "
+                f"or {fresh}"
+            )
         raise DitqError(
             f"{checkpoint} was written for another model, calibration set or reconstruction "
-            f"settings{how_far}; delete it (or use another cache directory) to reconstruct "
-            "afresh"
+            f"settings{how_far}; {fresh}"
         )
     unit.module.load_state_dict(saved["state"])
     return {**saved["report"], "resumed": True, "resume_difference": difference}
