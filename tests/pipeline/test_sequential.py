@@ -318,6 +318,16 @@ def test_interrupted_run_resumes_to_the_same_model(calib, tmp_path, monkeypatch)
         )
 
 
+def _rerun_scaled(calib, fp, settings, cache_dir, relative_change):
+    """The RTN model with blocks.0's fc1 weights scaled by ``1 + relative_change``,
+    reconstructed again from ``cache_dir``; the model and its units' report entries."""
+    model = _rtn(calib)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.mul_(1 + relative_change)
+    report = reconstruct_model(model, fp, calib, settings, progress=False, cache_dir=cache_dir)
+    return model, report["units"]
+
+
 def test_a_state_rounded_otherwise_resumes_and_another_state_is_refused(calib, tmp_path):
     """Resumed on another GPU, a unit's state before solving can differ by float rounding (a
     relative 3e-7 here): its checkpoint is taken; a state 1 % away is refused, and so is a
@@ -328,11 +338,7 @@ def test_a_state_rounded_otherwise_resumes_and_another_state_is_refused(calib, t
     reconstruct_model(solved, fp, calib, settings, progress=False, cache_dir=tmp_path)
 
     def rerun(relative_change):
-        model = _rtn(calib)
-        with torch.no_grad():
-            model.blocks[0].mlp.fc1.weight.mul_(1 + relative_change)
-        report = reconstruct_model(model, fp, calib, settings, progress=False, cache_dir=tmp_path)
-        return model, report["units"]
+        return _rerun_scaled(calib, fp, settings, tmp_path, relative_change)
 
     model, units = rerun(3e-7)
     assert [u["resumed"] for u in units.values()] == [True, True]
@@ -366,14 +372,11 @@ def test_a_checkpoint_of_another_device_type_resumes_within_rounding_else_names_
     assert saved["device_type"] == "cpu"
     torch.save({**saved, "device_type": "cuda"}, checkpoint)
 
-    report = reconstruct_model(_rtn(calib), fp, calib, settings, progress=False, cache_dir=tmp_path)
-    assert report["units"]["blocks.0"]["resume_difference"] == 0.0
+    units = _rerun_scaled(calib, fp, settings, tmp_path, 0.0)[1]
+    assert units["blocks.0"]["resume_difference"] == 0.0
 
-    model = _rtn(calib)
-    with torch.no_grad():
-        model.blocks[0].mlp.fc1.weight.mul_(1.01)
     with pytest.raises(DitqError) as refused:
-        reconstruct_model(model, fp, calib, settings, progress=False, cache_dir=tmp_path)
+        _rerun_scaled(calib, fp, settings, tmp_path, 1e-2)
     message = str(refused.value)
     assert "written by a run on cuda and this one is on cpu" in message
     assert "differs by" in message and "resume it on cuda (--device)" in message
