@@ -64,6 +64,11 @@ Deviations from the official code:
   and every activation quantizer bypassed, before reconstruction; the official code
   initialises them on 4 entries per timestep with the earlier layers quantized, then
   learns them.
+- The percentiles and L2 errors of an activation's search are computed on a uniform random
+  sample of at most 1,000,000 of its values (``SampleObserver``, drawn with the run
+  device's random generator, so a CPU and a GPU run differ slightly); the official code
+  uses every value of its batch. The sample moves a range by up to 15% of its width
+  (benchmarks/RESULTS.md, "The percentile search on a sample of the activations").
 - The final layer's two linears are reconstructed one by one; the official code
   reconstructs the final layer as one unit. The reconstruction shuffles single entries
   (the official code shuffles groups of 4 entries).
