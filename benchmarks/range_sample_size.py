@@ -10,9 +10,10 @@ calibration set, from every value against from a uniform sample of at most N val
 The calibration set is PTQ4DiT's published one unless ``--calib`` (JSON overrides of
 ``CalibSettings``) says otherwise; the inputs are those of the FP model (no balancing folded,
 no weight quantized), so this measures the sampling, not a calibration. Per input: its number
-of values, the range from every value, and per sample size the largest relative distance of
-a sampled endpoint from the exact one and the L2 error of quantizing every value with the
-sampled range relative to the exact range's (1.0 = as good). One pass of the calibration set
+of values, the range from every value, and per sample size, over the seeds, the largest and
+the mean distance of a sampled endpoint from the exact one (over the exact range's width) and
+the lowest and highest L2 error of quantizing every value with a sampled range relative to
+the exact range's (1.0 = as good). One pass of the calibration set
 per input keeps one input's values in memory at a time.
 """
 
