@@ -155,7 +155,8 @@ finish)
     --steps "${STEPS:-50,250}" \
     >> $D/queue.log 2>&1
   progress
-  cd $D/matrix && runs=$(ls -d */ | grep -v -e logs -e report | tr -d /) && \
+  # a resumable run's .resume directory of unit checkpoints is no run to report
+  cd $D/matrix && runs=$(ls -d */ | tr -d / | grep -v -e '^logs$' -e '^report$' -e '\.resume$') && \
     python -m ditq report $runs --out $D/matrix/report > $D/report.log 2>&1
   cp $D/timing* $D/bench_attn/bench.json $D/kernels_check.json $D/kernels_check.log $OUT/ 2>/dev/null
   tar czf $OUT/matrix_official.tgz --exclude='*.npz' --exclude='*.safetensors' \
