@@ -13,8 +13,8 @@ no weight quantized), so this measures the sampling, not a calibration. Per inpu
 of values, the range from every value, and per sample size, over the seeds, the largest and
 the mean distance of a sampled endpoint from the exact one (over the exact range's width) and
 the lowest and highest L2 error of quantizing every value with a sampled range relative to
-the exact range's (1.0 = as good). One pass of the calibration set
-per input keeps one input's values in memory at a time.
+the exact range's (1.0 = as good). One pass of the calibration set per input keeps one
+input's values in memory at a time.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def main() -> None:
         exact.chunks.clear()
         exact_min, exact_max = find_range(values, spec)
         reference = squared_error(values, exact_min, exact_max, spec)
+        width = float(exact_max - exact_min)
         print(
             f"{layer}: {values.numel():,} values, exact range "
             f"[{float(exact_min):.5g}, {float(exact_max):.5g}]"
@@ -103,7 +104,6 @@ def main() -> None:
             distances, errors = [], []
             for seed in range(args.seeds):
                 x_min, x_max = find_range(sampled[n, seed].result(), spec)
-                width = float(exact_max - exact_min)
                 distances.append(
                     max(abs(float(x_min - exact_min)), abs(float(x_max - exact_max))) / width
                 )
